@@ -1,0 +1,24 @@
+"""d3arrow: distributed array computation on Arrow buffers.
+
+A center keeps metadata, workers hold and compute on values and move them peer to peer,
+and a :class:`Pool` maps functions over the cluster where the data already lives.
+"""
+
+from .client import Client, RemoteData
+from .cluster import LocalCluster
+from .errors import (
+    CommClosedError,
+    D3ArrowError,
+    LostDataError,
+    MissingDataError,
+    ProtocolError,
+    RemoteError,
+)
+from .pool import Pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client", "CommClosedError", "D3ArrowError", "LocalCluster", "LostDataError",
+    "MissingDataError", "Pool", "ProtocolError", "RemoteData", "RemoteError", "__version__",
+]

@@ -1,0 +1,167 @@
+"""The center: which worker holds which key, each worker's cores, and who is alive.
+
+It holds metadata only; values never pass through it, and it never deserializes anything
+it receives.
+"""
+
+import asyncio
+import logging
+import time
+
+from .core import HEARTBEAT_INTERVAL, Server
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_TIMEOUT = 10.0
+
+
+class Center(Server):
+    """Metadata server.
+
+    State
+    -----
+    _who_has : {key: {address}}
+    _has_what : {address: {key}}
+    _ncores : {address: int}
+    _names : {address: str}
+    _nbytes : {key: int}
+    _last_seen : {address: float}, ``time.monotonic()`` of the last message from the worker
+
+    Ops: register, unregister, heartbeat, add_keys, remove_keys, who_has, has_what, ncores,
+    nbytes, workers.
+
+    A worker that sends nothing for ``heartbeat_timeout`` seconds is dropped with its keys.
+    """
+
+    def __init__(self, *, heartbeat_interval=HEARTBEAT_INTERVAL,
+                 heartbeat_timeout=HEARTBEAT_TIMEOUT):
+        super().__init__()
+        self._who_has = {}
+        self._has_what = {}
+        self._ncores = {}
+        self._names = {}
+        self._nbytes = {}
+        self._last_seen = {}
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self._monitor_task = None
+        self.handlers = {
+            "register": self.register,
+            "unregister": self.unregister,
+            "heartbeat": self.heartbeat,
+            "add_keys": self.add_keys,
+            "remove_keys": self.remove_keys,
+            "who_has": self.who_has,
+            "has_what": self.has_what,
+            "ncores": self.ncores,
+            "nbytes": self.nbytes,
+            "workers": self.workers,
+        }
+
+    async def start(self, host="127.0.0.1", port=0):
+        await self.listen(host, port)
+        self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+        return self.address
+
+    async def close(self):
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            await asyncio.gather(self._monitor_task, return_exceptions=True)
+        await super().close()
+
+    async def _monitor(self):
+        while True:
+            await asyncio.sleep(min(self.heartbeat_interval, self.heartbeat_timeout / 4))
+            deadline = time.monotonic() - self.heartbeat_timeout
+            for address, seen in list(self._last_seen.items()):
+                if seen < deadline:
+                    logger.warning("worker %s sent no heartbeat for %.1f s: dropping it and "
+                                   "its %d keys", address, self.heartbeat_timeout,
+                                   len(self._has_what.get(address, ())))
+                    self._remove_worker(address)
+
+    def _remove_worker(self, address):
+        self._discard(address, list(self._has_what.pop(address, ())))
+        self._ncores.pop(address, None)
+        self._names.pop(address, None)
+        self._last_seen.pop(address, None)
+
+    def _discard(self, address, keys):
+        held = self._has_what.get(address, set())
+        for key in keys:
+            held.discard(key)
+            holders = self._who_has.get(key)
+            if holders is not None:
+                holders.discard(address)
+                if not holders:
+                    del self._who_has[key]
+                    self._nbytes.pop(key, None)
+
+    def _touch(self, address):
+        if address not in self._ncores:
+            return False
+        self._last_seen[address] = time.monotonic()
+        return True
+
+    def register(self, *, address, ncores, name=None, keys=(), nbytes=None):
+        if address in self._ncores:
+            self._remove_worker(address)  # a restarted worker on the same address
+        self._ncores[address] = int(ncores)
+        self._names[address] = name or address
+        self._has_what[address] = set()
+        self._touch(address)
+        self.add_keys(address=address, keys=keys, nbytes=nbytes)
+        logger.info("registered worker %s with %d cores", address, ncores)
+        return {"heartbeat_interval": self.heartbeat_interval}
+
+    def unregister(self, *, address):
+        known = address in self._ncores
+        self._remove_worker(address)
+        return {"status": "OK" if known else "unknown-worker"}
+
+    def heartbeat(self, *, address):
+        return {"status": "OK" if self._touch(address) else "unknown-worker"}
+
+    def add_keys(self, *, address, keys, nbytes=None):
+        if not self._touch(address):
+            return {"status": "unknown-worker"}
+        held = self._has_what[address]
+        for key in keys:
+            held.add(key)
+            self._who_has.setdefault(key, set()).add(address)
+        if nbytes:
+            self._nbytes.update(nbytes)
+        return {"status": "OK"}
+
+    def remove_keys(self, *, address, keys):
+        self._touch(address)
+        self._discard(address, keys)
+        return {"status": "OK"}
+
+    def who_has(self, *, keys=None):
+        if keys is None:
+            return {"who_has": self._who_has}
+        return {"who_has": {key: self._who_has.get(key, ()) for key in keys}}
+
+    def has_what(self, *, workers=None):
+        if workers is None:
+            return {"has_what": self._has_what}
+        return {"has_what": {w: self._has_what.get(w, ()) for w in workers}}
+
+    def ncores(self, *, workers=None):
+        if workers is None:
+            return {"ncores": self._ncores}
+        return {"ncores": {w: self._ncores[w] for w in workers if w in self._ncores}}
+
+    def nbytes(self, *, keys=None):
+        if keys is None:
+            return {"nbytes": self._nbytes}
+        return {"nbytes": {k: self._nbytes[k] for k in keys if k in self._nbytes}}
+
+    def workers(self):
+        now = time.monotonic()
+        return {"workers": {
+            address: {"ncores": n, "name": self._names[address],
+                      "nkeys": len(self._has_what[address]),
+                      "last_seen": now - self._last_seen[address]}
+            for address, n in self._ncores.items()}}

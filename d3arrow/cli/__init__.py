@@ -1,0 +1,1 @@
+"""Command-line entry points: parse arguments, run a server on uvloop, print its address."""

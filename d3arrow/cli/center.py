@@ -1,0 +1,44 @@
+"""``d3arrow-center``: run the metadata server."""
+
+import argparse
+import sys
+
+from ..center import HEARTBEAT_TIMEOUT, Center
+from ..core import HEARTBEAT_INTERVAL
+from ..eventloop import run
+from .serving import add_common_arguments, configure_logging, wait_for_stop
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="d3arrow-center", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8787, help="port to bind, 0 for any free one "
+                        "(default 8787)")
+    parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL,
+                        help="seconds between worker heartbeats (default %(default)s)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
+                        help="drop a worker silent this many seconds (default %(default)s)")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    return run(_serve(args))
+
+
+async def _serve(args):
+    center = Center(heartbeat_interval=args.heartbeat_interval,
+                    heartbeat_timeout=args.heartbeat_timeout)
+    try:
+        await center.start(args.host, args.port)
+    except OSError as e:
+        print(f"Cannot start center on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    print(f"Started center at {center.address}", flush=True)
+    try:
+        await wait_for_stop(exit_on_stdin_eof=args.exit_on_stdin_eof)
+    finally:
+        await center.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""The client: scatter values to workers, gather them back, delete them; RemoteData.
+
+A :class:`Client` runs its coroutines on a private uvloop loop in a thread and offers
+blocking methods. It remembers where each value it placed lives, so it rarely needs to
+ask the center; when that knowledge is stale it asks the center and tries again.
+
+Values made by this client (scatter, Pool.map, Pool.apply) are freed on the workers when
+:meth:`Client.delete` names them or when their last :class:`RemoteData` is garbage
+collected, as dask frees futures.
+"""
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import uuid
+
+from .addressing import normalize_address
+from .cluster import LocalCluster
+from .core import DEFAULT_TIMEOUT, ConnectionPool, rebuild_error
+from .errors import CommClosedError, MissingDataError
+from .eventloop import LoopThread
+from .serialize import deserialize, serialize
+from .task import KeyRef, find_leaves, map_leaves
+
+logger = logging.getLogger(__name__)
+
+
+def new_key():
+    return str(uuid.uuid4())
+
+
+class RemoteData:
+    """A value held by the workers, named by ``key``; ``get()`` fetches it.
+
+    Attributes
+    ----------
+    key : str
+    center : str
+        Address of the center that knows where the value lives.
+    """
+
+    __slots__ = ("key", "_client", "_owned", "__weakref__")
+
+    def __init__(self, key, client, *, owned=False):
+        self.key = key
+        self._client = client
+        self._owned = owned
+        if owned:
+            client._incref(key)
+
+    @property
+    def center(self):
+        return self._client.center
+
+    def get(self, *, timeout=None):
+        """Fetch the value from a worker that holds it.
+
+        Raises
+        ------
+        MissingDataError
+            No live worker holds the key.
+        """
+        return self._client.gather([self], timeout=timeout)[0]
+
+    def __repr__(self):
+        return f"RemoteData<center={self.center}, key={self.key[:10]}...>"
+
+    def __eq__(self, other):
+        return isinstance(other, RemoteData) and other.key == self.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __reduce__(self):
+        raise TypeError("RemoteData is bound to its client; pass it as an argument of "
+                        "Pool.map / Pool.apply, or send its .key")
+
+    def __del__(self):
+        if self._owned:
+            try:
+                self._client._decref(self.key)
+            except Exception:  # interpreter shutdown: the cluster goes away anyway
+                pass
+
+
+class Client:
+    """Scatter, gather and delete values on a d3arrow cluster.
+
+    Parameters
+    ----------
+    address : str or (str, int), optional
+        The center, ``'host:port'``. Without one, a :class:`LocalCluster` is started, owned
+        by this client and stopped by :meth:`close`.
+    timeout : float, default 30
+        Seconds to wait for control replies (not for computations).
+    **cluster_kwargs
+        Passed to :class:`LocalCluster` when no address is given.
+    """
+
+    def __init__(self, address=None, *, timeout=DEFAULT_TIMEOUT, **cluster_kwargs):
+        self.cluster = None
+        if address is None:
+            self.cluster = LocalCluster(**cluster_kwargs)
+            address = self.cluster.center_address
+        elif cluster_kwargs:
+            raise TypeError(f"unexpected arguments {sorted(cluster_kwargs)} with an address")
+        self.center = normalize_address(address)
+        self.timeout = timeout
+        self.pool = ConnectionPool()
+        self.ncores = {}
+        self._where = {}  # key -> {address}, what this client knows of placement
+        self._nbytes = {}
+        self._refcount = collections.Counter()
+        self._lock = threading.Lock()
+        self._released = set()
+        self._release_scheduled = False
+        self._round_robin = itertools.count()
+        self._loop = LoopThread()
+        self.closed = False
+
+    # -- running coroutines --------------------------------------------------------------------
+
+    def sync(self, coro_function, *args, timeout=None, **kwargs):
+        """Run ``coro_function(*args, **kwargs)`` on the client's loop and wait for it."""
+        if self.closed:
+            raise RuntimeError("this client is closed")
+        return self._loop.run(coro_function(*args, **kwargs), timeout)
+
+    def submit(self, coro_function, *args, **kwargs):
+        if self.closed:
+            raise RuntimeError("this client is closed")
+        return self._loop.submit(coro_function(*args, **kwargs))
+
+    def _rpc(self, address):
+        return self.pool.rpc(address, timeout=self.timeout)
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    def who_has(self, keys=None):
+        """``{key: [address]}`` from the center."""
+        return self.sync(self._who_has, keys)
+
+    async def _who_has(self, keys=None):
+        reply = await self._rpc(self.center).who_has(keys=None if keys is None else list(keys))
+        return reply["who_has"]
+
+    def has_what(self, workers=None):
+        """``{address: [key]}`` from the center."""
+        return self.sync(self._has_what, workers)
+
+    async def _has_what(self, workers=None):
+        workers = None if workers is None else [normalize_address(w) for w in workers]
+        return (await self._rpc(self.center).has_what(workers=workers))["has_what"]
+
+    def sync_ncores(self):
+        return self.sync(self._sync_ncores)
+
+    async def _sync_ncores(self):
+        self.ncores = (await self._rpc(self.center).ncores())["ncores"]
+        return self.ncores
+
+    def _workers(self, workers=None):
+        """The addresses to use: the ones given (checked against the center's), or all."""
+        if workers is None:
+            if not self.ncores:
+                raise RuntimeError(f"no workers are registered with the center {self.center}")
+            return list(self.ncores)
+        chosen = [normalize_address(w) for w in workers]
+        unknown = [w for w in chosen if w not in self.ncores]
+        if unknown:
+            raise ValueError(f"not workers of center {self.center}: {unknown}; "
+                             f"known: {sorted(self.ncores)}")
+        return chosen
+
+    # -- scatter / gather / delete -------------------------------------------------------------
+
+    def scatter(self, data, *, workers=None, timeout=None):
+        """Send values to the workers, spread round-robin over them.
+
+        Parameters
+        ----------
+        data : list or dict
+            Values; a dict keeps its keys, a list gets new unique keys.
+        workers : list of addresses, optional
+            Restrict placement to these workers.
+
+        Returns
+        -------
+        list of RemoteData, or dict {key: RemoteData} for a dict
+        """
+        return self.sync(self._scatter, data, workers=workers, timeout=timeout)
+
+    async def _scatter(self, data, *, workers=None, timeout=None):
+        if not self.ncores:
+            await self._sync_ncores()
+        targets = self._workers(workers)
+        named = isinstance(data, dict)
+        items = list(data.items()) if named else [(new_key(), v) for v in data]
+        per_worker = collections.defaultdict(dict)
+        for key, value in items:
+            per_worker[targets[next(self._round_robin) % len(targets)]][key] = serialize(value)
+        async with asyncio.timeout(timeout):
+            replies = await asyncio.gather(*(
+                self.pool.request(address, {"op": "update_data", "data": values})
+                for address, values in per_worker.items()))
+        for address, reply in zip(per_worker, replies):
+            for key in reply["keys"]:
+                self._where[key] = {address}
+            self._nbytes.update(reply["nbytes"])
+        remote = [RemoteData(key, self, owned=True) for key, _ in items]
+        return {r.key: r for r in remote} if named else remote
+
+    def gather(self, items, *, timeout=None):
+        """Fetch values from the workers.
+
+        Parameters
+        ----------
+        items : list of RemoteData or keys
+
+        Returns
+        -------
+        list of values, in order
+
+        Raises
+        ------
+        MissingDataError
+            Some keys are held by no live worker; the error names them.
+        """
+        return self.sync(self._gather, items, timeout=timeout)
+
+    async def _gather(self, items, *, timeout=None):
+        keys = [item.key if isinstance(item, RemoteData) else item for item in items]
+        async with asyncio.timeout(timeout):
+            values = await self._fetch(set(keys))
+        return [values[key] for key in keys]
+
+    async def _fetch(self, keys):
+        """{key: value} for ``keys``: known holders first, then what the center says."""
+        values = {}
+        unplaced = {k for k in keys if not self._where.get(k)}
+        if unplaced:
+            self._learn(await self._who_has(unplaced))
+        for attempt in range(2):
+            plan = collections.defaultdict(list)
+            for key in keys - values.keys():
+                holders = self._where.get(key)
+                if holders:
+                    plan[next(iter(holders))].append(key)
+            replies = await asyncio.gather(*(
+                self._get_data(address, ks) for address, ks in plan.items()))
+            for reply in replies:
+                values.update(reply)
+            missing = keys - values.keys()
+            if not missing:
+                return values
+            if attempt == 0:  # our knowledge was stale: ask the center once
+                for key in missing:
+                    self._where.pop(key, None)
+                self._learn(await self._who_has(missing))
+        raise MissingDataError(sorted(missing))
+
+    async def _get_data(self, address, keys):
+        try:
+            reply = await self._rpc(address).get_data(keys=keys)
+        except (OSError, CommClosedError) as e:
+            logger.warning("could not get %d keys from %s: %s", len(keys), address, e)
+            return {}
+        return {key: deserialize(value) for key, value in reply["data"].items()}
+
+    def _learn(self, who_has):
+        for key, addresses in who_has.items():
+            if addresses:
+                self._where[key] = set(addresses)
+
+    def delete(self, items, *, timeout=None):
+        """Delete values from every worker that holds them."""
+        keys = [item.key if isinstance(item, RemoteData) else item for item in items]
+        return self.sync(self._delete, keys, timeout=timeout)
+
+    async def _delete(self, keys, *, timeout=None):
+        keys = set(keys)
+        if not keys:
+            return
+        async with asyncio.timeout(timeout):
+            who_has = await self._who_has(keys)
+            holders = collections.defaultdict(set)
+            for key in keys:
+                for address in set(who_has.get(key, ())) | self._where.pop(key, set()):
+                    holders[address].add(key)
+                self._nbytes.pop(key, None)
+            await asyncio.gather(*(
+                self._rpc(address).delete_data(keys=list(ks)) for address, ks in holders.items()),
+                return_exceptions=True)
+
+    # -- computing -----------------------------------------------------------------------------
+
+    async def _compute(self, address, function, calls):
+        """Run ``function`` (Serialized) on ``address`` for each ``(key, args, kwargs)``.
+
+        Returns one outcome per call: a RemoteData, or the exception to raise for it.
+        """
+        hints = {}
+        tasks = []
+        for key, args, kwargs in calls:
+            refs = find_leaves((args, kwargs), RemoteData)
+            for ref in refs:
+                holders = self._where.get(ref.key)
+                if holders and address not in holders:
+                    hints[ref.key] = holders
+            to_keyref = lambda r: KeyRef(r.key)  # noqa: E731
+            tasks.append({
+                "key": key,
+                "args": serialize(map_leaves(tuple(args), RemoteData, to_keyref)),
+                "kwargs": serialize(map_leaves(kwargs, RemoteData, to_keyref)) if kwargs else None,
+                "needed": [ref.key for ref in refs],
+            })
+        reply = await self.pool.request(address, {"op": "compute", "function": function,
+                                                  "tasks": tasks, "who_has": hints})
+        outcomes = []
+        for result in reply["results"]:
+            if result["status"] == "OK":
+                self._where[result["key"]] = {address}
+                self._nbytes[result["key"]] = result["nbytes"]
+                outcomes.append(RemoteData(result["key"], self, owned=True))
+            elif result["status"] == "missing-data":
+                outcomes.append(MissingDataError(result["keys"]))
+            else:
+                outcomes.append(rebuild_error(result))
+        return outcomes
+
+    def where(self, key):
+        """Addresses this client believes hold ``key`` (may be stale)."""
+        return self._where.get(key, set())
+
+    def known_nbytes(self, key):
+        return self._nbytes.get(key)
+
+    # -- freeing values no longer referenced --------------------------------------------------
+
+    def _incref(self, key):
+        with self._lock:
+            self._refcount[key] += 1
+
+    def _decref(self, key):
+        with self._lock:
+            self._refcount[key] -= 1
+            if self._refcount[key] > 0:
+                return
+            del self._refcount[key]
+            self._released.add(key)
+            if self._release_scheduled or self.closed:
+                return
+            self._release_scheduled = True
+        self._loop.call_soon(self._start_release)
+
+    def _start_release(self):
+        task = asyncio.get_running_loop().create_task(self._release())
+        task.add_done_callback(_log_failure)
+
+    async def _release(self):
+        await asyncio.sleep(0.01)  # let a burst of releases collect into one message per worker
+        with self._lock:
+            keys = [k for k in self._released if k not in self._refcount]
+            self._released.clear()
+            self._release_scheduled = False
+        await self._delete(keys)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self):
+        """Free the values this client made, close connections, stop an owned cluster."""
+        if self.closed:
+            return
+        try:
+            if self.cluster is None:
+                with self._lock:
+                    keys = set(self._refcount) | self._released
+                try:
+                    self._loop.run(self._delete(keys), timeout=self.timeout)
+                except Exception as e:
+                    logger.warning("could not free %d values on close: %s", len(keys), e)
+            self._loop.loop.call_soon_threadsafe(self.pool.close)
+        finally:
+            self.closed = True
+            self._loop.stop()
+            if self.cluster is not None:
+                self.cluster.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<Client center={self.center} workers={len(self.ncores)}>"
+
+
+def _log_failure(task):
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("freeing released values failed: %s", task.exception())

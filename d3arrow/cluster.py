@@ -1,0 +1,171 @@
+"""LocalCluster: a center and worker processes on this machine, owned by one Python object.
+
+The processes are the real CLIs (``python -m d3arrow.cli.center`` / ``...worker``) on
+127.0.0.1 with ports chosen by the kernel. Each child watches a pipe on its stdin, so the
+whole cluster goes away with its owner even when the owner is killed.
+"""
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import weakref
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 60.0
+SHUTDOWN_TIMEOUT = 10.0
+
+
+class LocalCluster:
+    """A center and ``n_workers`` worker processes on this host.
+
+    Parameters
+    ----------
+    n_workers : int, default 2
+        Worker processes to start.
+    ncores : int, optional
+        Threads per worker for user functions; default: this machine's cores divided among
+        the workers (at least 1).
+    host : str, default '127.0.0.1'
+        Address every process binds to.
+    heartbeat_interval, heartbeat_timeout : float, optional
+        Passed to the center (see ``d3arrow-center --help``).
+    log_level : str, default 'WARNING'
+        Logging level of the child processes (they log to this process's stderr).
+
+    Attributes
+    ----------
+    center_address : str
+        ``'host:port'`` of the center.
+    worker_addresses : list of str
+        ``'host:port'`` of each worker, in start order.
+
+    Examples
+    --------
+    >>> with LocalCluster(n_workers=2) as cluster:           # doctest: +SKIP
+    ...     pool = Pool(cluster.center_address)
+    """
+
+    def __init__(self, n_workers=2, ncores=None, *, host="127.0.0.1", heartbeat_interval=None,
+                 heartbeat_timeout=None, log_level="WARNING", startup_timeout=STARTUP_TIMEOUT):
+        if ncores is None:
+            ncores = max(1, (os.cpu_count() or 1) // max(1, n_workers))
+        self.n_workers = n_workers
+        self.ncores = ncores
+        self.host = host
+        self.processes = []
+        self.worker_processes = []
+        self.center_address = None
+        self.worker_addresses = []
+        self._log_level = log_level
+        self._finalizer = weakref.finalize(self, _stop_processes, self.processes)
+        deadline = time.monotonic() + startup_timeout
+        try:
+            center_args = ["--port", "0"]
+            if heartbeat_interval is not None:
+                center_args += ["--heartbeat-interval", str(heartbeat_interval)]
+            if heartbeat_timeout is not None:
+                center_args += ["--heartbeat-timeout", str(heartbeat_timeout)]
+            self.center_process = self._spawn("center", center_args)
+            self.center_address = _read_address(self.center_process, "Started center at ",
+                                                deadline)
+            started = [self._spawn_worker(ncores) for _ in range(n_workers)]
+            for process in started:
+                self._await_worker(process, deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def start_worker(self, *, ncores=None, deadline=None):
+        """Start one more worker process; return its address once it has registered."""
+        process = self._spawn_worker(ncores or self.ncores)
+        return self._await_worker(process, deadline or time.monotonic() + STARTUP_TIMEOUT)
+
+    def _spawn_worker(self, ncores):
+        process = self._spawn("worker", [self.center_address, "--port", "0",
+                                         "--ncores", str(ncores)])
+        self.worker_processes.append(process)
+        return process
+
+    def _await_worker(self, process, deadline):
+        address = _read_address(process, "Start worker at ", deadline)
+        _read_address(process, "Register with center at ", deadline)
+        self.worker_addresses.append(address)
+        return address
+
+    def _spawn(self, role, args):
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        command = [sys.executable, "-m", f"d3arrow.cli.{role}", "--host", self.host,
+                   "--log-level", self._log_level, "--exit-on-stdin-eof", *args]
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   env=env)
+        process.stdout_buffer = b""
+        self.processes.append(process)
+        return process
+
+    def close(self):
+        """Stop every process (SIGTERM, then SIGKILL after a grace period). Idempotent."""
+        _stop_processes(self.processes)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"<LocalCluster center={self.center_address} "
+                f"workers={len(self.worker_addresses)}>")
+
+
+def _read_address(process, prefix, deadline):
+    """Wait for the line ``prefix + address`` on the child's stdout and return the address."""
+    fd = process.stdout.fileno()
+    while True:
+        line, sep, rest = process.stdout_buffer.partition(b"\n")
+        if sep:
+            process.stdout_buffer = rest
+            text = line.decode(errors="replace").strip()
+            if text.startswith(prefix):
+                return text[len(prefix):]
+            continue
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{' '.join(process.args[2:4])} did not print {prefix!r} in time")
+        ready, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                code = process.wait(timeout=SHUTDOWN_TIMEOUT)
+                raise RuntimeError(f"{process.args[3]} exited with code {code} before it "
+                                   f"started; see its messages on stderr")
+            process.stdout_buffer += chunk
+
+
+def _stop_processes(processes):
+    """Stop the workers first (they unregister from the center), then the center."""
+    _stop_group(processes[1:])
+    _stop_group(processes[:1])
+
+
+def _stop_group(processes):
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop on SIGTERM: killing it", process.args[3])
+            process.kill()
+            process.wait()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,187 @@
+"""Servers that dispatch ``{"op": ...}`` messages, and the client side: a connection pool.
+
+A server lists its handlers explicitly (``self.handlers = {"who_has": self.who_has}``).
+A handler takes the message fields as keyword-only arguments and returns the reply header;
+``"status": "OK"`` is added when it names none. A handler that raises produces an
+``"error"`` reply with the exception's type, message, traceback text and (when it pickles)
+the exception itself; the connection stays open. The caller re-raises it with
+:func:`raise_for_error`, the remote traceback attached as ``__cause__``.
+"""
+
+import asyncio
+import collections
+import inspect
+import logging
+import traceback
+
+from .comm import CONNECT_TIMEOUT, Listener, connect
+from .errors import CommClosedError, ProtocolError, RemoteError, RemoteTraceback
+from .serialize import Serialized, deserialize, serialize
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0  # seconds, for control requests that do no user computation
+HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats (the center may say otherwise)
+
+
+def error_reply(exc):
+    """The reply header for an exception raised while handling a request."""
+    reply = {
+        "status": "error",
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+    try:
+        reply["exception"] = serialize(exc)
+    except Exception:
+        pass  # the type name, message and traceback text still travel
+    return reply
+
+
+def rebuild_error(reply):
+    """The exception an ``"error"`` reply describes, ready to raise."""
+    remote_tb = reply.get("traceback") or ""
+    exc = None
+    if isinstance(reply.get("exception"), Serialized):
+        try:
+            exc = deserialize(reply["exception"])
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(reply.get("type", "Exception"), reply.get("message", ""), remote_tb)
+    exc.__cause__ = RemoteTraceback(remote_tb)
+    return exc
+
+
+def raise_for_error(reply):
+    if reply.get("status") == "error":
+        raise rebuild_error(reply)
+    return reply
+
+
+class Server:
+    """Base of the center and the worker: a listener and op dispatch.
+
+    Subclasses set ``self.handlers`` (op name -> method) before ``listen``.
+    """
+
+    handlers = {}
+
+    def __init__(self):
+        self.listener = Listener(self.handle_comm)
+        self.address = None
+
+    async def listen(self, host="127.0.0.1", port=0):
+        self.address = await self.listener.start(host, port)
+        return self.address
+
+    async def handle_comm(self, comm):
+        while True:
+            msg = await comm.recv()
+            reply = await self.handle_message(msg)
+            await comm.send(reply)
+
+    async def handle_message(self, msg):
+        if isinstance(msg, ProtocolError):
+            return error_reply(msg)
+        op = msg.pop("op", None)
+        handler = self.handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return error_reply(ProtocolError(
+                f"unknown operation {op!r}; this server knows {sorted(self.handlers)}"))
+        try:
+            reply = handler(**msg)
+            if inspect.isawaitable(reply):
+                reply = await reply
+        except Exception as e:
+            logger.debug("%s failed", op, exc_info=True)
+            return error_reply(e)
+        if reply is None:
+            return {"status": "OK"}
+        reply.setdefault("status", "OK")
+        return reply
+
+    async def close(self):
+        await self.listener.stop()
+
+
+class ConnectionPool:
+    """Reusable connections per address, so requests do not pay a TCP handshake.
+
+    ``await pool.rpc(address).who_has(keys=[...])`` sends ``{"op": "who_has", "keys": [...]}``
+    on an idle connection (or a new one) and returns the reply header, raising for
+    ``"error"`` replies.
+    """
+
+    def __init__(self, *, connect_timeout=CONNECT_TIMEOUT, max_idle_per_address=32):
+        self._idle = collections.defaultdict(list)
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle_per_address
+        self._busy = set()
+        self.closed = False
+
+    async def acquire(self, address):
+        idle = self._idle[address]
+        while idle:
+            comm = idle.pop()
+            if not comm.closed:
+                self._busy.add(comm)
+                return comm
+        if self.closed:
+            raise CommClosedError("connection pool is closed")
+        comm = await connect(address, timeout=self._connect_timeout)
+        self._busy.add(comm)
+        return comm
+
+    def release(self, address, comm):
+        self._busy.discard(comm)
+        if comm.closed or self.closed or len(self._idle[address]) >= self._max_idle:
+            comm.abort()
+        else:
+            self._idle[address].append(comm)
+
+    async def request(self, address, msg, *, timeout=None):
+        """Send ``msg`` to ``address`` and return the reply header (errors raised)."""
+        comm = await self.acquire(address)
+        try:
+            await comm.send(msg)
+            if timeout is None:
+                reply = await comm.recv()
+            else:
+                async with asyncio.timeout(timeout):
+                    reply = await comm.recv()
+        except BaseException as e:
+            comm.abort()  # its state is unknown: a late reply must not reach the next request
+            self._busy.discard(comm)
+            if isinstance(e, TimeoutError):
+                raise TimeoutError(
+                    f"no reply from {address} to {msg.get('op')!r} within {timeout} s") from None
+            raise
+        self.release(address, comm)
+        if isinstance(reply, ProtocolError):
+            raise reply
+        return raise_for_error(reply)
+
+    def rpc(self, address, *, timeout=None):
+        return _RPC(self, address, timeout)
+
+    def close(self):
+        self.closed = True
+        for comms in self._idle.values():
+            for comm in comms:
+                comm.abort()
+        self._idle.clear()
+        for comm in list(self._busy):
+            comm.abort()
+
+
+class _RPC:
+    def __init__(self, pool, address, timeout):
+        self._pool, self._address, self._timeout = pool, address, timeout
+
+    def __getattr__(self, op):
+        async def send_recv(**fields):
+            return await self._pool.request(self._address, {"op": op, **fields},
+                                             timeout=self._timeout)
+        return send_recv

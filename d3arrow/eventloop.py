@@ -1,0 +1,59 @@
+"""Which event loop d3arrow runs (uvloop) and a loop in a thread for blocking callers.
+
+Blocking facades such as ``Pool.map`` run their coroutine on a :class:`LoopThread`, so
+user code never needs to know about asyncio.
+"""
+
+import asyncio
+import threading
+
+import uvloop
+
+
+def new_event_loop():
+    return uvloop.new_event_loop()
+
+
+def run(coro):
+    """Run a coroutine to completion on a fresh uvloop loop (CLIs, tests)."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro)
+
+
+class LoopThread:
+    """A uvloop loop running forever in a daemon thread."""
+
+    def __init__(self, name="d3arrow-loop"):
+        self.loop = new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro):
+        """Schedule ``coro`` on the loop; return a ``concurrent.futures.Future``."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro, timeout=None):
+        """Run ``coro`` on the loop and block for its result (its exception is raised here)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking d3arrow call was made from its own event loop thread")
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def call_soon(self, callback, *args):
+        self.loop.call_soon_threadsafe(callback, *args)
+
+    def stop(self):
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()

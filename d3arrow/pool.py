@@ -1,0 +1,251 @@
+"""Pool: map / apply over a d3arrow cluster, computing where the inputs already live.
+
+Placement is decided here, in the client: ``map`` over RemoteData queues each call on a
+worker holding its input; ``apply`` goes to the worker holding the most input bytes.
+Each worker then runs ``ncores`` slots that take batches from its own queue and, once it
+is empty, steal from the longest queue of another worker (whose inputs then travel peer
+to peer).
+"""
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+
+from .addressing import address_tuple
+from .client import Client, RemoteData, new_key
+from .errors import CommClosedError
+from .serialize import serialize
+from .task import find_leaves
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 64
+
+
+class Pool:
+    """A pool of workers that keeps results remote until gathered.
+
+    Parameters
+    ----------
+    address : str or (str, int), optional
+        The center, ``'host:port'``. Without one, a LocalCluster is started and owned by
+        the pool (stopped by :meth:`close`).
+    timeout : float, default 30
+        Seconds to wait for control replies (computations may take as long as they take).
+    **cluster_kwargs
+        Passed to :class:`~d3arrow.LocalCluster` when no address is given
+        (``n_workers``, ``ncores``, ...).
+
+    Examples
+    --------
+    >>> pool = Pool('127.0.0.1:8787')                        # doctest: +SKIP
+    >>> A = pool.map(lambda x: x**2, range(10))              # doctest: +SKIP
+    >>> B = pool.map(lambda x: -x, A)                        # doctest: +SKIP
+    >>> pool.apply(sum, [B]).get()                           # doctest: +SKIP
+    -285
+    """
+
+    def __init__(self, address=None, **kwargs):
+        self.client = Client(address, **kwargs)
+        try:
+            self.sync_center()
+        except BaseException:
+            self.client.close()
+            raise
+
+    @property
+    def center(self):
+        return self.client.center
+
+    def sync_center(self):
+        """Refresh the workers and their cores from the center."""
+        self.client.sync_ncores()
+
+    @property
+    def available_cores(self):
+        """``{(host, port): ncores}`` as of the last :meth:`sync_center`."""
+        return {address_tuple(a): n for a, n in self.client.ncores.items()}
+
+    def map(self, func, seq, *, workers=None):
+        """Apply ``func`` to each element of ``seq`` on the cluster.
+
+        Parameters
+        ----------
+        func : callable
+            Lambdas and closures work (cloudpickle).
+        seq : iterable
+            Plain values or RemoteData; a call on RemoteData runs where it lives.
+        workers : list of addresses, optional
+            ``'host:port'`` or ``(host, port)``: run only there.
+
+        Returns
+        -------
+        list of RemoteData
+            One per element, in order; the values stay on the workers.
+
+        Raises
+        ------
+        Exception
+            The first exception raised by ``func``, with the remote traceback as cause.
+        MissingDataError
+            An input is held by no live worker.
+        TypeError
+            ``func`` or an element cannot be pickled.
+        """
+        return self.client.sync(self._map, func, list(seq), workers=workers)
+
+    async def _map(self, func, seq, *, workers=None):
+        function = _serialize_function(func)
+        calls = [(new_key(), (item,), None) for item in seq]
+        return await self._run(function, calls, workers)
+
+    def apply(self, func, args=(), kwargs=None, *, workers=None):
+        """Run ``func(*args, **kwargs)`` on the worker holding most of its input bytes.
+
+        ``args`` and ``kwargs`` may hold RemoteData, also inside lists, tuples and dicts;
+        the function receives their values. Returns a RemoteData.
+        """
+        return self.client.sync(self._apply, func, args, kwargs, workers=workers)
+
+    def apply_async(self, func, args=(), kwargs=None, *, workers=None):
+        """Like :meth:`apply` but return at once; ``.get()`` on the result gives the RemoteData."""
+        return AsyncResult(self.client.submit(self._apply, func, args, kwargs, workers=workers))
+
+    async def _apply(self, func, args, kwargs, *, workers=None):
+        function = _serialize_function(func)
+        (result,) = await self._run(function, [(new_key(), tuple(args), kwargs or None)],
+                                    workers)
+        return result
+
+    def gather(self, remote_data, *, timeout=None):
+        """Fetch the values of a list of RemoteData (or a single one)."""
+        if isinstance(remote_data, RemoteData):
+            return self.client.gather([remote_data], timeout=timeout)[0]
+        return self.client.gather(list(remote_data), timeout=timeout)
+
+    def scatter(self, seq, *, workers=None):
+        """Send values to the workers; return a list of RemoteData."""
+        return self.client.scatter(list(seq), workers=workers)
+
+    def delete(self, remote_data):
+        """Free these values on every worker that holds them."""
+        self.client.delete(list(remote_data))
+
+    def close(self):
+        """Free this pool's values, close its connections and stop an owned cluster."""
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<Pool center={self.center} cores={sum(self.client.ncores.values())}>"
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    async def _run(self, function, calls, workers):
+        """Place each call, run them all, return their RemoteData in order (or raise)."""
+        client = self.client
+        if not client.ncores:
+            await client._sync_ncores()
+        live = client._workers(workers)
+        queues = {address: collections.deque() for address in live}
+        for index, (key, args, kwargs) in enumerate(calls):
+            queues[self._place(args, kwargs, live, queues)].append(index)
+        outcomes = [None] * len(calls)
+        while any(queues.values()):
+            slots = [self._slot(address, function, calls, queues, outcomes)
+                     for address in list(queues) for _ in range(client.ncores.get(address, 1))]
+            await asyncio.gather(*slots)
+            if not queues:
+                raise CommClosedError("every worker this computation could use has died")
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
+
+    def _place(self, args, kwargs, live, queues):
+        """The worker holding the most input bytes; else the least loaded one."""
+        held = collections.Counter()
+        for ref in find_leaves((args, kwargs), RemoteData):
+            for address in self.client.where(ref.key):
+                if address in queues:
+                    held[address] += self.client.known_nbytes(ref.key) or 1
+        ncores = self.client.ncores
+        load = lambda address: (len(queues[address]) + 1) / ncores.get(address, 1)  # noqa: E731
+        if held:
+            most = max(held.values())
+            return min((a for a in held if held[a] == most), key=load)
+        return min(live, key=load)
+
+    async def _slot(self, address, function, calls, queues, outcomes):
+        while address in queues:
+            batch = _take_batch(address, queues, self.client.ncores)
+            if not batch:
+                return
+            try:
+                results = await self.client._compute(address, function,
+                                                     [calls[i] for i in batch])
+            except (OSError, CommClosedError) as e:
+                logger.warning("worker %s failed (%s): moving %d calls elsewhere",
+                               address, e, len(batch))
+                orphans = queues.pop(address, collections.deque())
+                if queues:
+                    survivor = min(queues, key=lambda a: len(queues[a]))
+                    queues[survivor].extend([*batch, *orphans])
+                return
+            for index, outcome in zip(batch, results):
+                outcomes[index] = outcome
+
+
+def _take_batch(address, queues, ncores):
+    """Calls for one request: from our own queue's head, else from the longest other's tail."""
+    own = queues[address]
+    if own:
+        size = max(1, min(MAX_BATCH, len(own) // (2 * ncores.get(address, 1))))
+        return [own.popleft() for _ in range(size)]
+    victim = max(queues, key=lambda a: len(queues[a]))
+    other = queues[victim]
+    if len(other) < 2:
+        return [other.pop()] if other else []
+    size = max(1, min(MAX_BATCH, len(other) // (2 * max(1, len(queues)))))
+    return [other.pop() for _ in range(size)]
+
+
+def _serialize_function(func):
+    if not callable(func):
+        raise TypeError(f"{func!r} is not callable")
+    try:
+        return serialize(func)
+    except TypeError as e:
+        raise TypeError(f"cannot send function {getattr(func, '__qualname__', func)!r} to "
+                        f"the workers: {e}") from e
+
+
+class AsyncResult:
+    """The pending result of :meth:`Pool.apply_async`."""
+
+    def __init__(self, future):
+        self._future = future
+
+    def get(self, timeout=None):
+        """Wait for the computation; return its RemoteData or raise its exception."""
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"result not ready within {timeout} s") from None
+
+    def wait(self, timeout=None):
+        concurrent.futures.wait([self._future], timeout)
+
+    def ready(self):
+        return self._future.done()
+
+    def successful(self):
+        if not self.ready():
+            raise ValueError("result is not ready")
+        return self._future.exception() is None

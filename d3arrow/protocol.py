@@ -1,0 +1,186 @@
+"""Messages <-> bytes on the wire. Pure functions and a push decoder: no sockets, no loop.
+
+A message is a msgpack header (a dict, usually with ``"op"`` or ``"status"``) plus payloads.
+Values inside the header are :class:`~d3arrow.serialize.Serialized` objects, packed as a
+msgpack extension that names their meta and which payloads are theirs; their bytes travel
+after the header as separate payloads and are never joined into one big object.
+
+Wire layout of one message::
+
+    u64 header_length | u64 n_payloads | n_payloads x u64 payload_length | header | payloads
+
+The decoder checks every announced length against its limits before it allocates anything.
+Control headers decode without pickle: a peer can only make us unpickle by naming a value
+that a handler then chooses to deserialize.
+"""
+
+import os
+import struct
+
+import msgpack
+import pyarrow as pa
+
+from .errors import ProtocolError
+from .serialize import Serialized, payload_nbytes
+
+PREFIX = struct.Struct("<QQ")
+SERIALIZED_EXT = 1
+MAX_HEADER_BYTES = 64 * 2**20
+MAX_PAYLOADS = 2**20
+SCRATCH_BYTES = 64 * 2**10  # small reads land here; larger remainders go straight to their buffer
+
+
+def default_max_payload_bytes():
+    """Half the machine's memory: more than one message could never be received anyway."""
+    env = os.environ.get("D3ARROW_MAX_MESSAGE_BYTES")
+    if env:
+        return int(env)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def dumps(header):
+    """Encode a message as a list of bytes-like frames to write in order (no payload copies)."""
+    payloads = []
+
+    def default(obj):
+        if isinstance(obj, Serialized):
+            ext = msgpack.packb([obj.meta, len(payloads), len(obj.payloads)], use_bin_type=True)
+            payloads.extend(obj.payloads)
+            return msgpack.ExtType(SERIALIZED_EXT, ext)
+        if isinstance(obj, (set, frozenset, tuple)):
+            return list(obj)
+        raise TypeError(
+            f"cannot put a {type(obj).__name__} in a message header; serialize() it first"
+        )
+
+    head = msgpack.packb(header, default=default, use_bin_type=True)
+    lengths = [payload_nbytes(p) for p in payloads]
+    frames = [PREFIX.pack(len(head), len(lengths)) + struct.pack(f"<{len(lengths)}Q", *lengths) + head]
+    for payload in payloads:
+        frames.extend(payload)
+    return frames
+
+
+def allocate_buffers(header, lengths):
+    """Default receive buffers: one Arrow buffer per payload, so values can outlive messages."""
+    return [pa.allocate_buffer(n) for n in lengths]
+
+
+def loads_header(data, n_payloads):
+    """Decode a header; return it and the Serialized values in it (payloads not yet attached)."""
+    values = []
+
+    def ext_hook(code, data):
+        if code != SERIALIZED_EXT:
+            raise ProtocolError(f"unknown msgpack extension type {code}")
+        meta, start, count = msgpack.unpackb(data, raw=False)
+        if not (isinstance(meta, dict) and isinstance(start, int) and isinstance(count, int)
+                and 0 <= start and 0 <= count and start + count <= n_payloads):
+            raise ProtocolError("a serialized value names payloads the message does not have")
+        value = Serialized(meta, (start, count))
+        values.append(value)
+        return value
+
+    try:
+        header = msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as e:
+        raise ProtocolError(f"undecodable message header: {type(e).__name__}: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"a message header must be a map, got {type(header).__name__}")
+    return header, values
+
+
+class MessageReader:
+    """Incremental decoder: feed it bytes through ``get_buffer`` / ``buffer_updated``.
+
+    ``get_buffer`` returns where the next bytes should go: a slice of the destination buffer
+    when a large remainder is expected (so the kernel writes payloads once, in place), else
+    a small scratch buffer whose contents ``buffer_updated`` distributes.
+    ``buffer_updated`` returns the messages completed: a header dict, or a
+    :class:`ProtocolError` for a well-framed message whose header did not decode (the
+    connection can go on). A framing error raises :class:`ProtocolError`: the stream
+    cannot be trusted any further.
+    """
+
+    def __init__(self, *, allocate=allocate_buffers, max_header_bytes=MAX_HEADER_BYTES,
+                 max_payload_bytes=None):
+        self._allocate = allocate
+        self._max_header = max_header_bytes
+        self._max_payload = max_payload_bytes or default_max_payload_bytes()
+        self._scratch = memoryview(bytearray(SCRATCH_BYTES))
+        self._direct = False
+        self._start_message()
+
+    def get_buffer(self):
+        remaining = len(self._target) - self._filled
+        self._direct = remaining >= SCRATCH_BYTES
+        return self._target[self._filled:] if self._direct else self._scratch
+
+    def buffer_updated(self, nbytes):
+        done = []
+        if self._direct:
+            self._filled += nbytes
+            if self._filled == len(self._target):
+                self._advance(done)
+            return done
+        data = self._scratch[:nbytes]
+        pos = 0
+        while pos < nbytes:
+            take = min(nbytes - pos, len(self._target) - self._filled)
+            self._target[self._filled:self._filled + take] = data[pos:pos + take]
+            self._filled += take
+            pos += take
+            if self._filled == len(self._target):
+                self._advance(done)
+        return done
+
+    def _start_message(self):
+        self._stage = "prefix"
+        self._set_target(bytearray(PREFIX.size))
+
+    def _set_target(self, buffer):
+        self._target = memoryview(buffer).cast("B")
+        self._filled = 0
+
+    def _advance(self, done):
+        if self._stage == "prefix":
+            header_len, n = PREFIX.unpack(self._target)
+            if not 0 < header_len <= self._max_header:
+                raise ProtocolError(f"message header of {header_len} bytes announced "
+                                    f"(limit {self._max_header})")
+            if n > MAX_PAYLOADS:
+                raise ProtocolError(f"{n} payloads announced (limit {MAX_PAYLOADS})")
+            self._n = n
+            self._stage = "head"
+            self._set_target(bytearray(8 * n + header_len))
+        elif self._stage == "head":
+            n = self._n
+            lengths = struct.unpack_from(f"<{n}Q", self._target)
+            total = sum(lengths)
+            if total > self._max_payload:
+                raise ProtocolError(f"{total} payload bytes announced (limit {self._max_payload})")
+            try:
+                self._header, self._values = loads_header(self._target[8 * n:], n)
+            except ProtocolError as e:
+                self._header, self._values = e, []
+            self._buffers = self._allocate(self._header, lengths)
+            self._stage, self._index = "payload", -1
+            self._next_payload(done)
+        else:
+            self._next_payload(done)
+
+    def _next_payload(self, done):
+        self._index += 1
+        while self._index < len(self._buffers) and len(self._buffers[self._index]) == 0:
+            self._index += 1
+        if self._index < len(self._buffers):
+            self._set_target(self._buffers[self._index])
+            return
+        for value in self._values:
+            start, count = value.payloads
+            value.payloads = self._buffers[start:start + count]
+        done.append(self._header)
+        self._header = self._values = self._buffers = None
+        self._start_message()

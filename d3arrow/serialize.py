@@ -1,0 +1,163 @@
+"""Values <-> Arrow buffers.
+
+A value becomes a :class:`Serialized`: a small msgpack-able ``meta`` dict and a list of
+payloads. Each payload is sent as a list of pieces and received as one contiguous buffer.
+
+* numpy arrays whose dtype Arrow tensors support travel as Arrow IPC tensors: one payload of
+  two pieces, the tensor's IPC metadata and the array's own memory (never copied on send).
+  The receiver lays both in one buffer and ``pa.ipc.read_tensor`` rebuilds a read-only view.
+* pyarrow Tables and RecordBatches travel as an Arrow IPC stream.
+* anything else goes through cloudpickle protocol 5 with out-of-band buffers, so arrays
+  nested inside Python objects are not copied either.
+"""
+
+import pickle
+import sys
+
+import cloudpickle
+import numpy as np
+import pyarrow as pa
+
+PICKLE_PROTOCOL = 5
+
+
+class Serialized:
+    """A value in wire form: ``meta`` (msgpack-able dict) and ``payloads``.
+
+    On the sending side each payload is a list of buffer pieces; on the receiving side it is
+    a single ``pyarrow.Buffer`` holding those pieces back to back.
+    """
+
+    __slots__ = ("meta", "payloads")
+
+    def __init__(self, meta, payloads):
+        self.meta = meta
+        self.payloads = payloads
+
+    @property
+    def nbytes(self):
+        return sum(payload_nbytes(p) for p in self.payloads)
+
+    def __repr__(self):
+        return f"<Serialized {self.meta.get('kind')} {self.nbytes} bytes>"
+
+
+def payload_nbytes(payload):
+    if isinstance(payload, list):
+        return sum(memoryview(piece).nbytes for piece in payload)
+    return memoryview(payload).nbytes
+
+
+def serialize(value):
+    """Turn ``value`` into a :class:`Serialized` without copying array memory where possible.
+
+    Raises
+    ------
+    TypeError
+        The value cannot be pickled; the message names its type and the reason.
+    """
+    if type(value) is np.ndarray and _tensor_compatible(value):
+        return _serialize_tensor(value)
+    if isinstance(value, (pa.Table, pa.RecordBatch)):
+        return _serialize_arrow(value)
+    return _serialize_pickle(value)
+
+
+def deserialize(serialized):
+    """Rebuild the value; arrays and Arrow data are views of the received buffers."""
+    meta = serialized.meta
+    buffers = [_as_buffer(p) for p in serialized.payloads]
+    kind = meta.get("kind")
+    if kind == "tensor":
+        return pa.ipc.read_tensor(pa.BufferReader(buffers[0])).to_numpy()
+    if kind == "arrow":
+        table = pa.ipc.open_stream(buffers[0]).read_all()
+        if meta.get("type") == "batch":
+            batches = table.to_batches()
+            return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
+        return table
+    if kind == "pickle":
+        return pickle.loads(buffers[0], buffers=buffers[1:])
+    raise ValueError(f"unknown serialization kind {kind!r}")
+
+
+def nbytes(value):
+    """Bytes a value occupies, as far as we can tell cheaply (used for placement)."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, (pa.Table, pa.RecordBatch, pa.Buffer)):
+        return int(value.nbytes if not isinstance(value, pa.Buffer) else value.size)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    return sys.getsizeof(value)
+
+
+def _tensor_compatible(array):
+    # Arrow tensors have no byte order, no bool (bit-packed in Arrow) and no complex,
+    # datetime, string or object types.
+    return array.dtype.byteorder in "=|" and array.dtype.kind in "iuf" and not array.dtype.fields
+
+
+def _serialize_tensor(array):
+    if not (array.flags.c_contiguous or array.flags.f_contiguous):
+        array = np.ascontiguousarray(array)
+    tensor = pa.Tensor.from_numpy(array)
+    metadata = _tensor_ipc_metadata(tensor, array.nbytes)
+    body = memoryview(array.reshape(-1, order="A").view(np.uint8)) if array.nbytes else b""
+    return Serialized({"kind": "tensor"}, [[metadata, body]])
+
+
+def _tensor_ipc_metadata(tensor, body_nbytes):
+    """The IPC message that precedes a tensor's body, without writing (copying) the body.
+
+    Arrow writes the metadata, then the unpadded body; a writer sized for the metadata alone
+    takes the first and refuses the second, which is exactly the part we send from the
+    array's own memory.
+    """
+    size = pa.ipc.get_tensor_size(tensor) - body_nbytes
+    metadata = pa.allocate_buffer(size)
+    try:
+        pa.ipc.write_tensor(tensor, pa.FixedSizeBufferWriter(metadata))
+    except OSError:
+        if body_nbytes == 0:
+            raise
+    return metadata
+
+
+def _serialize_arrow(data):
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, data.schema) as writer:
+        writer.write(data) if isinstance(data, pa.RecordBatch) else writer.write_table(data)
+    kind = "batch" if isinstance(data, pa.RecordBatch) else "table"
+    return Serialized({"kind": "arrow", "type": kind}, [[sink.getvalue()]])
+
+
+def _serialize_pickle(value):
+    buffers = []
+    try:
+        inband = cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    except Exception as e:
+        raise TypeError(
+            f"cannot serialize {type(value).__name__} object {_short_repr(value)}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    payloads = [[inband]]
+    for buffer in buffers:
+        try:
+            payloads.append([buffer.raw()])
+        except BufferError:  # non-contiguous out-of-band buffer: one copy to make it contiguous
+            payloads.append([memoryview(bytes(buffer))])
+    return Serialized({"kind": "pickle"}, payloads)
+
+
+def _as_buffer(payload):
+    if isinstance(payload, list):  # sending-side form, deserialized locally
+        if len(payload) == 1:
+            return pa.py_buffer(payload[0])
+        return pa.py_buffer(b"".join(memoryview(p).cast("B") for p in payload))
+    return payload if isinstance(payload, pa.Buffer) else pa.py_buffer(payload)
+
+
+def _short_repr(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
