@@ -116,6 +116,7 @@ class Client:
         self._lock = threading.Lock()
         self._released = set()
         self._release_scheduled = False
+        self._release_task = None
         self._round_robin = itertools.count()
         self._loop = LoopThread()
         self.closed = False
@@ -356,8 +357,8 @@ class Client:
         self._loop.call_soon(self._start_release)
 
     def _start_release(self):
-        task = asyncio.get_running_loop().create_task(self._release())
-        task.add_done_callback(_log_failure)
+        self._release_task = asyncio.get_running_loop().create_task(self._release())
+        self._release_task.add_done_callback(_log_failure)
 
     async def _release(self):
         await asyncio.sleep(0.01)  # let a burst of releases collect into one message per worker
@@ -374,19 +375,26 @@ class Client:
         if self.closed:
             return
         try:
-            if self.cluster is None:
-                with self._lock:
-                    keys = set(self._refcount) | self._released
-                try:
-                    self._loop.run(self._delete(keys), timeout=self.timeout)
-                except Exception as e:
-                    logger.warning("could not free %d values on close: %s", len(keys), e)
-            self._loop.loop.call_soon_threadsafe(self.pool.close)
+            self._loop.run(self._close(), timeout=self.timeout)
+        except Exception as e:
+            logger.warning("could not free this client's values on close: %s", e)
         finally:
             self.closed = True
             self._loop.stop()
             if self.cluster is not None:
                 self.cluster.close()
+
+    async def _close(self):
+        if self._release_task is not None:
+            self._release_task.cancel()
+            await asyncio.gather(self._release_task, return_exceptions=True)
+        try:
+            if self.cluster is None:  # an owned cluster is about to go away with its values
+                with self._lock:
+                    keys = set(self._refcount) | self._released
+                await self._delete(keys)
+        finally:
+            self.pool.close()
 
     def __enter__(self):
         return self

@@ -77,6 +77,14 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         self._paused_writing = False
         self._wake(self._drain_waiter)
 
+    def wait(self, name):
+        """Wait until the future stored in attribute ``name`` is woken; waiters share it."""
+        waiter = getattr(self, name)
+        if waiter is None or waiter.done():
+            waiter = asyncio.get_running_loop().create_future()
+            setattr(self, name, waiter)
+        return asyncio.shield(waiter)
+
     @staticmethod
     def _wake(waiter):
         if waiter is not None and not waiter.done():
@@ -104,8 +112,7 @@ class Comm:
         self._transport.writelines(frames)
         protocol = self._protocol
         while protocol._paused_writing and not self.closed:
-            protocol._drain_waiter = asyncio.get_running_loop().create_future()
-            await protocol._drain_waiter
+            await protocol.wait("_drain_waiter")
         if self.closed:
             raise CommClosedError(f"connection to {self.peer_address} closed while sending")
 
@@ -115,8 +122,7 @@ class Comm:
         while not protocol._inbox:
             if self.closed:
                 raise CommClosedError(f"connection to {self.peer_address} closed")
-            protocol._waiter = asyncio.get_running_loop().create_future()
-            await protocol._waiter
+            await protocol.wait("_waiter")
         msg = protocol._inbox.popleft()
         if protocol._paused_reading and len(protocol._inbox) < MAX_QUEUED_MESSAGES // 2:
             protocol._paused_reading = False

@@ -51,9 +51,21 @@ class LoopThread:
         self.loop.call_soon_threadsafe(callback, *args)
 
     def stop(self):
+        """Cancel what still runs on the loop, then stop the thread and close the loop."""
         if self.loop.is_closed():
             return
+        try:
+            self.run(_cancel_other_tasks(), timeout=10)
+        except Exception:
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def _cancel_other_tasks():
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

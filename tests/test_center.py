@@ -1,0 +1,67 @@
+"""The center's metadata ops and liveness, against a real in-process center and workers."""
+
+import asyncio
+
+from conftest import gen_cluster
+
+
+@gen_cluster(n_workers=2)
+async def test_workers_register_with_their_cores(center, workers, pool):
+    rpc = pool.rpc(center.address)
+    ncores = (await rpc.ncores())["ncores"]
+    assert ncores == {w.address: 1 for w in workers}
+    info = (await rpc.workers())["workers"]
+    assert {i["name"] for i in info.values()} == {"w0", "w1"}
+
+
+@gen_cluster(n_workers=2)
+async def test_add_remove_who_has_has_what(center, workers, pool):
+    a, b = (w.address for w in workers)
+    rpc = pool.rpc(center.address)
+    await rpc.add_keys(address=a, keys=["x", "y"], nbytes={"x": 8, "y": 16})
+    await rpc.add_keys(address=b, keys=["x"])
+    who_has = (await rpc.who_has(keys=["x", "y", "z"]))["who_has"]
+    assert sorted(who_has["x"]) == sorted([a, b]) and who_has["y"] == [a] and who_has["z"] == []
+    assert sorted((await rpc.has_what(workers=[a]))["has_what"][a]) == ["x", "y"]
+    assert (await rpc.nbytes(keys=["x", "y"]))["nbytes"] == {"x": 8, "y": 16}
+    await rpc.remove_keys(address=a, keys=["x", "y"])
+    who_has = (await rpc.who_has(keys=["x", "y"]))["who_has"]
+    assert who_has == {"x": [b], "y": []}
+    assert (await rpc.nbytes(keys=["y"]))["nbytes"] == {}
+
+
+@gen_cluster(n_workers=1)
+async def test_unknown_worker_is_told_so(center, workers, pool):
+    rpc = pool.rpc(center.address)
+    assert (await rpc.heartbeat(address="127.0.0.1:1"))["status"] == "unknown-worker"
+    assert (await rpc.add_keys(address="127.0.0.1:1", keys=["k"]))["status"] == "unknown-worker"
+    assert (await rpc.who_has(keys=["k"]))["who_has"] == {"k": []}
+
+
+@gen_cluster(n_workers=2, heartbeat_interval=0.05, heartbeat_timeout=0.3)
+async def test_silent_worker_is_dropped_with_its_keys(center, workers, pool):
+    silent, alive = workers
+    rpc = pool.rpc(center.address)
+    await rpc.add_keys(address=silent.address, keys=["only-here"])
+    silent._heartbeat_task.cancel()  # the worker stops heartbeating, as if hung or dead
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if silent.address not in (await rpc.ncores())["ncores"]:
+            break
+    assert list((await rpc.ncores())["ncores"]) == [alive.address]
+    assert (await rpc.who_has(keys=["only-here"]))["who_has"] == {"only-here": []}
+
+
+@gen_cluster(n_workers=1, heartbeat_interval=0.05, heartbeat_timeout=5)
+async def test_forgotten_worker_registers_again_with_its_keys(center, workers, pool):
+    (worker,) = workers
+    rpc = pool.rpc(center.address)
+    await pool.rpc(worker.address).update_data(data={})  # nothing: just a live request
+    worker.data["kept"] = 1
+    worker.nbytes["kept"] = 28
+    await rpc.unregister(address=worker.address)  # as after a center restart
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if (await rpc.who_has(keys=["kept"]))["who_has"]["kept"]:
+            break
+    assert (await rpc.who_has(keys=["kept"]))["who_has"] == {"kept": [worker.address]}

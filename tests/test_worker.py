@@ -1,0 +1,127 @@
+"""Worker ops: data, compute, peer-to-peer fetch, errors. Real servers, one loop."""
+
+import asyncio
+import operator
+
+import numpy as np
+import pytest
+
+from conftest import gen_cluster
+from d3arrow.core import rebuild_error
+from d3arrow.serialize import deserialize, serialize
+from d3arrow.task import KeyRef
+
+
+def task(key, *args, needed=(), **kwargs):
+    return {"key": key, "args": serialize(args), "kwargs": serialize(kwargs) if kwargs else None,
+            "needed": list(needed)}
+
+
+@gen_cluster(n_workers=1)
+async def test_set_get_delete_report_to_the_center(center, workers, pool):
+    (w,) = workers
+    rpc, crpc = pool.rpc(w.address), pool.rpc(center.address)
+    await rpc.update_data(data={"x": serialize(np.arange(5)), "y": serialize("text")})
+    reply = await rpc.get_data(keys=["x", "y"])
+    np.testing.assert_array_equal(deserialize(reply["data"]["x"]), np.arange(5))
+    assert deserialize(reply["data"]["y"]) == "text"
+    assert (await crpc.who_has(keys=["x"]))["who_has"] == {"x": [w.address]}
+    assert (await rpc.delete_data(keys=["x", "nope"]))["keys"] == ["x"]
+    assert (await crpc.who_has(keys=["x"]))["who_has"] == {"x": []}
+    reply = await rpc.get_data(keys=["x", "y"])
+    assert reply["status"] == "missing-data" and reply["keys"] == ["x"]
+    assert list(reply["data"]) == ["y"]
+
+
+@gen_cluster(n_workers=3)
+async def test_compute_fetches_inputs_from_two_other_workers(center, workers, pool):
+    a, b, c = workers
+    await pool.rpc(a.address).update_data(data={"x": serialize(np.full(1000, 2.0))})
+    await pool.rpc(b.address).update_data(data={"y": serialize(np.full(1000, 3.0))})
+    reply = await pool.rpc(c.address).compute(
+        function=serialize(operator.add),
+        tasks=[task("z", KeyRef("x"), KeyRef("y"), needed=["x", "y"])])
+    (result,) = reply["results"]
+    assert result["status"] == "OK" and result["nbytes"] == 8000 and result["type"] == "ndarray"
+    np.testing.assert_array_equal(c.data["z"], np.full(1000, 5.0))
+    who_has = (await pool.rpc(center.address).who_has(keys=["x", "y", "z"]))["who_has"]
+    assert sorted(who_has["x"]) == sorted([a.address, c.address])
+    assert sorted(who_has["y"]) == sorted([b.address, c.address])
+    assert who_has["z"] == [c.address]
+
+
+@gen_cluster(n_workers=2)
+async def test_keyrefs_nested_in_lists_and_kwargs(center, workers, pool):
+    a, b = workers
+    await pool.rpc(a.address).update_data(data={"p": serialize(1), "q": serialize(2)})
+    reply = await pool.rpc(b.address).compute(
+        function=serialize(lambda xs, scale: sum(xs) * scale),
+        tasks=[task("s", [KeyRef("p"), KeyRef("q"), 3], needed=["p", "q"], scale=KeyRef("q"))])
+    assert reply["results"][0]["status"] == "OK"
+    assert b.data["s"] == 12
+
+
+@gen_cluster(n_workers=1)
+async def test_missing_input_is_reported_by_key(center, workers, pool):
+    (w,) = workers
+    reply = await pool.rpc(w.address).compute(
+        function=serialize(len), tasks=[task("r", KeyRef("ghost"), needed=["ghost"])])
+    assert reply["results"][0] == {"key": "r", "status": "missing-data", "keys": ["ghost"]}
+    assert "r" not in w.data
+
+
+@gen_cluster(n_workers=1)
+async def test_user_exception_carries_its_traceback(center, workers, pool):
+    def broken(x):
+        return x / 0
+
+    (w,) = workers
+    reply = await pool.rpc(w.address).compute(function=serialize(broken), tasks=[task("r", 1)])
+    (result,) = reply["results"]
+    assert result["status"] == "error" and result["type"] == "builtins.ZeroDivisionError"
+    assert "in broken" in result["traceback"]  # cloudpickle hides the file of by-value code
+    error = rebuild_error(result)
+    assert isinstance(error, ZeroDivisionError) and "in broken" in error.__cause__.text
+    reply = await pool.rpc(w.address).compute(function=serialize(abs), tasks=[task("ok", -1)])
+    assert w.data["ok"] == 1  # the worker goes on
+
+
+@gen_cluster(n_workers=1)
+async def test_function_that_does_not_unpickle_is_an_error_per_task(center, workers, pool):
+    (w,) = workers
+    bogus = serialize(len)
+    bogus.payloads = [[b"not a pickle"]]
+    reply = await pool.rpc(w.address).compute(function=bogus, tasks=[task("a"), task("b")])
+    assert [r["status"] for r in reply["results"]] == ["error", "error"]
+    assert "UnpicklingError" in reply["results"][0]["type"]
+
+
+@gen_cluster(n_workers=1, ncores=1)
+async def test_slow_computation_does_not_block_serving_data(center, workers, pool):
+    import time
+
+    (w,) = workers
+    await pool.rpc(w.address).update_data(data={"x": serialize(7)})
+    slow = asyncio.ensure_future(pool.rpc(w.address).compute(
+        function=serialize(lambda: time.sleep(1.0)), tasks=[task("sleep")]))
+    await asyncio.sleep(0.1)
+    started = asyncio.get_running_loop().time()
+    reply = await pool.rpc(w.address).get_data(keys=["x"])
+    elapsed = asyncio.get_running_loop().time() - started
+    assert deserialize(reply["data"]["x"]) == 7 and not slow.done()
+    assert elapsed < 0.9  # answered while the only compute thread was busy
+    await slow
+
+
+@gen_cluster(n_workers=2)
+async def test_concurrent_needs_share_one_transfer(center, workers, pool):
+    a, b = workers
+    await pool.rpc(a.address).update_data(data={"x": serialize(np.ones(10))})
+    served = []
+    original = a.get_data
+    a.handlers["get_data"] = lambda **kw: served.append(kw["keys"]) or original(**kw)
+    await asyncio.gather(*(pool.rpc(b.address).compute(
+        function=serialize(np.sum), tasks=[task(f"s{i}", KeyRef("x"), needed=["x"])])
+        for i in range(5)))
+    assert served == [["x"]]
+    assert [b.data[f"s{i}"] for i in range(5)] == [10.0] * 5
