@@ -1,0 +1,179 @@
+"""The Pool and the client against a LocalCluster of real worker processes."""
+
+import gc
+import re
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from d3arrow import MissingDataError, Pool, RemoteData
+from d3arrow.addressing import address_tuple
+
+
+def holders(pool, remote):
+    """{key: [address]} as the center sees it."""
+    return pool.client.who_has([r.key for r in remote])
+
+
+def test_seed_example(pool, cluster):
+    pool.sync_center()
+    assert pool.available_cores == {address_tuple(a): 2 for a in cluster.worker_addresses}
+    A = pool.map(lambda x: x**2, range(10))
+    B = pool.map(lambda x: -x, A)
+    total = pool.apply(sum, [B])
+    assert isinstance(total, RemoteData)
+    assert total.get() == -285
+    assert pool.gather(A) == [x**2 for x in range(10)]
+    assert re.fullmatch(rf"RemoteData<center={cluster.center_address}, key=[0-9a-f-]{{10}}\.\.\.>",
+                        repr(A[0]))
+    assert A[0].center == cluster.center_address
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(24, dtype="f8").reshape(2, 3, 4), np.array(7, dtype="i2"), np.zeros((0, 5)),
+    np.arange(100)[::7], np.arange(10, dtype=">i4"), np.array([1 + 1j]),
+    np.array(["x", "yz"]), np.ones(3, dtype=bool)], ids=lambda a: f"{a.dtype}{a.shape}")
+def test_scatter_gather_arrays(pool, array):
+    (remote,) = pool.scatter([array])
+    got = remote.get()
+    assert got.dtype == array.dtype and got.shape == array.shape
+    np.testing.assert_array_equal(got, array)
+
+
+def test_scatter_gather_100_megabytes(pool):
+    array = np.random.default_rng(3).random(100 * 2**20 // 8)
+    (remote,) = pool.scatter([array])
+    np.testing.assert_array_equal(pool.gather([remote])[0], array)
+
+
+def test_scatter_gather_arrow_and_python_objects(pool):
+    table = pa.table({"a": np.arange(5), "b": list("abcde")})
+    values = [table, {"nested": [1, (2, 3)]}, "text", None]
+    got = pool.gather(pool.scatter(values))
+    assert got[0].equals(table) and got[1:] == values[1:]
+
+
+def test_map_runs_where_each_input_lives(pool, cluster):
+    a, b = cluster.worker_addresses
+    on_a = pool.scatter(range(4), workers=[a])
+    on_b = pool.scatter(range(4), workers=[address_tuple(b)])
+    results = pool.map(lambda x: x + 1, on_a + on_b)
+    where = holders(pool, results)
+    assert [where[r.key] for r in results] == [[a]] * 4 + [[b]] * 4
+    assert pool.gather(results) == [1, 2, 3, 4] * 2
+
+
+def test_apply_runs_where_most_input_bytes_live(pool, cluster):
+    a, b = cluster.worker_addresses
+    (big,) = pool.scatter([np.ones(1_000_000)], workers=[b])
+    (small,) = pool.scatter([np.ones(10)], workers=[a])
+    total = pool.apply(lambda xs: sum(x.sum() for x in xs), [[small, big]])
+    assert holders(pool, [total]) == {total.key: [b]}
+    assert total.get() == 1_000_010
+    # the small input was pulled peer to peer and b now holds a replica
+    assert sorted(holders(pool, [small])[small.key]) == sorted([a, b])
+
+
+def test_apply_with_kwargs_and_pinned_worker(pool, cluster):
+    a, b = cluster.worker_addresses
+    (x,) = pool.scatter([np.arange(5)], workers=[a])
+    result = pool.apply(lambda v, scale=1, extra=(): (v * scale).tolist() + list(extra),
+                        [x], {"scale": 3, "extra": [x]}, workers=[b])
+    assert holders(pool, [result]) == {result.key: [b]}
+    assert result.get()[:5] == [0, 3, 6, 9, 12]
+
+
+def test_idle_worker_takes_over_tasks_of_a_busy_one(pool, cluster):
+    a, b = cluster.worker_addresses
+    inputs = pool.scatter(range(8), workers=[a])
+    results = pool.map(lambda x: time.sleep(0.3) or x, inputs)
+    where = holders(pool, results)
+    ran_on = {where[r.key][0] for r in results}
+    assert ran_on == {a, b}
+    assert pool.gather(results) == list(range(8))
+
+
+def test_user_exception_reaches_the_caller_with_its_traceback(pool):
+    def check(x):
+        if x == 3:
+            raise ValueError(f"bad input {x}")
+        return x
+
+    with pytest.raises(ValueError, match="bad input 3") as info:
+        pool.map(check, range(5))
+    assert "in check" in info.value.__cause__.text
+    with pytest.raises(ValueError, match="bad input 3"):
+        pool.apply(check, [3])
+
+
+def test_missing_key_names_the_key(pool):
+    with pytest.raises(MissingDataError, match="no-such-key") as info:
+        pool.client.gather(["no-such-key"])
+    assert isinstance(info.value, KeyError) and info.value.keys == ["no-such-key"]
+
+
+def test_deleted_input_fails_the_computation_with_its_key(pool):
+    (x,) = pool.scatter([1])
+    pool.delete([x])
+    with pytest.raises(MissingDataError, match=x.key):
+        pool.apply(lambda v: v, [x])
+    with pytest.raises(MissingDataError, match=x.key):
+        x.get()
+
+
+def test_unpicklable_function_is_a_clear_error(pool):
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="cannot send function .*lock"):
+        pool.map(lambda x: lock, range(2))
+    with pytest.raises(TypeError, match="not callable"):
+        pool.apply(42)
+
+
+def test_apply_async_returns_at_once(pool):
+    pending = pool.apply_async(lambda: time.sleep(0.5) or "done")
+    assert not pending.ready()
+    remote = pending.get(timeout=30)
+    assert pending.successful() and remote.get() == "done"
+
+
+def test_apply_async_exception_is_raised_by_get(pool):
+    pending = pool.apply_async(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        pending.get(timeout=30)
+
+
+def test_dropped_remote_data_is_freed_on_the_workers(pool):
+    remote = pool.map(lambda x: np.zeros(1000) + x, range(6))
+    keys = [r.key for r in remote]
+    assert all(pool.client.who_has(keys).values())
+    del remote
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while any(pool.client.who_has(keys).values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pool.client.who_has(keys).values())
+
+
+def test_values_in_use_are_not_freed(pool):
+    kept = pool.scatter([10, 20])
+    derived = pool.map(lambda x: x + 1, kept)
+    del derived
+    gc.collect()
+    time.sleep(0.2)
+    assert pool.gather(kept) == [10, 20]
+
+
+def test_unknown_worker_is_refused(pool):
+    with pytest.raises(ValueError, match="not workers of center"):
+        pool.map(abs, [1], workers=["127.0.0.1:1"])
+
+
+def test_pool_without_address_owns_a_local_cluster():
+    with Pool(n_workers=1, ncores=1) as pool:
+        assert len(pool.available_cores) == 1
+        assert pool.apply(lambda: "hi").get() == "hi"
+        processes = pool.client.cluster.processes
+    assert all(p.poll() is not None for p in processes)
