@@ -6,7 +6,7 @@ import sys
 from ..center import HEARTBEAT_TIMEOUT, Center
 from ..core import HEARTBEAT_INTERVAL
 from ..eventloop import run
-from .serving import add_common_arguments, configure_logging, wait_for_stop
+from .serving import add_common_arguments, configure_logging, serve_until_stopped
 
 
 def main(argv=None):
@@ -33,11 +33,7 @@ async def _serve(args):
         print(f"Cannot start center on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
     print(f"Started center at {center.address}", flush=True)
-    try:
-        await wait_for_stop(exit_on_stdin_eof=args.exit_on_stdin_eof)
-    finally:
-        await center.close()
-    return 0
+    return await serve_until_stopped(center, args)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,12 @@ async def wait_for_stop(*, exit_on_stdin_eof=False):
                 stop.set()
         loop.add_reader(0, on_stdin)
     await stop.wait()
+
+
+async def serve_until_stopped(server, args):
+    """Serve until asked to stop, then close the server; the process's exit code."""
+    try:
+        await wait_for_stop(exit_on_stdin_eof=args.exit_on_stdin_eof)
+    finally:
+        await server.close()
+    return 0

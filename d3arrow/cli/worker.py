@@ -7,7 +7,7 @@ from ..addressing import normalize_address
 from ..errors import CommClosedError
 from ..eventloop import run
 from ..worker import Worker
-from .serving import add_common_arguments, configure_logging, wait_for_stop
+from .serving import add_common_arguments, configure_logging, serve_until_stopped
 
 
 def main(argv=None):
@@ -44,11 +44,7 @@ async def _serve(args, center):
         await worker.close(report=False)
         return 1
     print(f"Register with center at {center}", flush=True)
-    try:
-        await wait_for_stop(exit_on_stdin_eof=args.exit_on_stdin_eof)
-    finally:
-        await worker.close()
-    return 0
+    return await serve_until_stopped(worker, args)
 
 
 if __name__ == "__main__":
