@@ -21,7 +21,8 @@ from .cluster import LocalCluster
 from .core import DEFAULT_TIMEOUT, ConnectionPool, rebuild_error
 from .errors import CommClosedError, MissingDataError
 from .eventloop import LoopThread
-from .serialize import deserialize, serialize
+from .serialize import serialize
+from .store import SharedDataGone, host_id, load
 from .task import KeyRef, find_leaves, map_leaves
 
 logger = logging.getLogger(__name__)
@@ -95,14 +96,18 @@ class Client:
         by this client and stopped by :meth:`close`.
     timeout : float, default 30
         Seconds to wait for control replies (not for computations).
+    shm : bool, default True
+        Read values held by workers on this host as views of their shared memory (and, with
+        no address, give the LocalCluster's workers a shared store).
     **cluster_kwargs
         Passed to :class:`LocalCluster` when no address is given.
     """
 
-    def __init__(self, address=None, *, timeout=DEFAULT_TIMEOUT, **cluster_kwargs):
+    def __init__(self, address=None, *, timeout=DEFAULT_TIMEOUT, shm=True, **cluster_kwargs):
         self.cluster = None
+        self.host = host_id() if shm else None
         if address is None:
-            self.cluster = LocalCluster(**cluster_kwargs)
+            self.cluster = LocalCluster(shm=shm, **cluster_kwargs)
             address = self.cluster.center_address
         elif cluster_kwargs:
             raise TypeError(f"unexpected arguments {sorted(cluster_kwargs)} with an address")
@@ -263,12 +268,22 @@ class Client:
         raise MissingDataError(sorted(missing))
 
     async def _get_data(self, address, keys):
+        """{key: value} for the keys ``address`` could give; views of shared memory if local."""
         try:
-            reply = await self._rpc(address).get_data(keys=keys)
+            reply = await self._rpc(address).get_data(keys=keys, host=self.host)
+            values, gone = {}, []
+            for key, value in reply["data"].items():
+                try:
+                    values[key] = load(value)
+                except SharedDataGone:
+                    gone.append(key)
+            if gone:  # the memory's owner is gone: ask for the bytes instead
+                reply = await self._rpc(address).get_data(keys=gone)
+                values.update((key, load(value)) for key, value in reply["data"].items())
         except (OSError, CommClosedError) as e:
             logger.warning("could not get %d keys from %s: %s", len(keys), address, e)
             return {}
-        return {key: deserialize(value) for key, value in reply["data"].items()}
+        return values
 
     def _learn(self, who_has):
         for key, addresses in who_has.items():

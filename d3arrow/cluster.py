@@ -34,6 +34,11 @@ class LocalCluster:
         Address every process binds to.
     heartbeat_interval, heartbeat_timeout : float, optional
         Passed to the center (see ``d3arrow-center --help``).
+    shm : bool, default True
+        Give each worker a shared-memory store, so co-located workers exchange values
+        without copies; False forces every transfer over TCP (``d3arrow-worker --no-shm``).
+    shm_size : int, optional
+        Bytes of shared memory per worker (default: a quarter of the machine's memory).
     log_level : str, default 'WARNING'
         Logging level of the child processes (they log to this process's stderr).
 
@@ -51,12 +56,15 @@ class LocalCluster:
     """
 
     def __init__(self, n_workers=2, ncores=None, *, host="127.0.0.1", heartbeat_interval=None,
-                 heartbeat_timeout=None, log_level="WARNING", startup_timeout=STARTUP_TIMEOUT):
+                 heartbeat_timeout=None, shm=True, shm_size=None, log_level="WARNING",
+                 startup_timeout=STARTUP_TIMEOUT):
         if ncores is None:
             ncores = max(1, (os.cpu_count() or 1) // max(1, n_workers))
         self.n_workers = n_workers
         self.ncores = ncores
         self.host = host
+        self.worker_options = ([] if shm else ["--no-shm"]) + (
+            ["--shm-size", str(shm_size)] if shm_size else [])
         self.processes = []
         self.worker_processes = []
         self.center_address = None
@@ -87,7 +95,7 @@ class LocalCluster:
 
     def _spawn_worker(self, ncores):
         process = self._spawn("worker", [self.center_address, "--port", "0",
-                                         "--ncores", str(ncores)])
+                                         "--ncores", str(ncores), *self.worker_options])
         self.worker_processes.append(process)
         return process
 

@@ -140,13 +140,17 @@ class Comm:
         return f"<Comm to {self.peer_address}{' closed' if self.closed else ''}>"
 
 
-async def connect(address, *, timeout=CONNECT_TIMEOUT):
-    """Open a :class:`Comm` to ``address`` ('host:port')."""
+async def connect(address, *, timeout=CONNECT_TIMEOUT, allocate=allocate_buffers):
+    """Open a :class:`Comm` to ``address`` ('host:port').
+
+    ``allocate(values, lengths)`` chooses the buffers received payloads are written into.
+    """
     host, port = parse_address(address)
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            _, protocol = await loop.create_connection(_FramedProtocol, host, port)
+            _, protocol = await loop.create_connection(
+                lambda: _FramedProtocol(allocate=allocate), host, port)
     except (OSError, TimeoutError) as e:
         raise CommClosedError(f"cannot connect to {address}: {e or type(e).__name__}") from e
     return protocol.comm
@@ -158,8 +162,9 @@ class Listener:
     Every handling task is owned here and cancelled by :meth:`stop`.
     """
 
-    def __init__(self, handle_comm):
+    def __init__(self, handle_comm, *, allocate=allocate_buffers):
         self._handle_comm = handle_comm
+        self._allocate = allocate
         self._tasks = set()
         self._comms = set()
         self._server = None
@@ -168,7 +173,8 @@ class Listener:
     async def start(self, host, port):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _FramedProtocol(on_connect=self._accept), host, port, reuse_address=True)
+            lambda: _FramedProtocol(on_connect=self._accept, allocate=self._allocate), host, port,
+            reuse_address=True)
         bound = self._server.sockets[0].getsockname()
         self.address = format_address(host, bound[1])
         return self.address

@@ -15,6 +15,7 @@ import logging
 import traceback
 
 from .comm import CONNECT_TIMEOUT, Listener, connect
+from .protocol import allocate_buffers
 from .errors import CommClosedError, ProtocolError, RemoteError, RemoteTraceback
 from .serialize import Serialized, deserialize, serialize
 
@@ -68,8 +69,8 @@ class Server:
 
     handlers = {}
 
-    def __init__(self):
-        self.listener = Listener(self.handle_comm)
+    def __init__(self, *, allocate=allocate_buffers):
+        self.listener = Listener(self.handle_comm, allocate=allocate)
         self.address = None
 
     async def listen(self, host="127.0.0.1", port=0):
@@ -114,8 +115,10 @@ class ConnectionPool:
     ``"error"`` replies.
     """
 
-    def __init__(self, *, connect_timeout=CONNECT_TIMEOUT, max_idle_per_address=32):
+    def __init__(self, *, connect_timeout=CONNECT_TIMEOUT, max_idle_per_address=32,
+                 allocate=allocate_buffers):
         self._idle = collections.defaultdict(list)
+        self._allocate = allocate
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle_per_address
         self._busy = set()
@@ -130,7 +133,7 @@ class ConnectionPool:
                 return comm
         if self.closed:
             raise CommClosedError("connection pool is closed")
-        comm = await connect(address, timeout=self._connect_timeout)
+        comm = await connect(address, timeout=self._connect_timeout, allocate=self._allocate)
         self._busy.add(comm)
         return comm
 

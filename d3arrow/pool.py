@@ -203,16 +203,21 @@ class Pool:
 
 
 def _take_batch(address, queues, ncores):
-    """Calls for one request: from our own queue's head, else from the longest other's tail."""
+    """Calls for one request: from our own queue's head, else stolen from a busy worker.
+
+    A worker is busy when its queue holds more calls than it has cores to start them; only
+    then is moving a call (and its inputs) elsewhere sure to finish it sooner.
+    """
     own = queues[address]
     if own:
         size = max(1, min(MAX_BATCH, len(own) // (2 * ncores.get(address, 1))))
         return [own.popleft() for _ in range(size)]
-    victim = max(queues, key=lambda a: len(queues[a]))
+    victim = max(queues, key=lambda a: len(queues[a]) - ncores.get(a, 1))
     other = queues[victim]
-    if len(other) < 2:
-        return [other.pop()] if other else []
-    size = max(1, min(MAX_BATCH, len(other) // (2 * max(1, len(queues)))))
+    surplus = len(other) - ncores.get(victim, 1)
+    if surplus <= 0:
+        return []
+    size = max(1, min(MAX_BATCH, surplus // 2))
     return [other.pop() for _ in range(size)]
 
 

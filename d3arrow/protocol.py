@@ -61,8 +61,12 @@ def dumps(header):
     return frames
 
 
-def allocate_buffers(header, lengths):
-    """Default receive buffers: one Arrow buffer per payload, so values can outlive messages."""
+def allocate_buffers(values, lengths):
+    """Default receive buffers: one Arrow buffer per payload, so values can outlive messages.
+
+    ``values`` are the message's Serialized values, their ``payloads`` still
+    ``(start, count)``: an allocator may place a value's payloads by its kind.
+    """
     return [pa.allocate_buffer(n) for n in lengths]
 
 
@@ -165,7 +169,7 @@ class MessageReader:
                 self._header, self._values = loads_header(self._target[8 * n:], n)
             except ProtocolError as e:
                 self._header, self._values = e, []
-            self._buffers = self._allocate(self._header, lengths)
+            self._buffers = self._allocate(self._values, lengths)
             self._stage, self._index = "payload", -1
             self._next_payload(done)
         else:

@@ -126,8 +126,7 @@ def _tensor_ipc_metadata(tensor, body_nbytes):
 
 def _serialize_arrow(data):
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, data.schema) as writer:
-        writer.write(data) if isinstance(data, pa.RecordBatch) else writer.write_table(data)
+    _write_arrow_stream(sink, data)
     kind = "batch" if isinstance(data, pa.RecordBatch) else "table"
     return Serialized({"kind": "arrow", "type": kind}, [[sink.getvalue()]])
 
@@ -161,3 +160,35 @@ def _as_buffer(payload):
 def _short_repr(value, limit=80):
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_shareable(value):
+    """Whether ``value`` has a one-buffer Arrow form that readers can use in place."""
+    return (type(value) is np.ndarray and _tensor_compatible(value)) or isinstance(
+        value, (pa.Table, pa.RecordBatch))
+
+
+def serialize_into(value, allocate):
+    """Write a shareable value's one-payload form into ``allocate(nbytes)``; one copy.
+
+    Returns ``(meta, buffer)`` where ``buffer`` is what ``allocate`` returned.
+    """
+    if isinstance(value, np.ndarray):
+        (pieces,) = serialize(value).payloads
+        metadata, body = pieces
+        buffer = allocate(len(metadata) + len(body))
+        target = np.frombuffer(buffer, dtype=np.uint8)
+        target[:len(metadata)] = np.frombuffer(metadata, dtype=np.uint8)
+        target[len(metadata):] = np.frombuffer(body, dtype=np.uint8)
+        return {"kind": "tensor"}, buffer
+    kind = "batch" if isinstance(value, pa.RecordBatch) else "table"
+    sizer = pa.MockOutputStream()
+    _write_arrow_stream(sizer, value)
+    buffer = allocate(sizer.size())
+    _write_arrow_stream(pa.FixedSizeBufferWriter(pa.py_buffer(buffer)), value)
+    return {"kind": "arrow", "type": kind}, buffer
+
+
+def _write_arrow_stream(sink, data):
+    with pa.ipc.new_stream(sink, data.schema) as writer:
+        writer.write(data) if isinstance(data, pa.RecordBatch) else writer.write_table(data)

@@ -3,6 +3,10 @@
 User functions run in a thread pool of ``ncores`` threads, so the event loop keeps serving
 data and heartbeats while they run. Missing inputs are located through the center (or the
 caller's hints) and fetched from several peers at once.
+
+Large arrays and Arrow tables live in the worker's shared store (see :mod:`d3arrow.store`):
+results are copied there once, values arriving over TCP are received straight into it, and
+a co-located peer gets only a reference and views the same memory.
 """
 
 import asyncio
@@ -14,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Server, error_reply
 from .errors import CommClosedError
-from .serialize import deserialize, nbytes, serialize
+from .protocol import allocate_buffers
+from .serialize import Serialized, nbytes, serialize
+from .store import SharedDataGone, SharedStore, load
 from .task import KeyRef, map_leaves
 
 logger = logging.getLogger(__name__)
@@ -27,29 +33,37 @@ class Worker(Server):
     -----
     data : {key: value}
     nbytes : {key: int}
+    shared : {key: ref meta}, for values in shared memory (ours or a co-located peer's)
+    store : SharedStore or None (``shm=False``, or no shared memory on this system)
     ncores : int, threads that run user functions
     center : str, the center's address
 
-    Ops: get_data, update_data, delete_data, compute, keys, identity.
+    Ops: get_data, update_data, delete_data, compute, fetch, keys, identity.
     """
 
-    def __init__(self, center, *, ncores=None, name=None):
-        super().__init__()
+    def __init__(self, center, *, ncores=None, name=None, shm=True, shm_size=None):
+        self.store = _open_store(shm_size) if shm else None
+        allocate = self.store.allocate_payloads if self.store else allocate_buffers
+        super().__init__(allocate=allocate)
         self.center = center
         self.ncores = ncores or os.cpu_count() or 1
         self.name = name
         self.data = {}
         self.nbytes = {}
+        self.shared = {}
         self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix="d3arrow-compute")
-        self.pool = ConnectionPool()
+        self.pool = ConnectionPool(allocate=allocate)
         self.heartbeat_interval = HEARTBEAT_INTERVAL
         self._fetching = {}  # key -> task fetching it, so concurrent needs share one transfer
+        self._center_updates = collections.deque()
+        self._center_flush = None
         self._heartbeat_task = None
         self.handlers = {
             "get_data": self.get_data,
             "update_data": self.update_data,
             "delete_data": self.delete_data,
             "compute": self.compute,
+            "fetch": self.fetch,
             "keys": self.keys,
             "identity": self.identity,
         }
@@ -72,6 +86,9 @@ class Worker(Server):
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        if self._center_flush is not None:
+            self._center_flush.cancel()
+            await asyncio.gather(self._center_flush, return_exceptions=True)
         if report:
             try:
                 await asyncio.wait_for(self._center.unregister(address=self.address), 2)
@@ -80,6 +97,8 @@ class Worker(Server):
         await super().close()
         self.pool.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
 
     async def _register(self):
         reply = await self._center.register(
@@ -98,21 +117,76 @@ class Worker(Server):
             except (OSError, TimeoutError, CommClosedError) as e:
                 logger.warning("heartbeat to center %s failed: %s", self.center, e)
 
-    async def _report_keys(self, keys):
-        if keys:
-            reply = await self._center.add_keys(
-                address=self.address, keys=keys, nbytes={k: self.nbytes[k] for k in keys})
-            if reply["status"] == "unknown-worker":
-                await self._register()
+    async def _tell_center(self, op, keys, *, wait=True):
+        """Queue ``add_keys`` / ``remove_keys``; updates reach the center in this order.
 
-    def _store(self, key, value):
+        With ``wait=False`` the caller goes on at once (replicas need not be known at once);
+        otherwise it returns when the center has applied everything queued so far.
+        """
+        if not keys:
+            return
+        self._center_updates.append((op, list(keys)))
+        if self._center_flush is None or self._center_flush.done():
+            self._center_flush = asyncio.get_running_loop().create_task(self._flush_center())
+        if wait:
+            await asyncio.shield(self._center_flush)
+
+    async def _flush_center(self):
+        while self._center_updates:
+            op, keys = self._center_updates.popleft()
+            try:
+                if op == "add_keys":
+                    keys = [k for k in keys if k in self.data]  # deleted meanwhile
+                    reply = await self._center.add_keys(
+                        address=self.address, keys=keys,
+                        nbytes={k: self.nbytes[k] for k in keys})
+                else:
+                    reply = await self._center.remove_keys(address=self.address, keys=keys)
+                if reply["status"] == "unknown-worker":
+                    await self._register()  # registers every key we hold
+            except (OSError, TimeoutError, CommClosedError) as e:
+                logger.warning("could not tell center %s of %d keys: %s", self.center,
+                               len(keys), e)
+
+    def _store(self, key, value, ref_meta=None):
         self.data[key] = value
         self.nbytes[key] = nbytes(value)
+        if ref_meta is None:
+            self.shared.pop(key, None)
+        else:
+            self.shared[key] = ref_meta
+
+    def _share(self, value):
+        """``(value, ref_meta)``: the value moved into the shared store when worth it."""
+        if self.store is not None:
+            shared = self.store.put_value(value)
+            if shared is not None:
+                return shared
+        return value, None
+
+    def _receive(self, serialized):
+        """``(value, ref_meta)`` for a value that arrived in a message."""
+        if serialized.meta.get("kind") == "shm":
+            return load(serialized), serialized.meta  # a view of a co-located peer's memory
+        if self.store is not None:
+            adopted = self.store.adopt(serialized)  # received straight into our store
+            if adopted is not None:
+                return adopted
+        return load(serialized), None
+
+    def _wire_form(self, key, host):
+        """How to send a value: a reference for a co-located reader, else its bytes."""
+        if host is not None and self.store is not None and host == self.store.host:
+            ref_meta = self.shared.get(key)
+            if ref_meta is not None:
+                return Serialized(ref_meta, [])
+        return serialize(self.data[key])
 
     # -- ops ---------------------------------------------------------------------------------
 
-    def get_data(self, *, keys):
-        data = {k: serialize(self.data[k]) for k in keys if k in self.data}
+    def get_data(self, *, keys, host=None):
+        """Values by key; to a reader on our host (``host``), shared-memory references."""
+        data = {k: self._wire_form(k, host) for k in keys if k in self.data}
         missing = [k for k in keys if k not in data]
         if missing:
             return {"status": "missing-data", "keys": missing, "data": data}
@@ -120,9 +194,9 @@ class Worker(Server):
 
     async def update_data(self, *, data, report=True):
         for key, value in data.items():
-            self._store(key, deserialize(value))
+            self._store(key, *self._receive(value))
         if report:
-            await self._report_keys(list(data))
+            await self._tell_center("add_keys", list(data))
         return {"keys": list(data), "nbytes": {k: self.nbytes[k] for k in data}}
 
     async def delete_data(self, *, keys, report=True):
@@ -130,8 +204,9 @@ class Worker(Server):
         for key in deleted:
             del self.data[key]
             del self.nbytes[key]
-        if report and deleted:
-            await self._center.remove_keys(address=self.address, keys=deleted)
+            self.shared.pop(key, None)
+        if report:
+            await self._tell_center("remove_keys", deleted)
         return {"keys": deleted}
 
     def keys(self):
@@ -139,7 +214,16 @@ class Worker(Server):
 
     def identity(self):
         return {"address": self.address, "name": self.name, "ncores": self.ncores,
-                "center": self.center, "nkeys": len(self.data)}
+                "center": self.center, "nkeys": len(self.data),
+                "host": self.store.host if self.store else None,
+                "store": self.store.info() if self.store else None}
+
+    async def fetch(self, *, keys, who_has=None):
+        """Hold these keys here too: fetch those we lack from their holders."""
+        missing = await self.gather_dependencies(keys, who_has or {})
+        if missing:
+            return {"status": "missing-data", "keys": sorted(missing)}
+        return {"nbytes": {k: self.nbytes[k] for k in keys}}
 
     async def compute(self, *, function, tasks, who_has=None):
         """Run ``function`` once per task; store each result under the task's key.
@@ -154,12 +238,12 @@ class Worker(Server):
         missing = await self.gather_dependencies(needed, who_has or {})
         loop = asyncio.get_running_loop()
         try:
-            func = deserialize(function)
+            func = load(function)
         except Exception as e:
             return {"results": [error_reply(e) for _ in tasks]}
         results = await asyncio.gather(*(
             self._run_task(loop, func, task, missing) for task in tasks))
-        await self._report_keys([r["key"] for r in results if r["status"] == "OK"])
+        await self._tell_center("add_keys", [r["key"] for r in results if r["status"] == "OK"])
         return {"results": results}
 
     async def _run_task(self, loop, func, task, missing):
@@ -168,19 +252,19 @@ class Worker(Server):
         if lost:
             return {"key": key, "status": "missing-data", "keys": lost}
         try:
-            result = await loop.run_in_executor(self.executor, self._execute, func, task)
+            result, ref_meta = await loop.run_in_executor(self.executor, self._execute, func, task)
         except Exception as e:
             return {"key": key, **error_reply(e)}
-        self._store(key, result)
+        self._store(key, result, ref_meta)
         return {"key": key, "status": "OK", "nbytes": self.nbytes[key],
                 "type": type(result).__name__}
 
     def _execute(self, func, task):
         substitute = lambda ref: self.data[ref.key]  # noqa: E731
-        args = map_leaves(deserialize(task["args"]), KeyRef, substitute)
+        args = map_leaves(load(task["args"]), KeyRef, substitute)
         kwargs = task.get("kwargs")
-        kwargs = map_leaves(deserialize(kwargs), KeyRef, substitute) if kwargs else {}
-        return func(*args, **kwargs)
+        kwargs = map_leaves(load(kwargs), KeyRef, substitute) if kwargs else {}
+        return self._share(func(*args, **kwargs))
 
     # -- peer to peer ------------------------------------------------------------------------
 
@@ -224,16 +308,37 @@ class Worker(Server):
             replies = await asyncio.gather(*(
                 self._get_from_peer(peer, peer_keys) for peer, peer_keys in plan.items()))
             for data in replies:
-                for key, value in data.items():
-                    self._store(key, value)
+                for key, (value, ref_meta) in data.items():
+                    self._store(key, value, ref_meta)
                     fetched.append(key)
                     remaining.discard(key)
-        await self._report_keys(fetched)
+        await self._tell_center("add_keys", fetched, wait=False)  # replicas: no hurry
 
     async def _get_from_peer(self, peer, keys):
+        """{key: (value, ref_meta)} for the keys ``peer`` could give us."""
+        host = self.store.host if self.store else None
         try:
-            reply = await self.pool.rpc(peer).get_data(keys=keys)
+            reply = await self.pool.rpc(peer).get_data(keys=keys, host=host)
+            received, gone = {}, []
+            for key, value in reply["data"].items():
+                try:
+                    received[key] = self._receive(value)
+                except SharedDataGone as e:  # e.g. the memory's owner died: take the bytes
+                    logger.info("shared memory of %r unavailable (%s): fetching bytes", key, e)
+                    gone.append(key)
+            if gone:
+                reply = await self.pool.rpc(peer).get_data(keys=gone)
+                for key, value in reply["data"].items():
+                    received[key] = self._receive(value)
         except (OSError, CommClosedError) as e:
             logger.warning("could not fetch %d keys from %s: %s", len(keys), peer, e)
             return {}
-        return {key: deserialize(value) for key, value in reply["data"].items()}
+        return received
+
+
+def _open_store(capacity):
+    try:
+        return SharedStore(capacity)
+    except (OSError, AttributeError) as e:  # no memfd_create, no memory, no Unix sockets
+        logger.warning("no shared-memory store (%s): co-located workers will use TCP", e)
+        return None

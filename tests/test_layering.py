@@ -9,9 +9,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d3arrow"
 
 # Lowest first. A module may import modules of lower layers only.
 LAYERS = [
-    {"errors", "addressing", "task"},
+    {"errors", "addressing", "task", "arena"},
     {"serialize"},
-    {"protocol"},
+    {"protocol", "store"},
     {"comm", "eventloop"},
     {"core"},
     {"center", "worker", "cluster"},

@@ -73,7 +73,10 @@ def test_apply_runs_where_most_input_bytes_live(pool, cluster):
     total = pool.apply(lambda xs: sum(x.sum() for x in xs), [[small, big]])
     assert holders(pool, [total]) == {total.key: [b]}
     assert total.get() == 1_000_010
-    # the small input was pulled peer to peer and b now holds a replica
+    # the small input was pulled peer to peer; b reports its replica to the center soon after
+    deadline = time.monotonic() + 5
+    while len(holders(pool, [small])[small.key]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert sorted(holders(pool, [small])[small.key]) == sorted([a, b])
 
 

@@ -65,7 +65,7 @@ def test_absurd_header_length_is_refused_before_allocating():
 
 def test_absurd_payload_length_is_refused_before_allocating():
     allocations = []
-    reader = MessageReader(allocate=lambda header, lengths: allocations.append(lengths))
+    reader = MessageReader(allocate=lambda values, lengths: allocations.append(lengths))
     head = msgpack.packb({"op": "x"})
     data = PREFIX.pack(len(head), 1) + struct.pack("<Q", 2**60) + head
     with pytest.raises(ProtocolError, match="payload bytes announced"):

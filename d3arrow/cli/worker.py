@@ -19,6 +19,11 @@ def main(argv=None):
     parser.add_argument("--ncores", type=int, default=None,
                         help="threads that run user functions (default: all cores)")
     parser.add_argument("--name", default=None, help="a name shown by the center")
+    parser.add_argument("--no-shm", action="store_true",
+                        help="no shared-memory store: exchange every value over TCP")
+    parser.add_argument("--shm-size", type=parse_size, default=None,
+                        help="bytes of shared memory at most, e.g. 4G or 512M "
+                             "(default: a quarter of this machine's memory)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
@@ -30,7 +35,8 @@ def main(argv=None):
 
 
 async def _serve(args, center):
-    worker = Worker(center, ncores=args.ncores, name=args.name)
+    worker = Worker(center, ncores=args.ncores, name=args.name, shm=not args.no_shm,
+                    shm_size=args.shm_size)
     try:
         await worker.listen(args.host, args.port)
     except OSError as e:
@@ -45,6 +51,18 @@ async def _serve(args, center):
         return 1
     print(f"Register with center at {center}", flush=True)
     return await serve_until_stopped(worker, args)
+
+
+def parse_size(text):
+    """'1073741824', '1G', '512M', '64k' -> bytes."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4G, 512M)") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,405 @@
+"""The shared store: values in shared memory that co-located processes use in place.
+
+An owner (every worker, or any process using :class:`SharedStore` directly) keeps large
+arrays and Arrow tables in its :class:`~d3arrow.arena.Arena`. A co-located reader receives
+only a small reference (owner, id, offset, size, format); it opens a session with the owner
+over an abstract Unix socket, receives the region's file descriptor once
+(``socket.send_fds``), maps it read-only once, and from then on builds each value as a view
+of the owner's memory: the cost does not grow with the value's size.
+
+Lifetime: the reader *pins* each object it views, over its session. The owner keeps a pinned
+allocation alive even after deleting its key, and drops the pin when the reader's view is
+garbage collected (a release message) or the reader's process dies (the session closes).
+Abstract sockets vanish with their process and are scoped to a network namespace, so
+processes in different namespaces never mistake each other for co-located.
+"""
+
+import itertools
+import logging
+import mmap
+import os
+import selectors
+import socket
+import struct
+import threading
+import uuid
+import weakref
+
+import numpy as np
+import pyarrow as pa
+
+from .arena import Arena, ArenaFull
+from .serialize import Serialized, deserialize, is_shareable, serialize_into
+
+logger = logging.getLogger(__name__)
+
+MIN_SHARED_BYTES = 64 * 2**10  # smaller values stay private: per-object costs would dominate
+_RECORD = struct.Struct("<BQ")  # op or status, then an id
+_PIN, _RELEASE = 1, 2
+_OK, _GONE = 1, 0
+SESSION_TIMEOUT = 10.0
+
+
+def host_id():
+    """Same string <=> same kernel and network namespace, so a session could be opened."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return None
+    return f"{boot}/{netns}"
+
+
+def default_capacity():
+    """A quarter of the machine's memory: address space only, backed as it is used."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+class SharedStore:
+    """Owner side: puts values in shared memory and serves them to co-located readers.
+
+    Parameters
+    ----------
+    capacity : int, optional
+        Bytes of shared memory at most; default a quarter of the machine's memory.
+    min_bytes : int, default 65536
+        Values smaller than this are not worth sharing (see :meth:`put_value`).
+
+    Examples
+    --------
+    In one process:
+
+    >>> store = SharedStore()                               # doctest: +SKIP
+    >>> ref = store.put(np.arange(10**8))                   # doctest: +SKIP
+    >>> pickle.dumps(ref)  # send it by any means           # doctest: +SKIP
+
+    In another process on the same host:
+
+    >>> x = d3arrow.store.get(ref)   # a read-only view of the same memory   # doctest: +SKIP
+    """
+
+    def __init__(self, capacity=None, *, min_bytes=MIN_SHARED_BYTES):
+        self.arena = Arena(capacity or default_capacity())
+        self.min_bytes = min_bytes
+        self.host = host_id()
+        self.socket_name = f"d3arrow-store-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.fallbacks = 0  # values kept in private memory because the store was full
+        self.fallback_bytes = 0
+        self._owned = {}  # id -> allocation, for put(): kept until delete()
+        self._pins = {}  # session socket -> {pin id: allocation}
+        self._pin_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind("\0" + self.socket_name)
+        self._listener.listen(64)
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, daemon=True,
+                                        name="d3arrow-store-sessions")
+        self._thread.start()
+        self.closed = False
+
+    # -- putting values in -------------------------------------------------------------------
+
+    def put_value(self, value):
+        """Copy a shareable value into shared memory once; return ``(view, ref_meta)``.
+
+        Returns None when the value is not worth sharing (small, or not an array / Arrow
+        table) or when the store is full; in that case the caller keeps it in private
+        memory, and a full store is counted in :attr:`fallbacks` and logged.
+        """
+        if not is_shareable(value) or _nbytes(value) < self.min_bytes:
+            return None
+        try:
+            meta, block = serialize_into(value, self.arena.allocate)
+        except ArenaFull as e:
+            self._note_fallback(_nbytes(value), e)
+            return None
+        return self.view_of(meta, block)
+
+    def view_of(self, meta, block):
+        """The value stored in ``block`` and the reference readers need to view it."""
+        view = deserialize(Serialized(meta, [pa.py_buffer(block)]))
+        return view, self._ref_meta(meta, block)
+
+    def _ref_meta(self, meta, block):
+        return {"kind": "shm", "socket": self.socket_name, "host": self.host,
+                "id": self.arena.block_id(block), "offset": self.arena.offset_of(block),
+                "size": block.nbytes, "inner": meta}
+
+    def allocate_payloads(self, values, lengths):
+        """Receive buffers for a message: shareable payloads straight into shared memory."""
+        buffers = [None] * len(lengths)
+        for value in values:
+            start, count = value.payloads
+            if (count == 1 and value.meta.get("kind") in ("tensor", "arrow")
+                    and lengths[start] >= self.min_bytes):
+                try:
+                    buffers[start] = self.arena.allocate(lengths[start])
+                except ArenaFull as e:
+                    self._note_fallback(lengths[start], e)
+        return [b if b is not None else pa.allocate_buffer(n) for b, n in zip(buffers, lengths)]
+
+    def adopt(self, serialized):
+        """If a received value lies in our memory, its ``(view, ref_meta)``; else None."""
+        if len(serialized.payloads) != 1 or serialized.meta.get("kind") not in (
+                "tensor", "arrow"):
+            return None
+        (buffer,) = serialized.payloads
+        if not isinstance(buffer, np.ndarray) or self.arena.block_id(buffer) is None:
+            return None
+        return self.view_of(serialized.meta, buffer)
+
+    def _note_fallback(self, nbytes, error):
+        self.fallbacks += 1
+        self.fallback_bytes += nbytes
+        if self.fallbacks == 1 or self.fallbacks % 1000 == 0:
+            logger.warning("shared store full (%s): keeping %d bytes in private memory "
+                           "(%d values so far)", error, nbytes, self.fallbacks)
+
+    # -- library API -------------------------------------------------------------------------
+
+    def put(self, value):
+        """Copy ``value`` (numpy array or Arrow table / record batch) into the store.
+
+        Returns
+        -------
+        StoreRef
+            Small and picklable; :func:`get` turns it into a zero-copy view in any process
+            on this host while the store holds the value.
+
+        Raises
+        ------
+        TypeError
+            The value has no Arrow form readers can use in place.
+        ArenaFull
+            The store has no room for it.
+        """
+        if not is_shareable(value):
+            raise TypeError(f"cannot share a {type(value).__name__}: only numpy arrays of "
+                            "int/uint/float dtypes and Arrow tables / record batches")
+        meta, block = serialize_into(value, self.arena.allocate)
+        ref = StoreRef(self._ref_meta(meta, block))
+        self._owned[ref.meta["id"]] = block
+        return ref
+
+    def delete(self, ref):
+        """Forget a value put here; readers still viewing it keep their data."""
+        self._owned.pop(ref.meta["id"], None)
+
+    def info(self):
+        return {"capacity": self.arena.capacity, "used": self.arena.used,
+                "reserved": self.arena.reserved, "fallbacks": self.fallbacks,
+                "fallback_bytes": self.fallback_bytes,
+                "readers": len(self._pins), "pins": sum(map(len, self._pins.values()))}
+
+    def close(self):
+        """Stop serving sessions. Memory lives on while any process still views it."""
+        if self.closed:
+            return
+        self.closed = True
+        self._wakeup_w.send(b"x")
+        self._thread.join(timeout=10)
+        self._listener.close()
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+        with self._lock:
+            self._pins.clear()
+        self._owned.clear()
+        self.arena.close()
+
+    # -- sessions (thread) -------------------------------------------------------------------
+
+    def _serve(self):
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ, "accept")
+        selector.register(self._wakeup_r, selectors.EVENT_READ, "stop")
+        pending = {}
+        try:
+            while True:
+                for key, _ in selector.select():
+                    if key.data == "stop":
+                        return
+                    if key.data == "accept":
+                        conn, _ = self._listener.accept()
+                        try:
+                            socket.send_fds(conn, [struct.pack("<Q", self.arena.capacity)],
+                                            [self.arena.fd])
+                        except OSError:
+                            conn.close()
+                            continue
+                        with self._lock:
+                            self._pins[conn] = {}
+                        pending[conn] = b""
+                        selector.register(conn, selectors.EVENT_READ, "session")
+                        continue
+                    conn = key.fileobj
+                    try:
+                        data = conn.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:  # the reader closed its session or died: drop its pins
+                        selector.unregister(conn)
+                        with self._lock:
+                            self._pins.pop(conn, None)
+                        pending.pop(conn, None)
+                        conn.close()
+                        continue
+                    pending[conn] = self._handle_records(conn, pending[conn] + data)
+        finally:
+            for conn in pending:
+                conn.close()
+            selector.close()
+
+    def _handle_records(self, conn, data):
+        replies = []
+        usable = len(data) - len(data) % _RECORD.size
+        for op, ident in _RECORD.iter_unpack(data[:usable]):
+            with self._lock:
+                pins = self._pins.get(conn)
+                if op == _PIN:
+                    block = self.arena.get(ident)
+                    if block is None or pins is None:
+                        replies.append(_RECORD.pack(_GONE, 0))
+                    else:
+                        pin_id = next(self._pin_ids)
+                        pins[pin_id] = block
+                        replies.append(_RECORD.pack(_OK, pin_id))
+                elif op == _RELEASE and pins is not None:
+                    pins.pop(ident, None)
+        if replies:
+            try:
+                conn.sendall(b"".join(replies))
+            except OSError:
+                pass
+        return data[usable:]
+
+
+class StoreRef:
+    """A picklable reference to a value in a :class:`SharedStore` on this host."""
+
+    __slots__ = ("meta",)
+
+    def __init__(self, meta):
+        self.meta = meta
+
+    def __reduce__(self):
+        return StoreRef, (self.meta,)
+
+    def __repr__(self):
+        return f"StoreRef(id={self.meta['id']}, size={self.meta['size']}, owner={os.getpid()})"
+
+
+class SharedDataGone(LookupError):
+    """The owner no longer holds the value (or is gone); fetch it another way."""
+
+
+def get(ref):
+    """The value a :class:`StoreRef` names, as a read-only view of the owner's memory."""
+    return load(Serialized(ref.meta, []))
+
+
+def load(serialized):
+    """Deserialize a value, viewing shared memory in place for ``"shm"`` references.
+
+    Raises
+    ------
+    SharedDataGone
+        The reference's owner has freed the value or cannot be reached.
+    """
+    meta = serialized.meta
+    if meta.get("kind") != "shm":
+        return deserialize(serialized)
+    buffer = _sessions.view(meta["socket"], meta["id"], meta["offset"], meta["size"])
+    return deserialize(Serialized(meta["inner"], [buffer]))
+
+
+class _Session:
+    """A reader's session with one owner: the mapped region and the socket for pins."""
+
+    def __init__(self, socket_name):
+        self.socket_name = socket_name
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(SESSION_TIMEOUT)
+        try:
+            self.sock.connect("\0" + socket_name)
+            data, fds, _, _ = socket.recv_fds(self.sock, 8, 1)
+            if len(data) != 8 or len(fds) != 1:
+                raise OSError(f"store {socket_name} sent no memory")
+            (capacity,) = struct.unpack("<Q", data)
+            try:
+                self.mmap = mmap.mmap(fds[0], capacity, flags=mmap.MAP_SHARED,
+                                      prot=mmap.PROT_READ)
+            finally:
+                os.close(fds[0])
+        except BaseException:
+            self.sock.close()
+            raise
+        self.address = np.frombuffer(self.mmap, dtype=np.uint8).ctypes.data
+        self.lock = threading.RLock()  # a release may run from GC while a pin is under way
+        self.alive = True
+
+    def pin(self, block_id):
+        with self.lock:
+            self.sock.sendall(_RECORD.pack(_PIN, block_id))
+            reply = b""
+            while len(reply) < _RECORD.size:
+                chunk = self.sock.recv(_RECORD.size - len(reply))
+                if not chunk:
+                    raise OSError("owner closed the session")
+                reply += chunk
+        status, pin_id = _RECORD.unpack(reply)
+        return pin_id if status == _OK else None
+
+    def release(self, pin_id):
+        if not self.alive:
+            return
+        try:
+            with self.lock:
+                self.sock.sendall(_RECORD.pack(_RELEASE, pin_id))
+        except OSError:
+            self.alive = False
+
+
+class _Sessions:
+    """This process's sessions with owners, one per owner, opened on first use."""
+
+    def __init__(self):
+        self._sessions = {}
+        self._lock = threading.Lock()
+
+    def view(self, socket_name, block_id, offset, size):
+        try:
+            session = self._get(socket_name)
+            pin_id = session.pin(block_id)
+        except OSError as e:
+            with self._lock:
+                self._sessions.pop(socket_name, None)
+            raise SharedDataGone(f"shared store {socket_name} cannot be reached: {e}") from None
+        if pin_id is None:
+            raise SharedDataGone(f"shared store {socket_name} no longer holds object {block_id}")
+        pin = _Pin(session, pin_id)
+        return pa.foreign_buffer(session.address + offset, size, base=pin)
+
+    def _get(self, socket_name):
+        with self._lock:
+            session = self._sessions.get(socket_name)
+            if session is None or not session.alive:
+                session = self._sessions[socket_name] = _Session(socket_name)
+            return session
+
+
+class _Pin:
+    """Held by every view of a pinned object; its collection releases the pin."""
+
+    __slots__ = ("__weakref__",)
+
+    def __init__(self, session, pin_id):
+        weakref.finalize(self, session.release, pin_id)
+
+
+_sessions = _Sessions()
+
+
+def _nbytes(value):
+    return value.nbytes
