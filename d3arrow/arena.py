@@ -6,9 +6,13 @@ so no crash can leak it. Pages are reserved with ``fallocate`` before use (a ful
 gives a clear error, never SIGBUS) and faulted in ahead of need by a background thread,
 because touching fresh shared pages costs about 3 s per GiB here, reusing them a memcpy.
 
-An allocation is a writable ``uint8`` numpy view of the region. The space returns to the
-free list when that view and everything built on it are garbage collected, so a value's
-memory lives exactly as long as the value (or a reader's pin on it).
+An allocation is a mutable ``pyarrow.Buffer`` over a private numpy view of part of the
+region. The space returns to the free list when that view is garbage collected. Everything
+built on the buffer holds the view: Python wrappers through the buffer, Arrow's C++ arrays
+and tensors through the buffer protocol export the buffer was made from. So a value's memory
+lives exactly as long as the value (or a reader's pin on it). The view itself is never handed
+out: numpy points arrays derived from a view at the root of the chain, which would let the
+view die while its memory is in use.
 """
 
 import bisect
@@ -21,6 +25,7 @@ import threading
 import weakref
 
 import numpy as np
+import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +89,7 @@ class Arena:
         return self._reserved
 
     def allocate(self, size):
-        """A writable uint8 view of ``size`` bytes of the region; its id is ``block_id(view)``.
+        """A mutable Arrow buffer of ``size`` bytes of the region; its id is ``block_id(buffer)``.
 
         Raises
         ------
@@ -118,21 +123,22 @@ class Arena:
         weakref.finalize(view, self._release, offset, need, block_id)
         if offset + need + PREFAULT_AHEAD > self._reserved:
             self._prefault_wanted.set()
-        return view
+        return pa.py_buffer(view)
 
-    def block_id(self, view):
-        """The id of the allocation ``view`` starts at, or None if it is not one of ours."""
-        offset = self.offset_of(view)
+    def block_id(self, buffer):
+        """The id of the allocation ``buffer`` starts at, or None if it is not one of ours."""
+        offset = self.offset_of(buffer)
         return None if offset is None else self._id_at.get(offset)
 
     def offset_of(self, buffer):
-        offset = np.frombuffer(buffer, dtype=np.uint8).ctypes.data - self.address
+        offset = buffer.address - self.address
         return offset if 0 <= offset < self.capacity else None
 
     def get(self, block_id):
-        """The live allocation with this id, or None once it has been freed."""
+        """The live allocation with this id (as a buffer), or None once it has been freed."""
         ref = self._blocks.get(block_id)
-        return None if ref is None else ref()
+        view = None if ref is None else ref()
+        return None if view is None else pa.py_buffer(view)
 
     def _release(self, offset, size, block_id=None):
         with self._lock:

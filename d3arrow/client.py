@@ -160,6 +160,17 @@ class Client:
         workers = None if workers is None else [normalize_address(w) for w in workers]
         return (await self._rpc(self.center).has_what(workers=workers))["has_what"]
 
+    def store_info(self):
+        """``{address: dict}``: each worker's shared store (capacity, used, fallbacks, ...),
+        or None for a worker without one."""
+        return self.sync(self._store_info)
+
+    async def _store_info(self):
+        if not self.ncores:
+            await self._sync_ncores()
+        replies = await asyncio.gather(*(self._rpc(a).identity() for a in self.ncores))
+        return {a: reply["store"] for a, reply in zip(self.ncores, replies)}
+
     def sync_ncores(self):
         return self.sync(self._sync_ncores)
 

@@ -132,6 +132,10 @@ class Pool:
         """Free these values on every worker that holds them."""
         self.client.delete(list(remote_data))
 
+    def store_info(self):
+        """Each worker's shared store: ``{address: {capacity, used, fallbacks, ...}}``."""
+        return self.client.store_info()
+
     def close(self):
         """Free this pool's values, close its connections and stop an owned cluster."""
         self.client.close()

@@ -171,7 +171,7 @@ def is_shareable(value):
 def serialize_into(value, allocate):
     """Write a shareable value's one-payload form into ``allocate(nbytes)``; one copy.
 
-    Returns ``(meta, buffer)`` where ``buffer`` is what ``allocate`` returned.
+    ``allocate`` returns a mutable ``pyarrow.Buffer``. Returns ``(meta, buffer)``.
     """
     if isinstance(value, np.ndarray):
         (pieces,) = serialize(value).payloads
@@ -185,7 +185,7 @@ def serialize_into(value, allocate):
     sizer = pa.MockOutputStream()
     _write_arrow_stream(sizer, value)
     buffer = allocate(sizer.size())
-    _write_arrow_stream(pa.FixedSizeBufferWriter(pa.py_buffer(buffer)), value)
+    _write_arrow_stream(pa.FixedSizeBufferWriter(buffer), value)
     return {"kind": "arrow", "type": kind}, buffer
 
 

@@ -87,6 +87,7 @@ class SharedStore:
         self.fallbacks = 0  # values kept in private memory because the store was full
         self.fallback_bytes = 0
         self._owned = {}  # id -> allocation, for put(): kept until delete()
+        self._withdrawn = set()  # ids deleted while still viewed: no new pins
         self._pins = {}  # session socket -> {pin id: allocation}
         self._pin_ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -119,13 +120,13 @@ class SharedStore:
 
     def view_of(self, meta, block):
         """The value stored in ``block`` and the reference readers need to view it."""
-        view = deserialize(Serialized(meta, [pa.py_buffer(block)]))
+        view = deserialize(Serialized(meta, [block]))
         return view, self._ref_meta(meta, block)
 
     def _ref_meta(self, meta, block):
         return {"kind": "shm", "socket": self.socket_name, "host": self.host,
                 "id": self.arena.block_id(block), "offset": self.arena.offset_of(block),
-                "size": block.nbytes, "inner": meta}
+                "size": block.size, "inner": meta}
 
     def allocate_payloads(self, values, lengths):
         """Receive buffers for a message: shareable payloads straight into shared memory."""
@@ -146,7 +147,7 @@ class SharedStore:
                 "tensor", "arrow"):
             return None
         (buffer,) = serialized.payloads
-        if not isinstance(buffer, np.ndarray) or self.arena.block_id(buffer) is None:
+        if not isinstance(buffer, pa.Buffer) or self.arena.block_id(buffer) is None:
             return None
         return self.view_of(serialized.meta, buffer)
 
@@ -184,8 +185,12 @@ class SharedStore:
         return ref
 
     def delete(self, ref):
-        """Forget a value put here; readers still viewing it keep their data."""
-        self._owned.pop(ref.meta["id"], None)
+        """Forget a value put here: new :func:`get` calls fail, current readers keep their data."""
+        block_id = ref.meta["id"]
+        with self._lock:
+            self._withdrawn = {i for i in self._withdrawn if self.arena.get(i) is not None}
+            if self._owned.pop(block_id, None) is not None:
+                self._withdrawn.add(block_id)
 
     def info(self):
         return {"capacity": self.arena.capacity, "used": self.arena.used,
@@ -259,7 +264,7 @@ class SharedStore:
                 pins = self._pins.get(conn)
                 if op == _PIN:
                     block = self.arena.get(ident)
-                    if block is None or pins is None:
+                    if block is None or pins is None or ident in self._withdrawn:
                         replies.append(_RECORD.pack(_GONE, 0))
                     else:
                         pin_id = next(self._pin_ids)

@@ -1,0 +1,148 @@
+"""Co-located workers exchange values through shared memory; TCP when told or when needed."""
+
+import asyncio
+import gc
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from conftest import gen_cluster
+from d3arrow import LocalCluster, Pool
+from d3arrow.serialize import serialize
+from d3arrow.store import _sessions
+
+
+def mapping_of(address):
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split()
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                return " ".join(rest[4:])
+    return ""
+
+
+@gen_cluster(n_workers=2)
+async def test_fetch_from_a_colocated_peer_is_a_view_of_its_memory(center, workers, pool):
+    a, b = workers
+    array = np.random.default_rng(0).random(1_000_000)
+    await pool.rpc(a.address).update_data(data={"x": serialize(array)})
+    assert a.shared["x"]["kind"] == "shm"  # received over TCP straight into a's store
+    used_before = a.store.info()["used"]
+    await pool.rpc(b.address).fetch(keys=["x"])
+    view = b.data["x"]
+    session = _sessions._sessions[a.store.socket_name]
+    assert session.address <= view.ctypes.data < session.address + len(session.mmap)
+    assert not view.flags.writeable
+    np.testing.assert_array_equal(view, array)
+    assert a.store.info()["used"] == used_before and b.store.info()["used"] == 0
+    assert a.store.info()["pins"] == 1
+
+    # the owner deletes the key and fills its store again: the reader's data stays intact
+    await pool.rpc(a.address).delete_data(keys=["x"])
+    gc.collect()
+    await pool.rpc(a.address).update_data(data={f"y{i}": serialize(np.zeros(1_000_000))
+                                                for i in range(3)})
+    np.testing.assert_array_equal(b.data["x"], array)
+
+    # the reader drops it: the pin goes and the owner's memory is free for reuse
+    await pool.rpc(b.address).delete_data(keys=["x"])
+    del view
+    gc.collect()
+    for _ in range(200):
+        if a.store.info()["pins"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert a.store.info()["pins"] == 0
+
+
+@gen_cluster(n_workers=2)
+async def test_results_are_copied_into_the_store_once(center, workers, pool):
+    a, _ = workers
+    await pool.rpc(a.address).compute(
+        function=serialize(lambda: np.ones(2**20)),
+        tasks=[{"key": "r", "args": serialize(()), "kwargs": None, "needed": []}])
+    assert a.shared["r"]["kind"] == "shm"
+    assert "/memfd:d3arrow-store" in mapping_of(a.data["r"].ctypes.data)
+    assert a.store.info()["used"] >= 2**20 * 8
+
+
+@pytest.fixture(scope="module")
+def shm_cluster():
+    with LocalCluster(n_workers=2, ncores=1) as cluster:
+        yield cluster
+
+
+def test_client_on_the_same_host_reads_workers_memory_in_place(shm_cluster):
+    a, b = shm_cluster.worker_addresses
+    with Pool(shm_cluster.center_address) as pool:
+        x = pool.apply(lambda: np.arange(2_000_000, dtype="f8"), workers=[a])
+        pool.client.sync(pool.client._rpc(b).fetch, keys=[x.key])
+        got = pool.client.gather([x])[0]
+        np.testing.assert_array_equal(got, np.arange(2_000_000, dtype="f8"))
+        assert mapping_of(got.ctypes.data).startswith("/memfd:d3arrow-store")
+        info = pool.store_info()
+        assert info[a]["used"] >= 16_000_000 and info[b]["used"] == 0  # one copy, not two
+
+
+def test_map_over_many_small_arrays_with_the_store(shm_cluster):
+    with Pool(shm_cluster.center_address) as pool:
+        inputs = pool.scatter([np.full(10, i) for i in range(500)])
+        sums = pool.gather(pool.map(np.sum, inputs))
+        assert sums == [10 * i for i in range(500)]
+
+
+def test_full_store_falls_back_to_private_memory():
+    with LocalCluster(n_workers=2, ncores=1, shm_size=4 * 2**20) as cluster, \
+            Pool(cluster.center_address) as pool:
+        arrays = pool.map(lambda i: np.full(2**17, i, dtype="f8"), range(12))  # 1 MiB each
+        totals = pool.gather(pool.map(lambda a: float(a.sum()), arrays))
+        assert totals == [float(i * 2**17) for i in range(12)]
+        fallbacks = sum(info["fallbacks"] for info in pool.store_info().values())
+        assert fallbacks > 0
+
+
+def test_no_shm_goes_over_tcp():
+    with LocalCluster(n_workers=2, ncores=1, shm=False) as cluster, \
+            Pool(cluster.center_address) as pool:
+        a, b = cluster.worker_addresses
+        assert pool.store_info() == {a: None, b: None}
+        x = pool.apply(lambda: np.ones(1_000_000), workers=[a])
+        assert pool.apply(lambda v: float(v.sum()), [x], workers=[b]).get() == 1e6
+        got = x.get()
+        assert "memfd" not in mapping_of(got.ctypes.data)
+
+
+def test_replica_survives_its_memorys_owner_being_killed():
+    with LocalCluster(n_workers=2, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        a, b = cluster.worker_addresses
+        x = pool.apply(lambda: np.arange(1_000_000, dtype="f8"), workers=[a])
+        pool.client.sync(pool.client._rpc(b).fetch, keys=[x.key])
+        owner = cluster.worker_processes[cluster.worker_addresses.index(a)]
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        # b's replica is a view of a's memory, still mapped in b; the client cannot open a
+        # session with the dead owner any more, so b sends the bytes over TCP instead
+        got = pool.client.sync(pool.client._get_data, b, [x.key])[x.key]
+        np.testing.assert_array_equal(got, np.arange(1_000_000, dtype="f8"))
+
+
+def test_kill_9_of_every_process_leaves_dev_shm_as_it_was():
+    before = sorted(os.listdir("/dev/shm"))
+    cluster = LocalCluster(n_workers=2, ncores=1)
+    try:
+        with Pool(cluster.center_address) as pool:
+            a, b = cluster.worker_addresses
+            x = pool.apply(lambda: np.ones(4_000_000), workers=[a])
+            pool.client.sync(pool.client._rpc(b).fetch, keys=[x.key])
+            for process in cluster.processes:
+                process.send_signal(signal.SIGKILL)
+            for process in cluster.processes:
+                process.wait()
+    finally:
+        cluster.close()
+    time.sleep(0.1)
+    assert sorted(os.listdir("/dev/shm")) == before

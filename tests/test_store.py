@@ -1,0 +1,152 @@
+"""The shared store: library use between processes, lifetime, read-only views."""
+
+import gc
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from d3arrow import store as store_module
+from d3arrow.arena import ArenaFull
+from d3arrow.store import SharedDataGone, SharedStore
+
+
+@pytest.fixture
+def store():
+    store = SharedStore(64 * 2**20)
+    yield store
+    store.close()
+
+
+def memfd_mapping_of(address, pid="self"):
+    """The /proc/PID/maps line of the mapping holding ``address``."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            span, *rest = line.split()
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                return line
+    return None
+
+
+def test_reader_gets_a_read_only_view_inside_the_mapped_segment(store):
+    array = np.arange(1_000_000, dtype="f8")
+    ref = store.put(array)
+    view = store_module.get(pickle.loads(pickle.dumps(ref)))
+    np.testing.assert_array_equal(view, array)
+    mapping = memfd_mapping_of(view.ctypes.data)
+    assert "/memfd:d3arrow-store" in mapping and mapping.split()[1].startswith("r--")
+    assert not view.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        view[0] = 1.0
+
+
+def test_arrow_tables_are_shared_too(store):
+    table = pa.table({"x": np.arange(100_000), "y": np.random.default_rng(0).random(100_000)})
+    view = store_module.get(store.put(table))
+    assert view.equals(table)
+    column = view.column("x").chunks[0].buffers()[1]
+    assert "/memfd:d3arrow-store" in memfd_mapping_of(column.address)
+
+
+def test_delete_while_reading_keeps_the_readers_data(store):
+    ref = store.put(np.full(1_000_000, 7.0))
+    view = store_module.get(ref)
+    store.delete(ref)
+    gc.collect()
+    refills = [store.put(np.full(1_000_000, -1.0)) for _ in range(5)]  # would reuse the space
+    assert (view == 7.0).all()
+    with pytest.raises(SharedDataGone):  # a new reader can no longer pin it
+        store_module.get(ref)
+    del view, refills
+
+
+def test_pins_are_released_when_views_are_collected(store):
+    ref = store.put(np.ones(100_000))
+    views = [store_module.get(ref) for _ in range(3)]
+    assert store.info()["pins"] == 3
+    del views
+    gc.collect()
+    for _ in range(200):
+        if store.info()["pins"] == 0:
+            break
+        import time
+        time.sleep(0.01)
+    assert store.info()["pins"] == 0
+
+
+def test_full_store_refuses_put_and_small_values_are_not_shared(store):
+    with pytest.raises(ArenaFull):
+        store.put(np.ones(100 * 2**20 // 8))
+    assert store.put_value(np.ones(10)) is None  # too small to be worth sharing
+    assert store.put_value(np.ones(10**6)) is not None
+    with pytest.raises(TypeError, match="cannot share a dict"):
+        store.put({"a": 1})
+
+
+READER = textwrap.dedent("""
+    import json, pickle, sys
+    from d3arrow import store
+    array = store.get(pickle.loads(sys.stdin.buffer.read()))
+    with open("/proc/self/maps") as f:
+        spans = [line.split() for line in f]
+    mapping = next(" ".join(s[5:]) for s in spans if int(s[0].split("-")[0], 16)
+                   <= array.ctypes.data < int(s[0].split("-")[1], 16))
+    print(json.dumps({"sum": float(array.sum()), "dtype": str(array.dtype),
+                      "shape": array.shape, "writeable": array.flags.writeable,
+                      "mapping": mapping}))
+""")
+
+
+def test_two_processes_share_an_array_without_copies(store):
+    array = np.arange(3_000_000, dtype="i8").reshape(1000, 3000)
+    ref = store.put(array)
+    reader = subprocess.run([sys.executable, "-c", READER], input=pickle.dumps(ref),
+                            capture_output=True, timeout=60)
+    assert reader.returncode == 0, reader.stderr.decode()
+    seen = json.loads(reader.stdout)
+    assert seen["sum"] == float(array.sum()) and seen["dtype"] == "int64"
+    assert seen["shape"] == [1000, 3000] and seen["writeable"] is False
+    assert seen["mapping"].startswith("/memfd:d3arrow-store")
+
+
+def test_readers_pins_go_when_the_reader_dies(store):
+    ref = store.put(np.ones(1_000_000))
+    reader = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import pickle, sys, time
+        from d3arrow import store
+        view = store.get(pickle.loads(sys.stdin.buffer.readline() and bytes.fromhex(
+            sys.stdin.buffer.readline().decode())))
+        print("viewing", flush=True)
+        time.sleep(600)
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        reader.stdin.write(b"\n" + pickle.dumps(ref).hex().encode() + b"\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline() == b"viewing\n"
+        assert store.info()["pins"] == 1
+        reader.kill()
+        reader.wait()
+        for _ in range(500):
+            if store.info()["pins"] == 0:
+                break
+            import time
+            time.sleep(0.01)
+        assert store.info()["pins"] == 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        reader.wait()
+        reader.stdin.close()
+        reader.stdout.close()
+
+
+def test_the_store_never_appears_in_dev_shm(store):
+    store.put(np.ones(10**6))
+    assert not [name for name in os.listdir("/dev/shm") if "d3arrow" in name]
