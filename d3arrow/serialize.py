@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 PICKLE_PROTOCOL = 5
+PAGE = 4096
+ALIGNED_COPY_BYTES = 2**20  # from this size on, serialize_into aligns the copy to the source
 
 
 class Serialized:
@@ -171,12 +173,22 @@ def is_shareable(value):
 def serialize_into(value, allocate):
     """Write a shareable value's one-payload form into ``allocate(nbytes)``; one copy.
 
-    ``allocate`` returns a mutable ``pyarrow.Buffer``. Returns ``(meta, buffer)``.
+    ``allocate`` returns a mutable ``pyarrow.Buffer``. Returns ``(meta, buffer)``; the
+    buffer may be a slice of the allocation.
     """
     if isinstance(value, np.ndarray):
         (pieces,) = serialize(value).payloads
         metadata, body = pieces
-        buffer = allocate(len(metadata) + len(body))
+        size = len(metadata) + len(body)
+        if len(body) < ALIGNED_COPY_BYTES:
+            buffer = allocate(size)
+        else:
+            # Give the body the same offset within a page as the source: a large memcpy
+            # between buffers that disagree on it runs at a third of the speed here.
+            space = allocate(size + PAGE)
+            source = np.frombuffer(body, dtype=np.uint8).ctypes.data
+            skew = (source - space.address - len(metadata)) % PAGE
+            buffer = pa.py_buffer(memoryview(space)[skew:skew + size])  # slice() is read-only
         target = np.frombuffer(buffer, dtype=np.uint8)
         target[:len(metadata)] = np.frombuffer(metadata, dtype=np.uint8)
         target[len(metadata):] = np.frombuffer(body, dtype=np.uint8)

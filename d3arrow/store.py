@@ -112,21 +112,32 @@ class SharedStore:
         if not is_shareable(value) or _nbytes(value) < self.min_bytes:
             return None
         try:
-            meta, block = serialize_into(value, self.arena.allocate)
+            meta, buffer, block_id = self._write(value)
         except ArenaFull as e:
             self._note_fallback(_nbytes(value), e)
             return None
-        return self.view_of(meta, block)
+        return self._view_of(meta, buffer, block_id)
 
-    def view_of(self, meta, block):
-        """The value stored in ``block`` and the reference readers need to view it."""
-        view = deserialize(Serialized(meta, [block]))
-        return view, self._ref_meta(meta, block)
+    def _write(self, value):
+        """Copy a value into a new allocation: ``(meta, buffer, allocation id)``."""
+        allocations = []
 
-    def _ref_meta(self, meta, block):
+        def allocate(nbytes):
+            allocations.append(self.arena.allocate(nbytes))
+            return allocations[-1]
+
+        meta, buffer = serialize_into(value, allocate)
+        return meta, buffer, self.arena.block_id(allocations[0])
+
+    def _view_of(self, meta, buffer, block_id):
+        """The value stored in ``buffer`` and the reference readers need to view it."""
+        view = deserialize(Serialized(meta, [buffer]))
+        return view, self._ref_meta(meta, buffer, block_id)
+
+    def _ref_meta(self, meta, buffer, block_id):
         return {"kind": "shm", "socket": self.socket_name, "host": self.host,
-                "id": self.arena.block_id(block), "offset": self.arena.offset_of(block),
-                "size": block.size, "inner": meta}
+                "id": block_id, "offset": self.arena.offset_of(buffer),
+                "size": buffer.size, "inner": meta}
 
     def allocate_payloads(self, values, lengths):
         """Receive buffers for a message: shareable payloads straight into shared memory."""
@@ -147,9 +158,10 @@ class SharedStore:
                 "tensor", "arrow"):
             return None
         (buffer,) = serialized.payloads
-        if not isinstance(buffer, pa.Buffer) or self.arena.block_id(buffer) is None:
+        block_id = self.arena.block_id(buffer) if isinstance(buffer, pa.Buffer) else None
+        if block_id is None:
             return None
-        return self.view_of(serialized.meta, buffer)
+        return self._view_of(serialized.meta, buffer, block_id)
 
     def _note_fallback(self, nbytes, error):
         self.fallbacks += 1
@@ -179,9 +191,9 @@ class SharedStore:
         if not is_shareable(value):
             raise TypeError(f"cannot share a {type(value).__name__}: only numpy arrays of "
                             "int/uint/float dtypes and Arrow tables / record batches")
-        meta, block = serialize_into(value, self.arena.allocate)
-        ref = StoreRef(self._ref_meta(meta, block))
-        self._owned[ref.meta["id"]] = block
+        meta, buffer, block_id = self._write(value)
+        ref = StoreRef(self._ref_meta(meta, buffer, block_id))
+        self._owned[block_id] = buffer
         return ref
 
     def delete(self, ref):

@@ -14,6 +14,7 @@ import collections
 import logging
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Server, error_reply
@@ -219,11 +220,16 @@ class Worker(Server):
                 "store": self.store.info() if self.store else None}
 
     async def fetch(self, *, keys, who_has=None):
-        """Hold these keys here too: fetch those we lack from their holders."""
+        """Hold these keys here too: fetch those we lack from their holders.
+
+        The reply's ``seconds`` is how long the fetching took here, for benchmarks.
+        """
+        start = time.perf_counter()
         missing = await self.gather_dependencies(keys, who_has or {})
         if missing:
             return {"status": "missing-data", "keys": sorted(missing)}
-        return {"nbytes": {k: self.nbytes[k] for k in keys}}
+        return {"nbytes": {k: self.nbytes[k] for k in keys},
+                "seconds": time.perf_counter() - start}
 
     async def compute(self, *, function, tasks, who_has=None):
         """Run ``function`` once per task; store each result under the task's key.
