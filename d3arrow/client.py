@@ -326,25 +326,29 @@ class Client:
     async def _compute(self, address, function, calls):
         """Run ``function`` (Serialized) on ``address`` for each ``(key, args, kwargs)``.
 
-        Returns one outcome per call: a RemoteData, or the exception to raise for it.
+        Returns ``(outcomes, seconds)``: per call a RemoteData or the exception to raise for
+        it, and the seconds the worker spent running the function.
         """
         hints = {}
-        tasks = []
-        for key, args, kwargs in calls:
+        needed = []
+        to_keyref = lambda r: KeyRef(r.key)  # noqa: E731
+        for _, args, kwargs in calls:
             refs = find_leaves((args, kwargs), RemoteData)
+            needed.append([ref.key for ref in refs])
             for ref in refs:
                 holders = self._where.get(ref.key)
                 if holders and address not in holders:
                     hints[ref.key] = holders
-            to_keyref = lambda r: KeyRef(r.key)  # noqa: E731
-            tasks.append({
-                "key": key,
-                "args": serialize(map_leaves(tuple(args), RemoteData, to_keyref)),
-                "kwargs": serialize(map_leaves(kwargs, RemoteData, to_keyref)) if kwargs else None,
-                "needed": [ref.key for ref in refs],
-            })
-        reply = await self.pool.request(address, {"op": "compute", "function": function,
-                                                  "tasks": tasks, "who_has": hints})
+        has_refs = any(needed)
+        args = [tuple(args) for _, args, _ in calls]
+        kwargs = [kwargs for _, _, kwargs in calls]
+        msg = {"op": "compute", "function": function, "keys": [key for key, _, _ in calls],
+               "args": serialize(map_leaves(args, RemoteData, to_keyref) if has_refs else args)}
+        if any(kwargs):
+            msg["kwargs"] = serialize(map_leaves(kwargs, RemoteData, to_keyref))
+        if has_refs:
+            msg.update(needed=needed, who_has=hints)
+        reply = await self.pool.request(address, msg)
         outcomes = []
         for result in reply["results"]:
             if result["status"] == "OK":
@@ -355,7 +359,7 @@ class Client:
                 outcomes.append(MissingDataError(result["keys"]))
             else:
                 outcomes.append(rebuild_error(result))
-        return outcomes
+        return outcomes, reply["seconds"]
 
     def where(self, key):
         """Addresses this client believes hold ``key`` (may be stale)."""

@@ -144,11 +144,16 @@ class ConnectionPool:
         else:
             self._idle[address].append(comm)
 
-    async def request(self, address, msg, *, timeout=None):
-        """Send ``msg`` to ``address`` and return the reply header (errors raised)."""
+    async def request(self, address, msg, *, timeout=None, on_sent=None):
+        """Send ``msg`` to ``address`` and return the reply header (errors raised).
+
+        ``on_sent()`` is called once the message is written, before the reply arrives.
+        """
         comm = await self.acquire(address)
         try:
             await comm.send(msg)
+            if on_sent is not None:
+                on_sent()
             if timeout is None:
                 reply = await comm.recv()
             else:

@@ -20,7 +20,8 @@ from .task import find_leaves
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 64
+MAX_BATCH = 1024
+BATCH_SECONDS = 0.02  # aim for this much work per request once task durations are known
 
 
 class Pool:
@@ -161,8 +162,9 @@ class Pool:
         for index, (key, args, kwargs) in enumerate(calls):
             queues[self._place(args, kwargs, live, queues)].append(index)
         outcomes = [None] * len(calls)
+        pace = _Pace()
         while any(queues.values()):
-            slots = [self._slot(address, function, calls, queues, outcomes)
+            slots = [self._slot(address, function, calls, queues, outcomes, pace)
                      for address in list(queues) for _ in range(client.ncores.get(address, 1))]
             await asyncio.gather(*slots)
             if not queues:
@@ -186,14 +188,15 @@ class Pool:
             return min((a for a in held if held[a] == most), key=load)
         return min(live, key=load)
 
-    async def _slot(self, address, function, calls, queues, outcomes):
+    async def _slot(self, address, function, calls, queues, outcomes, pace):
         while address in queues:
-            batch = _take_batch(address, queues, self.client.ncores)
+            batch = _take_batch(address, queues, self.client.ncores, pace.batch_size())
             if not batch:
                 return
             try:
-                results = await self.client._compute(address, function,
-                                                     [calls[i] for i in batch])
+                results, seconds = await self.client._compute(address, function,
+                                                              [calls[i] for i in batch])
+                pace.record(len(batch), seconds)
             except (OSError, CommClosedError) as e:
                 logger.warning("worker %s failed (%s): moving %d calls elsewhere",
                                address, e, len(batch))
@@ -206,22 +209,46 @@ class Pool:
                 outcomes[index] = outcome
 
 
-def _take_batch(address, queues, ncores):
+class _Pace:
+    """How many calls to send per request: about BATCH_SECONDS of work, once measured.
+
+    Until a batch has come back, calls go one at a time, so a few long calls spread over
+    every core; tiny calls then travel by the hundred, so per-request costs vanish.
+    """
+
+    def __init__(self):
+        self.calls = 0
+        self.seconds = 0.0
+
+    def record(self, calls, seconds):
+        self.calls += calls
+        self.seconds += seconds
+
+    def batch_size(self):
+        if not self.calls:
+            return 1
+        per_call = self.seconds / self.calls
+        return MAX_BATCH if per_call <= 0 else max(1, min(MAX_BATCH, int(BATCH_SECONDS / per_call)))
+
+
+def _take_batch(address, queues, ncores, most):
     """Calls for one request: from our own queue's head, else stolen from a busy worker.
 
-    A worker is busy when its queue holds more calls than it has cores to start them; only
-    then is moving a call (and its inputs) elsewhere sure to finish it sooner.
+    At most ``most`` calls, and no more than a share of what is queued, so every core of the
+    worker gets some. A worker is busy when its queue holds more calls than it has cores to
+    start them; only then is moving a call (and its inputs) elsewhere sure to finish it
+    sooner.
     """
     own = queues[address]
     if own:
-        size = max(1, min(MAX_BATCH, len(own) // (2 * ncores.get(address, 1))))
+        size = max(1, min(most, len(own) // (2 * ncores.get(address, 1))))
         return [own.popleft() for _ in range(size)]
     victim = max(queues, key=lambda a: len(queues[a]) - ncores.get(a, 1))
     other = queues[victim]
     surplus = len(other) - ncores.get(victim, 1)
     if surplus <= 0:
         return []
-    size = max(1, min(MAX_BATCH, surplus // 2))
+    size = max(1, min(most, surplus // 2))
     return [other.pop() for _ in range(size)]
 
 

@@ -17,6 +17,8 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Server, error_reply
 from .errors import CommClosedError
 from .protocol import allocate_buffers
@@ -25,6 +27,8 @@ from .store import SharedDataGone, SharedStore, load
 from .task import KeyRef, map_leaves
 
 logger = logging.getLogger(__name__)
+
+LARGE_BYTES = 2**20  # (de)serializing more than this moves off the event loop
 
 
 class Worker(Server):
@@ -118,36 +122,43 @@ class Worker(Server):
             except (OSError, TimeoutError, CommClosedError) as e:
                 logger.warning("heartbeat to center %s failed: %s", self.center, e)
 
-    async def _tell_center(self, op, keys, *, wait=True):
+    async def _tell_center(self, op, keys, *, wait="applied"):
         """Queue ``add_keys`` / ``remove_keys``; updates reach the center in this order.
 
-        With ``wait=False`` the caller goes on at once (replicas need not be known at once);
-        otherwise it returns when the center has applied everything queued so far.
+        ``wait``: ``"applied"`` returns once the center has applied everything queued so
+        far; ``"sent"`` once this update is on its way (written before our reply to the
+        caller, so the center hears of it first, without a round trip); ``None`` at once
+        (replicas need not be known at once).
         """
         if not keys:
             return
-        self._center_updates.append((op, list(keys)))
+        sent = asyncio.get_running_loop().create_future()
+        self._center_updates.append((op, list(keys), sent))
         if self._center_flush is None or self._center_flush.done():
             self._center_flush = asyncio.get_running_loop().create_task(self._flush_center())
-        if wait:
+        if wait == "applied":
             await asyncio.shield(self._center_flush)
+        elif wait == "sent":
+            await asyncio.shield(sent)
 
     async def _flush_center(self):
         while self._center_updates:
-            op, keys = self._center_updates.popleft()
+            op, keys, sent = self._center_updates.popleft()
+            mark_sent = lambda: sent.done() or sent.set_result(None)  # noqa: E731
             try:
+                msg = {"op": op, "address": self.address, "keys": keys}
                 if op == "add_keys":
-                    keys = [k for k in keys if k in self.data]  # deleted meanwhile
-                    reply = await self._center.add_keys(
-                        address=self.address, keys=keys,
-                        nbytes={k: self.nbytes[k] for k in keys})
-                else:
-                    reply = await self._center.remove_keys(address=self.address, keys=keys)
+                    keys = msg["keys"] = [k for k in keys if k in self.data]  # deleted meanwhile
+                    msg["nbytes"] = {k: self.nbytes[k] for k in keys}
+                reply = await self.pool.request(self.center, msg, timeout=DEFAULT_TIMEOUT,
+                                                on_sent=mark_sent)
                 if reply["status"] == "unknown-worker":
                     await self._register()  # registers every key we hold
             except (OSError, TimeoutError, CommClosedError) as e:
                 logger.warning("could not tell center %s of %d keys: %s", self.center,
                                len(keys), e)
+            finally:
+                mark_sent()
 
     def _store(self, key, value, ref_meta=None):
         self.data[key] = value
@@ -165,7 +176,7 @@ class Worker(Server):
                 return shared
         return value, None
 
-    def _receive(self, serialized):
+    async def _receive(self, serialized):
         """``(value, ref_meta)`` for a value that arrived in a message."""
         if serialized.meta.get("kind") == "shm":
             return load(serialized), serialized.meta  # a view of a co-located peer's memory
@@ -173,21 +184,24 @@ class Worker(Server):
             adopted = self.store.adopt(serialized)  # received straight into our store
             if adopted is not None:
                 return adopted
-        return load(serialized), None
+        return await self._load(serialized), None
 
-    def _wire_form(self, key, host):
+    async def _wire_form(self, key, host):
         """How to send a value: a reference for a co-located reader, else its bytes."""
         if host is not None and self.store is not None and host == self.store.host:
             ref_meta = self.shared.get(key)
             if ref_meta is not None:
                 return Serialized(ref_meta, [])
-        return serialize(self.data[key])
+        value = self.data[key]
+        if isinstance(value, np.ndarray) or self.nbytes[key] < LARGE_BYTES:
+            return serialize(value)  # arrays serialize without copying: no need to wait
+        return await asyncio.get_running_loop().run_in_executor(None, serialize, value)
 
     # -- ops ---------------------------------------------------------------------------------
 
-    def get_data(self, *, keys, host=None):
+    async def get_data(self, *, keys, host=None):
         """Values by key; to a reader on our host (``host``), shared-memory references."""
-        data = {k: self._wire_form(k, host) for k in keys if k in self.data}
+        data = {k: await self._wire_form(k, host) for k in keys if k in self.data}
         missing = [k for k in keys if k not in data]
         if missing:
             return {"status": "missing-data", "keys": missing, "data": data}
@@ -195,7 +209,7 @@ class Worker(Server):
 
     async def update_data(self, *, data, report=True):
         for key, value in data.items():
-            self._store(key, *self._receive(value))
+            self._store(key, *await self._receive(value))
         if report:
             await self._tell_center("add_keys", list(data))
         return {"keys": list(data), "nbytes": {k: self.nbytes[k] for k in data}}
@@ -231,46 +245,69 @@ class Worker(Server):
         return {"nbytes": {k: self.nbytes[k] for k in keys},
                 "seconds": time.perf_counter() - start}
 
-    async def compute(self, *, function, tasks, who_has=None):
-        """Run ``function`` once per task; store each result under the task's key.
+    async def compute(self, *, function, keys, args, kwargs=None, needed=None, who_has=None):
+        """Run ``function`` once per key; store each result under its key.
 
-        ``tasks`` is a list of ``{"key", "args", "kwargs", "needed"}``: ``args`` and
-        ``kwargs`` are serialized and may hold :class:`KeyRef` s to the ``needed`` keys,
-        which are fetched first (``who_has`` may say where they are). Each task gets its
-        own result entry: ``OK`` with the result's ``nbytes`` and ``type``,
-        ``missing-data`` with the keys no live worker holds, or ``error``.
+        ``args`` (and ``kwargs``) is one serialized list with an entry per key, so a batch
+        of small calls costs one deserialization. Entries may hold :class:`KeyRef` s to the
+        keys listed for that call in ``needed``, which are fetched first (``who_has`` may
+        say where they are). Each call gets a result entry: ``OK`` with the result's
+        ``nbytes`` and ``type``, ``missing-data`` with the keys no live worker holds, or
+        ``error``. ``seconds`` is the time spent running the function.
         """
-        needed = {key for task in tasks for key in task.get("needed", ())}
-        missing = await self.gather_dependencies(needed, who_has or {})
+        needed = needed or [()] * len(keys)
+        missing = await self.gather_dependencies({k for ks in needed for k in ks},
+                                                 who_has or {})
+        try:
+            func = await self._load(function)
+            calls = await self._load(args)
+            call_kwargs = await self._load(kwargs) if kwargs is not None else [None] * len(keys)
+        except Exception as e:
+            return {"results": [{"key": key, **error_reply(e)} for key in keys], "seconds": 0.0}
+        runnable = [i for i, ks in enumerate(needed) if not missing.intersection(ks)]
+        # one trip to the thread pool per core, not per call: small calls stay cheap
+        chunks = [runnable[i::self.ncores] for i in range(min(self.ncores, len(runnable)))]
         loop = asyncio.get_running_loop()
-        try:
-            func = load(function)
-        except Exception as e:
-            return {"results": [error_reply(e) for _ in tasks]}
-        results = await asyncio.gather(*(
-            self._run_task(loop, func, task, missing) for task in tasks))
-        await self._tell_center("add_keys", [r["key"] for r in results if r["status"] == "OK"])
-        return {"results": results}
+        run = lambda chunk: loop.run_in_executor(  # noqa: E731
+            self.executor, self._execute, func, calls, call_kwargs, chunk)
+        done = [await run(chunks[0])] if len(chunks) == 1 else await asyncio.gather(
+            *map(run, chunks))
+        outcomes = {i: outcome for part, _ in done for i, outcome in part}
+        results = []
+        for i, key in enumerate(keys):
+            if i not in outcomes:
+                results.append({"key": key, "status": "missing-data",
+                                "keys": sorted(missing.intersection(needed[i]))})
+            elif outcomes[i][0] == "error":
+                results.append({"key": key, **outcomes[i][1]})
+            else:
+                _, value, ref_meta = outcomes[i]
+                self._store(key, value, ref_meta)
+                results.append({"key": key, "status": "OK", "nbytes": self.nbytes[key],
+                                "type": type(value).__name__})
+        await self._tell_center("add_keys", [r["key"] for r in results if r["status"] == "OK"],
+                                wait="sent")
+        return {"results": results, "seconds": sum(seconds for _, seconds in done)}
 
-    async def _run_task(self, loop, func, task, missing):
-        key = task["key"]
-        lost = [k for k in task.get("needed", ()) if k in missing]
-        if lost:
-            return {"key": key, "status": "missing-data", "keys": lost}
-        try:
-            result, ref_meta = await loop.run_in_executor(self.executor, self._execute, func, task)
-        except Exception as e:
-            return {"key": key, **error_reply(e)}
-        self._store(key, result, ref_meta)
-        return {"key": key, "status": "OK", "nbytes": self.nbytes[key],
-                "type": type(result).__name__}
-
-    def _execute(self, func, task):
+    def _execute(self, func, calls, call_kwargs, indices):
+        """Run the calls at ``indices`` in this thread: ``([(i, outcome)], seconds)``."""
+        start = time.perf_counter()
         substitute = lambda ref: self.data[ref.key]  # noqa: E731
-        args = map_leaves(load(task["args"]), KeyRef, substitute)
-        kwargs = task.get("kwargs")
-        kwargs = map_leaves(load(kwargs), KeyRef, substitute) if kwargs else {}
-        return self._share(func(*args, **kwargs))
+        outcomes = []
+        for i in indices:
+            try:
+                args = map_leaves(calls[i], KeyRef, substitute)
+                kwargs = map_leaves(call_kwargs[i], KeyRef, substitute) or {}
+                outcomes.append((i, ("OK", *self._share(func(*args, **kwargs)))))
+            except Exception as e:
+                outcomes.append((i, ("error", error_reply(e))))
+        return outcomes, time.perf_counter() - start
+
+    async def _load(self, serialized):
+        """Deserialize; large values in a thread, so the loop keeps serving meanwhile."""
+        if serialized.nbytes < LARGE_BYTES or serialized.meta.get("kind") in ("tensor", "shm"):
+            return load(serialized)
+        return await asyncio.get_running_loop().run_in_executor(None, load, serialized)
 
     # -- peer to peer ------------------------------------------------------------------------
 
@@ -318,7 +355,7 @@ class Worker(Server):
                     self._store(key, value, ref_meta)
                     fetched.append(key)
                     remaining.discard(key)
-        await self._tell_center("add_keys", fetched, wait=False)  # replicas: no hurry
+        await self._tell_center("add_keys", fetched, wait=None)  # replicas: no hurry
 
     async def _get_from_peer(self, peer, keys):
         """{key: (value, ref_meta)} for the keys ``peer`` could give us."""
@@ -328,14 +365,14 @@ class Worker(Server):
             received, gone = {}, []
             for key, value in reply["data"].items():
                 try:
-                    received[key] = self._receive(value)
+                    received[key] = await self._receive(value)
                 except SharedDataGone as e:  # e.g. the memory's owner died: take the bytes
                     logger.info("shared memory of %r unavailable (%s): fetching bytes", key, e)
                     gone.append(key)
             if gone:
                 reply = await self.pool.rpc(peer).get_data(keys=gone)
                 for key, value in reply["data"].items():
-                    received[key] = self._receive(value)
+                    received[key] = await self._receive(value)
         except (OSError, CommClosedError) as e:
             logger.warning("could not fetch %d keys from %s: %s", len(keys), peer, e)
             return {}

@@ -64,7 +64,7 @@ async def test_results_are_copied_into_the_store_once(center, workers, pool):
     a, _ = workers
     await pool.rpc(a.address).compute(
         function=serialize(lambda: np.ones(2**20)),
-        tasks=[{"key": "r", "args": serialize(()), "kwargs": None, "needed": []}])
+        keys=["r"], args=serialize([()]))
     assert a.shared["r"]["kind"] == "shm"
     assert "/memfd:d3arrow-store" in mapping_of(a.data["r"].ctypes.data)
     assert a.store.info()["used"] >= 2**20 * 8

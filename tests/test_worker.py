@@ -12,9 +12,14 @@ from d3arrow.serialize import deserialize, serialize
 from d3arrow.task import KeyRef
 
 
+def calls(*tasks):
+    """compute() fields for tasks given as ``(key, args, kwargs, needed)``."""
+    return {"keys": [t[0] for t in tasks], "args": serialize([t[1] for t in tasks]),
+            "kwargs": serialize([t[2] for t in tasks]), "needed": [t[3] for t in tasks]}
+
+
 def task(key, *args, needed=(), **kwargs):
-    return {"key": key, "args": serialize(args), "kwargs": serialize(kwargs) if kwargs else None,
-            "needed": list(needed)}
+    return key, args, kwargs, list(needed)
 
 
 @gen_cluster(n_workers=1)
@@ -40,7 +45,7 @@ async def test_compute_fetches_inputs_from_two_other_workers(center, workers, po
     await pool.rpc(b.address).update_data(data={"y": serialize(np.full(1000, 3.0))})
     reply = await pool.rpc(c.address).compute(
         function=serialize(operator.add),
-        tasks=[task("z", KeyRef("x"), KeyRef("y"), needed=["x", "y"])])
+        **calls(task("z", KeyRef("x"), KeyRef("y"), needed=["x", "y"])))
     (result,) = reply["results"]
     assert result["status"] == "OK" and result["nbytes"] == 8000 and result["type"] == "ndarray"
     np.testing.assert_array_equal(c.data["z"], np.full(1000, 5.0))
@@ -57,7 +62,7 @@ async def test_keyrefs_nested_in_lists_and_kwargs(center, workers, pool):
     await pool.rpc(a.address).update_data(data={"p": serialize(1), "q": serialize(2)})
     reply = await pool.rpc(b.address).compute(
         function=serialize(lambda xs, scale: sum(xs) * scale),
-        tasks=[task("s", [KeyRef("p"), KeyRef("q"), 3], needed=["p", "q"], scale=KeyRef("q"))])
+        **calls(task("s", [KeyRef("p"), KeyRef("q"), 3], needed=["p", "q"], scale=KeyRef("q"))))
     assert reply["results"][0]["status"] == "OK"
     assert b.data["s"] == 12
 
@@ -66,7 +71,7 @@ async def test_keyrefs_nested_in_lists_and_kwargs(center, workers, pool):
 async def test_missing_input_is_reported_by_key(center, workers, pool):
     (w,) = workers
     reply = await pool.rpc(w.address).compute(
-        function=serialize(len), tasks=[task("r", KeyRef("ghost"), needed=["ghost"])])
+        function=serialize(len), **calls(task("r", KeyRef("ghost"), needed=["ghost"])))
     assert reply["results"][0] == {"key": "r", "status": "missing-data", "keys": ["ghost"]}
     assert "r" not in w.data
 
@@ -77,13 +82,13 @@ async def test_user_exception_carries_its_traceback(center, workers, pool):
         return x / 0
 
     (w,) = workers
-    reply = await pool.rpc(w.address).compute(function=serialize(broken), tasks=[task("r", 1)])
+    reply = await pool.rpc(w.address).compute(function=serialize(broken), **calls(task("r", 1)))
     (result,) = reply["results"]
     assert result["status"] == "error" and result["type"] == "builtins.ZeroDivisionError"
     assert "in broken" in result["traceback"]  # cloudpickle hides the file of by-value code
     error = rebuild_error(result)
     assert isinstance(error, ZeroDivisionError) and "in broken" in error.__cause__.text
-    reply = await pool.rpc(w.address).compute(function=serialize(abs), tasks=[task("ok", -1)])
+    reply = await pool.rpc(w.address).compute(function=serialize(abs), **calls(task("ok", -1)))
     assert w.data["ok"] == 1  # the worker goes on
 
 
@@ -92,7 +97,7 @@ async def test_function_that_does_not_unpickle_is_an_error_per_task(center, work
     (w,) = workers
     bogus = serialize(len)
     bogus.payloads = [[b"not a pickle"]]
-    reply = await pool.rpc(w.address).compute(function=bogus, tasks=[task("a"), task("b")])
+    reply = await pool.rpc(w.address).compute(function=bogus, **calls(task("a"), task("b")))
     assert [r["status"] for r in reply["results"]] == ["error", "error"]
     assert "UnpicklingError" in reply["results"][0]["type"]
 
@@ -104,7 +109,7 @@ async def test_slow_computation_does_not_block_serving_data(center, workers, poo
     (w,) = workers
     await pool.rpc(w.address).update_data(data={"x": serialize(7)})
     slow = asyncio.ensure_future(pool.rpc(w.address).compute(
-        function=serialize(lambda: time.sleep(1.0)), tasks=[task("sleep")]))
+        function=serialize(lambda: time.sleep(1.0)), **calls(task("sleep"))))
     await asyncio.sleep(0.1)
     started = asyncio.get_running_loop().time()
     reply = await pool.rpc(w.address).get_data(keys=["x"])
@@ -122,7 +127,7 @@ async def test_concurrent_needs_share_one_transfer(center, workers, pool):
     original = a.get_data
     a.handlers["get_data"] = lambda **kw: served.append(kw["keys"]) or original(**kw)
     await asyncio.gather(*(pool.rpc(b.address).compute(
-        function=serialize(np.sum), tasks=[task(f"s{i}", KeyRef("x"), needed=["x"])])
+        function=serialize(np.sum), **calls(task(f"s{i}", KeyRef("x"), needed=["x"])))
         for i in range(5)))
     assert served == [["x"]]
     assert [b.data[f"s{i}"] for i in range(5)] == [10.0] * 5
