@@ -64,3 +64,161 @@ def time_transfers(pool, source, target, nbytes, repeat):
 
 def median(values):
     return statistics.median(values)
+
+
+# -- the figures of the comparison (each a median) --------------------------------------------
+
+def dependent_task_seconds(pool, source, target, nbytes, repeat):
+    """End to end: a task on ``target`` whose ``nbytes`` input lives on ``source``.
+
+    The same measure as for dask: the input is made on the source (untimed), then the
+    timed call runs ``len`` on the target, which fetches the input first.
+    """
+    seconds = []
+    for i in range(repeat):
+        remote = make_on(pool, source, nbytes, seed=i)
+        start = time.perf_counter()
+        result = pool.apply(len, [remote], workers=[target])
+        seconds.append(time.perf_counter() - start)
+        pool.delete([remote, result])
+    return median(seconds)
+
+
+def scatter_seconds(pool, worker, nbytes, repeat):
+    array = np.random.default_rng(1).random(nbytes // 8)
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        (remote,) = pool.scatter([array], workers=[worker])
+        seconds.append(time.perf_counter() - start)
+        pool.delete([remote])
+    return median(seconds)
+
+
+def gather_seconds(pool, worker, nbytes, repeat):
+    remote = make_on(pool, worker, nbytes)
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        value = remote.get()
+        seconds.append(time.perf_counter() - start)
+        del value
+    pool.delete([remote])
+    return median(seconds)
+
+
+def tiny_tasks_per_second(pool, n, repeat):
+    pool.map(abs, range(1000))  # warm connections and the pace of batches
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        results = pool.map(_inc, range(n))
+        seconds.append(time.perf_counter() - start)
+        del results
+    return n / median(seconds)
+
+
+def round_trip_seconds(pool, repeat):
+    for _ in range(20):
+        pool.apply(_inc, [1])
+    seconds = []
+    for i in range(repeat):
+        start = time.perf_counter()
+        pool.apply(_inc, [i])
+        seconds.append(time.perf_counter() - start)
+    return median(seconds)
+
+
+def peak_rss_growth(local, pool, source, target, nbytes):
+    """Receiving worker's peak RSS growth, as a multiple of the payload, for one transfer."""
+    pid = local.worker_processes[local.worker_addresses.index(target)].pid
+    remote = make_on(pool, source, nbytes)
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    before = _status(pid)["VmRSS"]
+    fetch(pool, target, remote, source)
+    growth = _status(pid)["VmHWM"] - before
+    forget(pool, target, remote)
+    pool.delete([remote])
+    return growth / nbytes
+
+
+def _status(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f
+                if line.startswith(("VmRSS", "VmHWM"))}
+
+
+def _inc(x):
+    return x + 1
+
+
+def run(sizes, big, tiny, repeat):
+    """Every d3arrow figure of the comparison: ``{name: value}``."""
+    figures = {}
+    with cluster(shm=False) as (local, pool):
+        source, target = local.worker_addresses
+        # first, while the target is fresh: later transfers leave reusable memory behind
+        figures[f"peak_rss_{big}"] = peak_rss_growth(local, pool, source, target, big)
+        for nbytes in sizes:
+            seconds = dependent_task_seconds(pool, source, target, nbytes, repeat)
+            figures[f"task_input_tcp_{nbytes}"] = nbytes / seconds / 1e9
+        figures[f"scatter_{big}"] = big / scatter_seconds(pool, source, big, repeat) / 1e9
+        figures[f"gather_tcp_{big}"] = big / gather_seconds(pool, source, big, repeat) / 1e9
+        figures["tiny_tasks_per_s"] = tiny_tasks_per_second(pool, tiny, repeat)
+        figures["round_trip_ms"] = round_trip_seconds(pool, 200) * 1e3
+    with cluster(shm=True) as (local, pool):
+        source, target = local.worker_addresses
+        for nbytes in sizes:
+            seconds = dependent_task_seconds(pool, source, target, nbytes, repeat)
+            figures[f"task_input_shm_{nbytes}"] = nbytes / seconds / 1e9
+        figures[f"gather_shm_{big}"] = big / gather_seconds(pool, source, big, repeat) / 1e9
+    return figures
+
+
+def serialization_figures(nbytes, repeat):
+    """GB/s of turning an array into wire form and back, per method (one process)."""
+    import pickle
+
+    import pyarrow as pa
+
+    from d3arrow.serialize import Serialized, deserialize, serialize
+
+    array = np.random.default_rng(3).random(nbytes // 8)
+
+    def timed(call):
+        seconds = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - start)
+        return median(seconds)
+
+    tensor = pa.Tensor.from_numpy(array)
+    sink_size = pa.ipc.get_tensor_size(tensor)
+    figures = {
+        "serialize_d3arrow": nbytes / timed(lambda: serialize(array)) / 1e9,
+        "serialize_ipc_write": nbytes / timed(lambda: pa.ipc.write_tensor(
+            tensor, pa.FixedSizeBufferWriter(pa.allocate_buffer(sink_size)))) / 1e9,
+        "serialize_pickle5_inband": nbytes / timed(lambda: pickle.dumps(array, protocol=5)) / 1e9,
+        "serialize_pickle5_oob": nbytes / timed(lambda: pickle.dumps(
+            array, protocol=5, buffer_callback=lambda b: None)) / 1e9,
+    }
+    wire = _concat(serialize(array).payloads[0])
+    inband = pickle.dumps(array, protocol=5)
+    figures["deserialize_d3arrow"] = nbytes / timed(
+        lambda: deserialize(Serialized({"kind": "tensor"}, [wire]))) / 1e9
+    figures["deserialize_pickle5_inband"] = nbytes / timed(lambda: pickle.loads(inband)) / 1e9
+    return figures
+
+
+def _concat(pieces):
+    import pyarrow as pa
+
+    out = np.empty(sum(memoryview(p).nbytes for p in pieces), dtype=np.uint8)
+    pos = 0
+    for piece in pieces:
+        view = np.frombuffer(piece, dtype=np.uint8)
+        out[pos:pos + view.size] = view
+        pos += view.size
+    return pa.py_buffer(out)

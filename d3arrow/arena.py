@@ -43,7 +43,7 @@ class ArenaFull(MemoryError):
 
 
 class Arena:
-    """A shared-memory region with a first-fit allocator.
+    """A memory region with a first-fit allocator.
 
     Parameters
     ----------
@@ -51,17 +51,25 @@ class Arena:
         Bytes of address space; memory is reserved as allocations reach it.
     name : str
         Shown in ``/proc/PID/fd`` as ``/memfd:NAME``.
+    shared : bool, default True
+        A memfd other processes can map; else private anonymous memory (which may get huge
+        pages), still worth having for receiving into memory that is faulted in and reused.
     """
 
-    def __init__(self, capacity, name="d3arrow-store"):
+    def __init__(self, capacity, name="d3arrow-store", *, shared=True):
         self.capacity = _round_up(capacity, mmap.PAGESIZE)
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, self.capacity)
-            self._mmap = mmap.mmap(self.fd, self.capacity, flags=mmap.MAP_SHARED)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd = -1
+        if not shared:
+            self._mmap = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._mmap.madvise(mmap.MADV_HUGEPAGE)
+        else:
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self.fd, self.capacity)
+                self._mmap = mmap.mmap(self.fd, self.capacity, flags=mmap.MAP_SHARED)
+            except BaseException:
+                os.close(self.fd)
+                raise
         self.memory = np.frombuffer(self._mmap, dtype=np.uint8)
         self.address = self.memory.ctypes.data
         self._lock = threading.Lock()
@@ -75,10 +83,14 @@ class Arena:
         self._id_at = {}  # offset -> id
         self._prefault_wanted = threading.Event()
         self._closed = False
-        self._prefaulter = threading.Thread(target=self._prefault_loop, daemon=True,
-                                            name="d3arrow-prefault")
-        self._prefaulter.start()
-        self._prefault_wanted.set()
+        # Private memory gets no head start: it serves receives, whose pages the kernel
+        # writes anyway, and faulting ahead would only add to the process's footprint.
+        self._prefault_ahead = shared
+        if shared:
+            self._prefaulter = threading.Thread(target=self._prefault_loop, daemon=True,
+                                                name="d3arrow-prefault")
+            self._prefaulter.start()
+            self._prefault_wanted.set()
 
     @property
     def used(self):
@@ -121,7 +133,7 @@ class Arena:
             self._blocks[block_id] = weakref.ref(view)
             self._id_at[offset] = block_id
         weakref.finalize(view, self._release, offset, need, block_id)
-        if offset + need + PREFAULT_AHEAD > self._reserved:
+        if self._prefault_ahead and offset + need + PREFAULT_AHEAD > self._reserved:
             self._prefault_wanted.set()
         return pa.py_buffer(view)
 
@@ -157,7 +169,9 @@ class Arena:
                 self._free.insert(i, (offset, size))
 
     def _ensure_reserved(self, end):
-        if end <= self._reserved:
+        if end <= self._reserved or self.fd < 0:
+            # private memory needs no reservation, and faults cheaply (huge pages) as the
+            # kernel writes received bytes into it
             return
         with self._reserve_lock:
             while self._reserved < end:
@@ -166,7 +180,8 @@ class Arena:
     def _reserve_chunk(self):
         start = self._reserved
         length = min(CHUNK, self.capacity - start)
-        os.posix_fallocate(self.fd, start, length)
+        if self.fd >= 0:
+            os.posix_fallocate(self.fd, start, length)
         # Fault the pages in now, with the GIL released, rather than on first write.
         if _libc.madvise(self.address + start, length, MADV_POPULATE_WRITE) != 0:
             pass  # older kernels: pages fault in on first write instead
@@ -178,9 +193,10 @@ class Arena:
             self._prefault_wanted.clear()
             if self._closed:
                 return
-            # ahead by as much as is in use (a chunk at first): a store that stays small
-            # costs little, one that grows big is kept well ahead
-            ahead = min(PREFAULT_AHEAD, max(CHUNK, self._high))
+            # ahead by a quarter of what is in use (a chunk at least): a store that stays
+            # small costs little, one that grows is kept ahead, and its footprint beyond
+            # what it holds stays bounded
+            ahead = min(PREFAULT_AHEAD, max(CHUNK, self._high // 4))
             target = min(self.capacity, self._high + ahead)
             try:
                 self._ensure_reserved(target)

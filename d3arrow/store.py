@@ -65,6 +65,9 @@ class SharedStore:
         Bytes of shared memory at most; default a quarter of the machine's memory.
     min_bytes : int, default 65536
         Values smaller than this are not worth sharing (see :meth:`put_value`).
+    shared : bool, default True
+        False keeps the arena private: nothing is offered to other processes, and the store
+        only gives received values memory that is faulted in and reused (``--no-shm``).
 
     Examples
     --------
@@ -79,10 +82,11 @@ class SharedStore:
     >>> x = d3arrow.store.get(ref)   # a read-only view of the same memory   # doctest: +SKIP
     """
 
-    def __init__(self, capacity=None, *, min_bytes=MIN_SHARED_BYTES):
-        self.arena = Arena(capacity or default_capacity())
+    def __init__(self, capacity=None, *, min_bytes=MIN_SHARED_BYTES, shared=True):
+        self.arena = Arena(capacity or default_capacity(), shared=shared)
+        self.shared = shared
         self.min_bytes = min_bytes
-        self.host = host_id()
+        self.host = host_id() if shared else None
         self.socket_name = f"d3arrow-store-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.fallbacks = 0  # values kept in private memory because the store was full
         self.fallback_bytes = 0
@@ -91,6 +95,9 @@ class SharedStore:
         self._pins = {}  # session socket -> {pin id: allocation}
         self._pin_ids = itertools.count(1)
         self._lock = threading.Lock()
+        self.closed = False
+        if not shared:
+            return
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind("\0" + self.socket_name)
         self._listener.listen(64)
@@ -98,7 +105,6 @@ class SharedStore:
         self._thread = threading.Thread(target=self._serve, daemon=True,
                                         name="d3arrow-store-sessions")
         self._thread.start()
-        self.closed = False
 
     # -- putting values in -------------------------------------------------------------------
 
@@ -109,7 +115,7 @@ class SharedStore:
         table) or when the store is full; in that case the caller keeps it in private
         memory, and a full store is counted in :attr:`fallbacks` and logged.
         """
-        if not is_shareable(value) or _nbytes(value) < self.min_bytes:
+        if not self.shared or not is_shareable(value) or _nbytes(value) < self.min_bytes:
             return None
         try:
             meta, buffer, block_id = self._write(value)
@@ -191,6 +197,8 @@ class SharedStore:
         if not is_shareable(value):
             raise TypeError(f"cannot share a {type(value).__name__}: only numpy arrays of "
                             "int/uint/float dtypes and Arrow tables / record batches")
+        if not self.shared:
+            raise TypeError("this store is private (shared=False)")
         meta, buffer, block_id = self._write(value)
         ref = StoreRef(self._ref_meta(meta, buffer, block_id))
         self._owned[block_id] = buffer
@@ -205,7 +213,7 @@ class SharedStore:
                 self._withdrawn.add(block_id)
 
     def info(self):
-        return {"capacity": self.arena.capacity, "used": self.arena.used,
+        return {"shared": self.shared, "capacity": self.arena.capacity, "used": self.arena.used,
                 "reserved": self.arena.reserved, "fallbacks": self.fallbacks,
                 "fallback_bytes": self.fallback_bytes,
                 "readers": len(self._pins), "pins": sum(map(len, self._pins.values()))}
@@ -215,11 +223,12 @@ class SharedStore:
         if self.closed:
             return
         self.closed = True
-        self._wakeup_w.send(b"x")
-        self._thread.join(timeout=10)
-        self._listener.close()
-        self._wakeup_r.close()
-        self._wakeup_w.close()
+        if self.shared:
+            self._wakeup_w.send(b"x")
+            self._thread.join(timeout=10)
+            self._listener.close()
+            self._wakeup_r.close()
+            self._wakeup_w.close()
         with self._lock:
             self._pins.clear()
         self._owned.clear()

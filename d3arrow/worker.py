@@ -47,7 +47,7 @@ class Worker(Server):
     """
 
     def __init__(self, center, *, ncores=None, name=None, shm=True, shm_size=None):
-        self.store = _open_store(shm_size) if shm else None
+        self.store = _open_store(shm_size, shared=shm)
         allocate = self.store.allocate_payloads if self.store else allocate_buffers
         super().__init__(allocate=allocate)
         self.center = center
@@ -379,9 +379,13 @@ class Worker(Server):
         return received
 
 
-def _open_store(capacity):
+def _open_store(capacity, shared):
+    """The worker's store; without shared memory, one that only receives (or none)."""
     try:
-        return SharedStore(capacity)
+        return SharedStore(capacity, shared=shared)
     except (OSError, AttributeError) as e:  # no memfd_create, no memory, no Unix sockets
-        logger.warning("no shared-memory store (%s): co-located workers will use TCP", e)
+        if shared:
+            logger.warning("no shared-memory store (%s): co-located workers will use TCP", e)
+            return _open_store(capacity, shared=False)
+        logger.warning("no receive arena (%s): receiving into fresh memory", e)
         return None

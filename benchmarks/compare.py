@@ -1,0 +1,206 @@
+"""One run, one table: the hardware limits, d3arrow, and dask.distributed / Ray /
+multiprocessing.Pool where installed (``pip install -e ".[compare]"``).
+
+    python -m benchmarks.compare [--quick] [--json results.json]
+
+Each system runs in its own subprocess on 127.0.0.1 (2 worker processes, 1 thread each),
+one after the other, on the same arrays and task counts. Throughputs are medians; ratios
+compare figures from this one run.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+MiB = 2**20
+
+FULL = {"sizes": [8 * MiB, 256 * MiB], "big": 256 * MiB, "tiny": 10_000, "repeat": 5}
+QUICK = {"sizes": [8 * MiB], "big": 32 * MiB, "tiny": 2_000, "repeat": 3}
+SYSTEMS = ["d3arrow", "dask", "ray", "multiprocessing"]
+NEEDS = {"dask": "distributed", "ray": "ray"}
+
+
+def rows(config):
+    """(label, unit, key, limit key, higher is better) per line of the table."""
+    big = config["big"]
+    out = []
+    for nbytes in config["sizes"]:
+        out.append((f"task on B, {nbytes // MiB} MiB input on A, TCP", "GB/s",
+                    f"task_input_tcp_{nbytes}", "socket", True))
+        out.append((f"task on B, {nbytes // MiB} MiB input on A, same host", "GB/s",
+                    f"task_input_shm_{nbytes}", "memcpy", True))
+    out += [
+        (f"scatter {big // MiB} MiB from the client", "GB/s", f"scatter_{big}", "socket", True),
+        (f"gather {big // MiB} MiB to the client, TCP", "GB/s", f"gather_tcp_{big}", "socket",
+         True),
+        (f"gather {big // MiB} MiB to the client, same host", "GB/s", f"gather_shm_{big}",
+         "memcpy", True),
+        (f"{config['tiny']:,} tiny tasks", "tasks/s", "tiny_tasks_per_s", None, True),
+        ("one tiny task, round trip", "ms", "round_trip_ms", None, False),
+        (f"receiving worker peak RSS, {big // MiB} MiB", "x payload", f"peak_rss_{big}", None,
+         False),
+    ]
+    return out
+
+
+def run_system(name, config):
+    """Figures of one system, measured in a subprocess: {key: value} or {"error": text}."""
+    if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+        return {"skipped": f"{NEEDS[name]} is not installed"}
+    command = [sys.executable, "-m", "benchmarks.compare", "--system", name,
+               "--config", json.dumps(config)]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+    figures = json.loads(lines[-1])
+    figures["seconds"] = time.perf_counter() - start
+    return figures
+
+
+def measure_in_this_process(name, config):
+    args = (config["sizes"], config["big"], config["tiny"], config["repeat"])
+    if name == "d3arrow":
+        from . import measure
+        return measure.run(*args)
+    from . import peers
+    return peers.SYSTEMS[name][1](*args)
+
+
+def targets(results, config):
+    """The issue's targets: (statement, measured, met)."""
+    d3, dask = results["systems"]["d3arrow"], results["systems"].get("dask", {})
+    socket, big = results["limits"]["socket"], config["big"]
+    small = config["sizes"][0]
+    out = []
+
+    def add(text, value, met):
+        out.append({"target": text, "measured": value, "met": met})
+
+    tcp_big = d3.get(f"task_input_tcp_{big}")
+    if tcp_big:
+        add(f"TCP worker-to-worker {big // MiB} MiB >= 0.9 x raw socket",
+            f"{tcp_big / socket:.2f}", tcp_big / socket >= 0.9)
+        if f"task_input_tcp_{big}" in dask:
+            ratio = tcp_big / dask[f"task_input_tcp_{big}"]
+            add(f"TCP worker-to-worker {big // MiB} MiB no slower than dask", f"{ratio:.2f}x",
+                ratio >= 1)
+    if f"task_input_tcp_{small}" in dask and f"task_input_tcp_{small}" in d3:
+        ratio = d3[f"task_input_tcp_{small}"] / dask[f"task_input_tcp_{small}"]
+        add(f"TCP worker-to-worker {small // MiB} MiB >= 3 x dask", f"{ratio:.2f}x", ratio >= 3)
+    if f"scatter_{big}" in d3:
+        ratio = d3[f"scatter_{big}"] / socket
+        add(f"scatter {big // MiB} MiB >= 0.8 x raw socket", f"{ratio:.2f}", ratio >= 0.8)
+    if f"peak_rss_{big}" in d3:
+        add("receiving worker peak RSS growth <= 1.1 x payload", f"{d3[f'peak_rss_{big}']:.2f}",
+            d3[f"peak_rss_{big}"] <= 1.1)
+    if "tiny_tasks_per_s" in d3:
+        add("Pool.map of tiny tasks >= 10,000 tasks/s", f"{d3['tiny_tasks_per_s']:,.0f}",
+            d3["tiny_tasks_per_s"] >= 10_000)
+    if "round_trip_ms" in d3:
+        add("one tiny apply round trip < 1 ms", f"{d3['round_trip_ms']:.2f} ms",
+            d3["round_trip_ms"] < 1)
+    return out
+
+
+def print_table(results, config):
+    limits, systems = results["limits"], results["systems"]
+    peers = [s for s in SYSTEMS[1:] if "skipped" not in systems[s] and "error" not in systems[s]]
+    header = ["measure", "unit", "limit", "d3arrow"] + peers + ["d3arrow/limit"] + [
+        f"d3arrow vs {p}" for p in peers]
+    table = [header]
+    for label, unit, key, limit_key, higher in rows(config):
+        d3 = systems["d3arrow"].get(key)
+        limit = limits.get(limit_key) if limit_key else None
+        line = [label, unit, _fmt(limit), _fmt(d3)] + [_fmt(systems[p].get(key)) for p in peers]
+        line.append(f"{d3 / limit:.2f}" if d3 and limit else "")
+        for p in peers:
+            other = systems[p].get(key)
+            line.append(f"{(d3 / other if higher else other / d3):.1f}x" if d3 and other else "")
+        table.append(line)
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print(" | ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w)
+                         for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+    print(f"\nlimits: raw loopback socket {limits['socket']:.2f} GB/s, memcpy "
+          f"{limits['memcpy']:.2f} GB/s ({config['big'] // MiB} MiB, this run). 'vs': how many "
+          "times better d3arrow did (throughput ratio, or the peer's time over d3arrow's).")
+    for name in SYSTEMS[1:]:
+        if name not in peers:
+            print(f"{name}: {systems[name].get('skipped') or systems[name].get('error')}")
+    ser = results["serialization"]
+    print(f"serialization of {config['big'] // MiB} MiB float64 (GB/s equivalent): d3arrow "
+          f"(Arrow IPC metadata + the array's memory) {ser['serialize_d3arrow']:,.0f} out / "
+          f"{ser['deserialize_d3arrow']:,.0f} in; pa.ipc.write_tensor {ser['serialize_ipc_write']:.2f}; "
+          f"pickle-5 in-band {ser['serialize_pickle5_inband']:.2f} out / "
+          f"{ser['deserialize_pickle5_inband']:.2f} in; pickle-5 out-of-band "
+          f"{ser['serialize_pickle5_oob']:,.0f} out")
+    print("\ntargets:")
+    for t in results["targets"]:
+        print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']}")
+
+
+def _fmt(value):
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure here")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--system", help=argparse.SUPPRESS)  # run one system, print JSON
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.system:
+        print(json.dumps(measure_in_this_process(args.system, json.loads(args.config))))
+        return 0
+
+    from . import limits, measure
+    config = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    results = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "config": config,
+        "limits": {"socket": limits.socket_throughput(config["big"], config["repeat"]),
+                   "memcpy": limits.memcpy_bandwidth(config["big"], config["repeat"])},
+        "serialization": measure.serialization_figures(config["big"], config["repeat"]),
+        "systems": {},
+    }
+    chosen = args.systems.split(",")
+    for name in SYSTEMS:
+        if name in chosen:
+            print(f"measuring {name} ...", file=sys.stderr, flush=True)
+            results["systems"][name] = run_system(name, config)
+        else:
+            results["systems"][name] = {"skipped": "not asked for"}
+    if "error" in results["systems"]["d3arrow"]:
+        print(f"d3arrow failed: {results['systems']['d3arrow']['error']}", file=sys.stderr)
+        return 1
+    results["targets"] = targets(results, config)
+    results["seconds"] = time.perf_counter() - started
+    print_table(results, config)
+    print(f"\n(whole run {results['seconds']:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
