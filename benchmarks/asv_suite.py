@@ -1,11 +1,9 @@
 """asv suite: ``asv run --python=same --quick`` (configured by the top-level asv.conf.json)."""
 
-import time
-
 import numpy as np
 
 from .measure import (GiB, MiB, _inc, cluster, gather_seconds, peak_rss_growth,
-                      scatter_seconds, time_transfers)
+                      scatter_seconds, transfer_seconds)
 
 
 class _Cluster:
@@ -39,7 +37,7 @@ class WorkerToWorker:
 
     def track_throughput(self, path, nbytes):
         source, target = self.local.worker_addresses
-        _, in_worker = time_transfers(self.pool, source, target, nbytes, 3)
+        _, in_worker = transfer_seconds(self.pool, source, target, nbytes, 3)
         return nbytes / float(np.median(in_worker)) / 1e9
 
     track_throughput.unit = "GB/s"
@@ -109,5 +107,3 @@ class Serialization:
         else:
             pickle.dumps(self.array, protocol=5, buffer_callback=lambda b: None)
 
-
-del time  # keep the module's namespace to benchmarks

@@ -45,7 +45,7 @@ def forget(pool, target, remote):
     client.sync(client._rpc(target).delete_data, keys=[remote.key])
 
 
-def time_transfers(pool, source, target, nbytes, repeat):
+def transfer_seconds(pool, source, target, nbytes, repeat):
     """Worker-to-worker transfers of an ``nbytes`` array, ``repeat`` times.
 
     Returns ``(end_to_end, in_worker)`` seconds: as the client asking for the transfer sees

@@ -16,7 +16,7 @@ import numpy as np
 
 from d3arrow.store import SharedStore
 
-from .measure import GiB, MiB, cluster, make_on, fetch, forget, median, time_transfers
+from .measure import GiB, MiB, cluster, make_on, fetch, forget, median, transfer_seconds
 
 
 def parse_sizes(text):
@@ -47,7 +47,7 @@ def main(argv=None):
         with cluster(shm=shm) as (local, pool):
             source, target = local.worker_addresses
             for nbytes in args.sizes:
-                end_to_end, in_worker = time_transfers(pool, source, target, nbytes,
+                end_to_end, in_worker = transfer_seconds(pool, source, target, nbytes,
                                                        args.repeat)
                 used = shared_memory_use(pool, source, target, nbytes) if shm else None
                 results[shm, nbytes] = (median(end_to_end), median(in_worker), used)
