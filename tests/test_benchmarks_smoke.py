@@ -1,0 +1,22 @@
+"""The comparison script runs end to end (quick sizes, d3arrow only) and writes its figures."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_compare_quick_writes_every_figure(tmp_path):
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--quick", "--systems",
+                           "d3arrow", "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    figures = results["systems"]["d3arrow"]
+    assert figures["tiny_tasks_per_s"] > 0 and figures["round_trip_ms"] > 0
+    assert all(value > 0 for key, value in figures.items() if key.startswith("task_input"))
+    assert results["limits"]["socket"] > 0 and results["limits"]["memcpy"] > 0
+    assert "targets:" in done.stdout and "d3arrow/limit" in done.stdout
