@@ -117,6 +117,7 @@ class Client:
         self.ncores = {}
         self._where = {}  # key -> {address}, what this client knows of placement
         self._nbytes = {}
+        self._inline = {}  # key -> Serialized small result that came back with its compute
         self._refcount = collections.Counter()
         self._lock = threading.Lock()
         self._released = set()
@@ -249,8 +250,12 @@ class Client:
 
     async def _gather(self, items, *, timeout=None):
         keys = [item.key if isinstance(item, RemoteData) else item for item in items]
-        async with asyncio.timeout(timeout):
-            values = await self._fetch(set(keys))
+        # small results came back with their computation: rebuild them, fetch the rest
+        values = {key: load(self._inline[key]) for key in keys if key in self._inline}
+        remote = set(keys) - values.keys()
+        if remote:
+            async with asyncio.timeout(timeout):
+                values.update(await self._fetch(remote))
         return [values[key] for key in keys]
 
     async def _fetch(self, keys):
@@ -317,6 +322,7 @@ class Client:
                 for address in set(who_has.get(key, ())) | self._where.pop(key, set()):
                     holders[address].add(key)
                 self._nbytes.pop(key, None)
+                self._inline.pop(key, None)
             await asyncio.gather(*(
                 self._rpc(address).delete_data(keys=list(ks)) for address, ks in holders.items()),
                 return_exceptions=True)
@@ -354,6 +360,8 @@ class Client:
             if result["status"] == "OK":
                 self._where[result["key"]] = {address}
                 self._nbytes[result["key"]] = result["nbytes"]
+                if "value" in result:
+                    self._inline[result["key"]] = result["value"]
                 outcomes.append(RemoteData(result["key"], self, owned=True))
             elif result["status"] == "missing-data":
                 outcomes.append(MissingDataError(result["keys"]))

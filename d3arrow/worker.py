@@ -29,6 +29,7 @@ from .task import KeyRef, map_leaves
 logger = logging.getLogger(__name__)
 
 LARGE_BYTES = 2**20  # (de)serializing more than this moves off the event loop
+INLINE_BYTES = 1024  # results this small travel back in the compute reply as well
 
 
 class Worker(Server):
@@ -283,8 +284,14 @@ class Worker(Server):
             else:
                 _, value, ref_meta = outcomes[i]
                 self._store(key, value, ref_meta)
-                results.append({"key": key, "status": "OK", "nbytes": self.nbytes[key],
-                                "type": type(value).__name__})
+                result = {"key": key, "status": "OK", "nbytes": self.nbytes[key],
+                          "type": type(value).__name__}
+                if self.nbytes[key] <= INLINE_BYTES:
+                    try:
+                        result["value"] = serialize(value)  # saves the caller a round trip
+                    except TypeError:
+                        pass  # kept here only; a gather will say why it cannot travel
+                results.append(result)
         await self._tell_center("add_keys", [r["key"] for r in results if r["status"] == "OK"],
                                 wait="sent")
         return {"results": results, "seconds": sum(seconds for _, seconds in done)}

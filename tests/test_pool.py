@@ -180,3 +180,14 @@ def test_pool_without_address_owns_a_local_cluster():
         assert pool.apply(lambda: "hi").get() == "hi"
         processes = pool.client.cluster.processes
     assert all(p.poll() is not None for p in processes)
+
+
+def test_small_results_come_back_with_their_computation(pool):
+    small = pool.map(lambda x: x * 2, range(5))
+    big = pool.apply(lambda: np.zeros(10_000))
+    assert all(r.key in pool.client._inline for r in small)  # no gather round trip needed
+    assert big.key not in pool.client._inline
+    assert pool.gather(small) == [0, 2, 4, 6, 8]
+    pool.delete(small[:1])
+    with pytest.raises(MissingDataError):
+        small[0].get()
