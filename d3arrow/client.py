@@ -21,7 +21,7 @@ from .cluster import LocalCluster
 from .core import DEFAULT_TIMEOUT, ConnectionPool, rebuild_error
 from .errors import CommClosedError, MissingDataError
 from .eventloop import LoopThread
-from .serialize import serialize
+from .serialize import Serialized, serialize
 from .store import SharedDataGone, host_id, load
 from .task import KeyRef, find_leaves, map_leaves
 
@@ -360,7 +360,10 @@ class Client:
             if result["status"] == "OK":
                 self._where[result["key"]] = {address}
                 self._nbytes[result["key"]] = result["nbytes"]
-                if "value" in result:
+                if "plain" in result:
+                    self._inline[result["key"]] = Serialized({"kind": "plain",
+                                                              "value": result["plain"]}, [])
+                elif "value" in result:
                     self._inline[result["key"]] = result["value"]
                 outcomes.append(RemoteData(result["key"], self, owned=True))
             elif result["status"] == "missing-data":

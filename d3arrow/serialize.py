@@ -7,6 +7,8 @@ payloads. Each payload is sent as a list of pieces and received as one contiguou
   two pieces, the tensor's IPC metadata and the array's own memory (never copied on send).
   The receiver lays both in one buffer and ``pa.ipc.read_tensor`` rebuilds a read-only view.
 * pyarrow Tables and RecordBatches travel as an Arrow IPC stream.
+* ints, floats, strings, bytes, booleans and None travel as themselves inside the msgpack
+  header: no payload, no pickle.
 * anything else goes through cloudpickle protocol 5 with out-of-band buffers, so arrays
   nested inside Python objects are not copied either.
 """
@@ -19,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 PICKLE_PROTOCOL = 5
+_PLAIN = (int, float, str, bytes, bool, type(None))  # exact types msgpack keeps as they are
 PAGE = 4096
 ALIGNED_COPY_BYTES = 2**20  # from this size on, serialize_into aligns the copy to the source
 
@@ -58,6 +61,8 @@ def serialize(value):
     TypeError
         The value cannot be pickled; the message names its type and the reason.
     """
+    if is_plain(value):
+        return Serialized({"kind": "plain", "value": value}, [])
     if type(value) is np.ndarray and _tensor_compatible(value):
         return _serialize_tensor(value)
     if isinstance(value, (pa.Table, pa.RecordBatch)):
@@ -70,6 +75,8 @@ def deserialize(serialized):
     meta = serialized.meta
     buffers = [_as_buffer(p) for p in serialized.payloads]
     kind = meta.get("kind")
+    if kind == "plain":
+        return meta["value"]
     if kind == "tensor":
         return pa.ipc.read_tensor(pa.BufferReader(buffers[0])).to_numpy()
     if kind == "arrow":
@@ -81,6 +88,11 @@ def deserialize(serialized):
     if kind == "pickle":
         return pickle.loads(buffers[0], buffers=buffers[1:])
     raise ValueError(f"unknown serialization kind {kind!r}")
+
+
+def is_plain(value):
+    """Whether msgpack carries ``value`` as it is (same type, same value)."""
+    return type(value) in _PLAIN and (type(value) is not int or -2**63 <= value < 2**64)
 
 
 def nbytes(value):

@@ -22,7 +22,7 @@ import numpy as np
 from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Server, error_reply
 from .errors import CommClosedError
 from .protocol import allocate_buffers
-from .serialize import Serialized, nbytes, serialize
+from .serialize import Serialized, is_plain, nbytes, serialize
 from .store import SharedDataGone, SharedStore, load
 from .task import KeyRef, map_leaves
 
@@ -286,11 +286,14 @@ class Worker(Server):
                 self._store(key, value, ref_meta)
                 result = {"key": key, "status": "OK", "nbytes": self.nbytes[key],
                           "type": type(value).__name__}
-                if self.nbytes[key] <= INLINE_BYTES:
-                    try:
-                        result["value"] = serialize(value)  # saves the caller a round trip
-                    except TypeError:
-                        pass  # kept here only; a gather will say why it cannot travel
+                if self.nbytes[key] <= INLINE_BYTES:  # saves the caller a round trip
+                    if is_plain(value):
+                        result["plain"] = value
+                    else:
+                        try:
+                            result["value"] = serialize(value)
+                        except TypeError:
+                            pass  # kept here only; a gather will say why it cannot travel
                 results.append(result)
         await self._tell_center("add_keys", [r["key"] for r in results if r["status"] == "OK"],
                                 wait="sent")

@@ -106,3 +106,18 @@ def test_arrays_inside_objects_go_out_of_band():
 def test_unpicklable_value_names_its_type():
     with pytest.raises(TypeError, match="cannot serialize lock object"):
         serialize(threading.Lock())
+
+
+@pytest.mark.parametrize("value", [0, -1, 2**63 - 1, 2**64 - 1, 1.5, float("inf"), "text", "",
+                                   b"\x00\xff", True, None])
+def test_plain_values_travel_without_pickle(value):
+    got, wire_value = over_the_wire(value)
+    assert wire_value.meta["kind"] == "plain" and wire_value.payloads == []
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("value", [2**64, -2**63 - 1, (1, 2), [1], np.int64(3), 1 + 2j])
+def test_other_small_values_keep_their_type(value):
+    got, wire_value = over_the_wire(value)
+    assert wire_value.meta["kind"] == "pickle"
+    assert got == value and type(got) is type(value)
