@@ -324,6 +324,8 @@ class Worker(Server):
     async def gather_dependencies(self, keys, who_has):
         """Fetch the keys not held here; return those that no live worker could provide."""
         wanted = [k for k in keys if k not in self.data]
+        if not wanted:
+            return set()
         new = [k for k in wanted if k not in self._fetching]
         if new:
             task = asyncio.get_running_loop().create_task(self._fetch(new, who_has))
