@@ -50,6 +50,20 @@ def gen_cluster(n_workers=2, ncores=1, timeout=30, **center_kwargs):
     return decorator
 
 
+def wait_until(predicate, timeout=10.0, interval=0.01):
+    """Poll ``predicate`` until it is true or ``timeout`` passes; return its last value.
+
+    For what happens in another process or thread soon but not at once (a heartbeat
+    timeout, a background report, a release after garbage collection).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
     """Fail a test that leaves child processes running (and kill them)."""

@@ -5,6 +5,7 @@ import gc
 import numpy as np
 import pytest
 
+from conftest import wait_until
 from d3arrow.arena import ALIGNMENT, Arena, ArenaFull
 
 
@@ -58,12 +59,7 @@ def test_full_arena_raises_arena_full(arena):
 
 def test_memory_is_reserved_ahead_of_use(arena):
     arena.allocate(100)
-    for _ in range(100):
-        if arena.reserved:
-            break
-        import time
-        time.sleep(0.01)
-    assert arena.reserved >= 100
+    assert wait_until(lambda: arena.reserved >= 100, timeout=2)
 
 
 def test_arrow_objects_built_on_an_allocation_keep_it(arena):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import wait_until
 from d3arrow import Pool
 from d3arrow.addressing import parse_address
 from d3arrow.cluster import _read_address
@@ -74,9 +75,7 @@ def test_killed_worker_is_dropped_with_its_keys(processes):
         (x,) = pool.scatter([123], workers=[victim_address])
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        deadline = time.monotonic() + 5
-        while victim_address in pool.client.sync_ncores() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: victim_address not in pool.client.sync_ncores(), 5, interval=0.1)
         assert list(pool.client.sync_ncores()) == [survivor_address]
         assert pool.client.who_has([x.key]) == {x.key: []}
         assert pool.apply(lambda: "still working").get() == "still working"

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from conftest import wait_until
 from d3arrow import MissingDataError, Pool, RemoteData
 from d3arrow.addressing import address_tuple
 
@@ -74,9 +75,7 @@ def test_apply_runs_where_most_input_bytes_live(pool, cluster):
     assert holders(pool, [total]) == {total.key: [b]}
     assert total.get() == 1_000_010
     # the small input was pulled peer to peer; b reports its replica to the center soon after
-    deadline = time.monotonic() + 5
-    while len(holders(pool, [small])[small.key]) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(holders(pool, [small])[small.key]) == 2, timeout=5)
     assert sorted(holders(pool, [small])[small.key]) == sorted([a, b])
 
 
@@ -154,10 +153,7 @@ def test_dropped_remote_data_is_freed_on_the_workers(pool):
     assert all(pool.client.who_has(keys).values())
     del remote
     gc.collect()
-    deadline = time.monotonic() + 10
-    while any(pool.client.who_has(keys).values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(pool.client.who_has(keys).values())
+    assert wait_until(lambda: not any(pool.client.who_has(keys).values()), interval=0.05)
 
 
 def test_values_in_use_are_not_freed(pool):

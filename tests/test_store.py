@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from conftest import wait_until
 from d3arrow import store as store_module
 from d3arrow.arena import ArenaFull
 from d3arrow.store import SharedDataGone, SharedStore
@@ -73,12 +74,7 @@ def test_pins_are_released_when_views_are_collected(store):
     assert store.info()["pins"] == 3
     del views
     gc.collect()
-    for _ in range(200):
-        if store.info()["pins"] == 0:
-            break
-        import time
-        time.sleep(0.01)
-    assert store.info()["pins"] == 0
+    assert wait_until(lambda: store.info()["pins"] == 0, timeout=2)
 
 
 def test_full_store_refuses_put_and_small_values_are_not_shared(store):
@@ -133,12 +129,7 @@ def test_readers_pins_go_when_the_reader_dies(store):
         assert store.info()["pins"] == 1
         reader.kill()
         reader.wait()
-        for _ in range(500):
-            if store.info()["pins"] == 0:
-                break
-            import time
-            time.sleep(0.01)
-        assert store.info()["pins"] == 0
+        assert wait_until(lambda: store.info()["pins"] == 0, timeout=5)
     finally:
         if reader.poll() is None:
             reader.kill()

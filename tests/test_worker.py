@@ -4,7 +4,6 @@ import asyncio
 import operator
 
 import numpy as np
-import pytest
 
 from conftest import gen_cluster
 from d3arrow.core import rebuild_error
