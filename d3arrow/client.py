@@ -22,7 +22,7 @@ from .core import DEFAULT_TIMEOUT, ConnectionPool, rebuild_error
 from .errors import CommClosedError, MissingDataError
 from .eventloop import LoopThread
 from .serialize import Serialized, serialize
-from .store import SharedDataGone, host_id, load
+from .store import SharedDataGone, host_id, load, session_token
 from .task import KeyRef, find_leaves, map_leaves
 
 logger = logging.getLogger(__name__)
@@ -286,11 +286,12 @@ class Client:
     async def _get_data(self, address, keys):
         """{key: value} for the keys ``address`` could give; views of shared memory if local."""
         try:
-            reply = await self._rpc(address).get_data(keys=keys, host=self.host)
+            reply = await self._rpc(address).get_data(keys=keys, host=self.host,
+                                                      session=session_token(address))
             values, gone = {}, []
             for key, value in reply["data"].items():
                 try:
-                    values[key] = load(value)
+                    values[key] = load(value, peer=address)
                 except SharedDataGone:
                     gone.append(key)
             if gone:  # the memory's owner is gone: ask for the bytes instead

@@ -10,6 +10,8 @@ of the owner's memory: the cost does not grow with the value's size.
 Lifetime: the reader *pins* each object it views, over its session. The owner keeps a pinned
 allocation alive even after deleting its key, and drops the pin when the reader's view is
 garbage collected (a release message) or the reader's process dies (the session closes).
+A reader that already has a session names it (a token) when it asks for data, and the owner
+pins while answering, which saves the reader the pin round trip.
 Abstract sockets vanish with their process and are scoped to a network namespace, so
 processes in different namespaces never mistake each other for co-located.
 """
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 MIN_SHARED_BYTES = 64 * 2**10  # smaller values stay private: per-object costs would dominate
 _RECORD = struct.Struct("<BQ")  # op or status, then an id
-_PIN, _RELEASE = 1, 2
+_PIN, _RELEASE, _HELLO = 1, 2, 3
 _OK, _GONE = 1, 0
 SESSION_TIMEOUT = 10.0
 
@@ -93,6 +95,7 @@ class SharedStore:
         self._owned = {}  # id -> allocation, for put(): kept until delete()
         self._withdrawn = set()  # ids deleted while still viewed: no new pins
         self._pins = {}  # session socket -> {pin id: allocation}
+        self._tokens = {}  # a reader's session token -> its session socket
         self._pin_ids = itertools.count(1)
         self._lock = threading.Lock()
         self.closed = False
@@ -212,6 +215,17 @@ class SharedStore:
             if self._owned.pop(block_id, None) is not None:
                 self._withdrawn.add(block_id)
 
+    def pin_for(self, token, block_id):
+        """Pin an allocation for the reader whose session ``token`` names; its pin id or None."""
+        with self._lock:
+            pins = self._pins.get(self._tokens.get(token))
+            block = self.arena.get(block_id)
+            if pins is None or block is None or block_id in self._withdrawn:
+                return None
+            pin_id = next(self._pin_ids)
+            pins[pin_id] = block
+            return pin_id
+
     def info(self):
         return {"shared": self.shared, "capacity": self.arena.capacity, "used": self.arena.used,
                 "reserved": self.arena.reserved, "fallbacks": self.fallbacks,
@@ -268,6 +282,7 @@ class SharedStore:
                         selector.unregister(conn)
                         with self._lock:
                             self._pins.pop(conn, None)
+                            self._tokens = {t: c for t, c in self._tokens.items() if c is not conn}
                         pending.pop(conn, None)
                         conn.close()
                         continue
@@ -293,6 +308,8 @@ class SharedStore:
                         replies.append(_RECORD.pack(_OK, pin_id))
                 elif op == _RELEASE and pins is not None:
                     pins.pop(ident, None)
+                elif op == _HELLO and pins is not None:
+                    self._tokens[ident] = conn
         if replies:
             try:
                 conn.sendall(b"".join(replies))
@@ -325,8 +342,11 @@ def get(ref):
     return load(Serialized(ref.meta, []))
 
 
-def load(serialized):
+def load(serialized, *, peer=None):
     """Deserialize a value, viewing shared memory in place for ``"shm"`` references.
+
+    ``peer``, the address that sent the reference, is remembered so that later requests to
+    it can name our session with its store (:func:`session_token`).
 
     Raises
     ------
@@ -336,8 +356,16 @@ def load(serialized):
     meta = serialized.meta
     if meta.get("kind") != "shm":
         return deserialize(serialized)
-    buffer = _sessions.view(meta["socket"], meta["id"], meta["offset"], meta["size"])
+    if peer is not None:
+        _sessions.peer_stores[peer] = meta["socket"]
+    buffer = _sessions.view(meta["socket"], meta["id"], meta["offset"], meta["size"],
+                            pinned=meta.get("pin"), token=meta.get("token"))
     return deserialize(Serialized(meta["inner"], [buffer]))
+
+
+def session_token(peer):
+    """The token of our session with ``peer``'s store, if we have one (else None)."""
+    return _sessions.token(peer)
 
 
 class _Session:
@@ -358,6 +386,8 @@ class _Session:
                                       prot=mmap.PROT_READ)
             finally:
                 os.close(fds[0])
+            self.token = int.from_bytes(os.urandom(8), "little")
+            self.sock.sendall(_RECORD.pack(_HELLO, self.token))
         except BaseException:
             self.sock.close()
             raise
@@ -393,11 +423,20 @@ class _Sessions:
     def __init__(self):
         self._sessions = {}
         self._lock = threading.Lock()
+        self.peer_stores = {}  # peer address -> the socket name of its store
 
-    def view(self, socket_name, block_id, offset, size):
+    def token(self, peer):
+        session = self._sessions.get(self.peer_stores.get(peer))
+        return session.token if session is not None and session.alive else None
+
+    def view(self, socket_name, block_id, offset, size, *, pinned=None, token=None):
+        """A read-only buffer over an owner's object, pinned for as long as it lives."""
         try:
             session = self._get(socket_name)
-            pin_id = session.pin(block_id)
+            if pinned is not None and token == session.token:
+                pin_id = pinned  # the owner pinned it for us while answering
+            else:
+                pin_id = session.pin(block_id)
         except OSError as e:
             with self._lock:
                 self._sessions.pop(socket_name, None)

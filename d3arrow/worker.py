@@ -23,7 +23,7 @@ from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Server, e
 from .errors import CommClosedError
 from .protocol import allocate_buffers
 from .serialize import Serialized, is_plain, nbytes, serialize
-from .store import SharedDataGone, SharedStore, load
+from .store import SharedDataGone, SharedStore, load, session_token
 from .task import KeyRef, map_leaves
 
 logger = logging.getLogger(__name__)
@@ -177,21 +177,30 @@ class Worker(Server):
                 return shared
         return value, None
 
-    async def _receive(self, serialized):
-        """``(value, ref_meta)`` for a value that arrived in a message."""
-        if serialized.meta.get("kind") == "shm":
-            return load(serialized), serialized.meta  # a view of a co-located peer's memory
+    async def _receive(self, serialized, peer=None):
+        """``(value, ref_meta)`` for a value that arrived in a message (from ``peer``)."""
+        if serialized.meta.get("kind") == "shm":  # a view of a co-located peer's memory
+            ref_meta = {k: v for k, v in serialized.meta.items() if k not in ("pin", "token")}
+            return load(serialized, peer=peer), ref_meta
         if self.store is not None:
             adopted = self.store.adopt(serialized)  # received straight into our store
             if adopted is not None:
                 return adopted
         return await self._load(serialized), None
 
-    async def _wire_form(self, key, host):
-        """How to send a value: a reference for a co-located reader, else its bytes."""
+    async def _wire_form(self, key, host, session):
+        """How to send a value: a reference for a co-located reader, else its bytes.
+
+        ``session`` is the reader's token for its session with our store, if it has one:
+        then we pin the object for it now, saving it a round trip.
+        """
         if host is not None and self.store is not None and host == self.store.host:
             ref_meta = self.shared.get(key)
             if ref_meta is not None:
+                if session is not None and ref_meta["socket"] == self.store.socket_name:
+                    pin = self.store.pin_for(session, ref_meta["id"])
+                    if pin is not None:
+                        ref_meta = {**ref_meta, "pin": pin, "token": session}
                 return Serialized(ref_meta, [])
         value = self.data[key]
         if isinstance(value, np.ndarray) or self.nbytes[key] < LARGE_BYTES:
@@ -200,9 +209,9 @@ class Worker(Server):
 
     # -- ops ---------------------------------------------------------------------------------
 
-    async def get_data(self, *, keys, host=None):
+    async def get_data(self, *, keys, host=None, session=None):
         """Values by key; to a reader on our host (``host``), shared-memory references."""
-        data = {k: await self._wire_form(k, host) for k in keys if k in self.data}
+        data = {k: await self._wire_form(k, host, session) for k in keys if k in self.data}
         missing = [k for k in keys if k not in data]
         if missing:
             return {"status": "missing-data", "keys": missing, "data": data}
@@ -373,11 +382,12 @@ class Worker(Server):
         """{key: (value, ref_meta)} for the keys ``peer`` could give us."""
         host = self.store.host if self.store else None
         try:
-            reply = await self.pool.rpc(peer).get_data(keys=keys, host=host)
+            reply = await self.pool.rpc(peer).get_data(keys=keys, host=host,
+                                                       session=session_token(peer))
             received, gone = {}, []
             for key, value in reply["data"].items():
                 try:
-                    received[key] = await self._receive(value)
+                    received[key] = await self._receive(value, peer)
                 except SharedDataGone as e:  # e.g. the memory's owner died: take the bytes
                     logger.info("shared memory of %r unavailable (%s): fetching bytes", key, e)
                     gone.append(key)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import gen_cluster
+from conftest import gen_cluster, wait_until
 from d3arrow import LocalCluster, Pool
 from d3arrow.serialize import serialize
 from d3arrow.store import _sessions
@@ -146,3 +146,25 @@ def test_kill_9_of_every_process_leaves_dev_shm_as_it_was():
         cluster.close()
     time.sleep(0.1)
     assert sorted(os.listdir("/dev/shm")) == before
+
+
+@gen_cluster(n_workers=2)
+async def test_owner_pins_while_answering_a_reader_with_a_session(center, workers, pool):
+    from d3arrow.store import load, session_token
+
+    a, b = workers
+    await pool.rpc(a.address).update_data(data={k: serialize(np.full(100_000, i))
+                                                for i, k in enumerate(["x", "y"])})
+    await pool.rpc(b.address).fetch(keys=["x"])  # opens b's session with a's store
+    token = session_token(a.address)
+    assert token is not None
+    reply = await pool.rpc(a.address).get_data(keys=["y"], host=a.store.host, session=token)
+    meta = reply["data"]["y"].meta
+    assert meta["kind"] == "shm" and meta["token"] == token and meta["pin"]
+    pins_before = a.store.info()["pins"]
+    view = load(reply["data"]["y"], peer=a.address)  # no pin round trip: already pinned
+    assert a.store.info()["pins"] == pins_before and (view == 1).all()
+    del view
+    gc.collect()
+    assert await asyncio.to_thread(
+        lambda: wait_until(lambda: a.store.info()["pins"] == pins_before - 1, timeout=5))
