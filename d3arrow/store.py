@@ -20,6 +20,7 @@ import itertools
 import logging
 import mmap
 import os
+import select
 import selectors
 import socket
 import struct
@@ -416,6 +417,21 @@ class _Session:
         except OSError:
             self.alive = False
 
+    def owner_gone(self):
+        """Whether the owner closed the session (it exited, or died)."""
+        with self.lock:
+            try:
+                # a socket with a timeout waits before recv: ask whether it is readable first
+                readable, _, _ = select.select([self.sock], [], [], 0)
+                return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
+    def close(self):
+        """Stop using the session. The mapping goes when the last view of it does."""
+        self.alive = False
+        self.sock.close()
+
 
 class _Sessions:
     """This process's sessions with owners, one per owner, opened on first use."""
@@ -431,6 +447,7 @@ class _Sessions:
 
     def view(self, socket_name, block_id, offset, size, *, pinned=None, token=None):
         """A read-only buffer over an owner's object, pinned for as long as it lives."""
+        self._sweep()
         try:
             session = self._get(socket_name)
             if pinned is not None and token == session.token:
@@ -445,6 +462,14 @@ class _Sessions:
             raise SharedDataGone(f"shared store {socket_name} no longer holds object {block_id}")
         pin = _Pin(session, pin_id)
         return pa.foreign_buffer(session.address + offset, size, base=pin)
+
+    def _sweep(self):
+        """Forget sessions whose owner is gone, so their memory is unmapped (and, once no
+        process maps it, freed) as soon as our last view of it is collected."""
+        with self._lock:
+            gone = [name for name, s in self._sessions.items() if s.owner_gone()]
+            for name in gone:
+                self._sessions.pop(name).close()
 
     def _get(self, socket_name):
         with self._lock:

@@ -168,3 +168,30 @@ async def test_owner_pins_while_answering_a_reader_with_a_session(center, worker
     gc.collect()
     assert await asyncio.to_thread(
         lambda: wait_until(lambda: a.store.info()["pins"] == pins_before - 1, timeout=5))
+
+
+def test_a_dead_owners_memory_is_unmapped_once_no_view_remains():
+    def spans():
+        with open("/proc/self/maps") as f:
+            return {line.split()[0] for line in f if "/memfd:d3arrow-store" in line}
+
+    def span_of(address):
+        return next(span for span in spans()
+                    if int(span.split("-")[0], 16) <= address < int(span.split("-")[1], 16))
+
+    with LocalCluster(n_workers=2, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        a, b = cluster.worker_addresses
+        x = pool.apply(lambda: np.ones(1_000_000), workers=[a])
+        y = pool.apply(lambda: np.zeros(1_000_000), workers=[b])
+        y.get()  # this process now maps b's region too
+        view = x.get()
+        a_span = span_of(view.ctypes.data)  # a's region, mapped by this reader
+        owner = cluster.worker_processes[cluster.worker_addresses.index(a)]
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        assert view.sum() == 1_000_000  # still readable: the mapping keeps the memory
+        del view
+        gc.collect()
+        y.get()  # any later view sweeps sessions whose owner is gone
+        gc.collect()
+        assert a_span not in spans()
