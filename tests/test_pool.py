@@ -187,3 +187,24 @@ def test_small_results_come_back_with_their_computation(pool):
     pool.delete(small[:1])
     with pytest.raises(MissingDataError):
         small[0].get()
+
+
+def test_map_finishes_on_the_survivors_when_a_worker_dies():
+    import signal
+    import threading
+
+    from d3arrow import LocalCluster
+
+    with LocalCluster(n_workers=2, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        victim = cluster.worker_processes[0]
+        killer = threading.Timer(0.5, victim.send_signal, [signal.SIGKILL])
+        killer.start()
+        try:
+            results = pool.map(lambda x: time.sleep(0.05) or x * 10, range(40))
+        finally:
+            killer.join()
+        assert victim.wait(timeout=10) == -signal.SIGKILL  # it died while the map ran
+        survivor = cluster.worker_addresses[1]
+        assert pool.gather(results) == [x * 10 for x in range(40)]  # small: came back inline
+        on_survivor = sum(pool.client.where(r.key) == {survivor} for r in results)
+        assert on_survivor > 20  # it ran its own half and took over the dead worker's rest
