@@ -137,4 +137,5 @@ def test_demo_runs_the_seed_example(processes):
     assert demo.returncode == 0, err.decode()
     assert ">>> total.get()\n-285\n" in text
     assert ">>> pool.gather(A)\n[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]\n" in text
-    assert "Peer-to-peer: median" in text and "GB/s" in text
+    assert "Peer-to-peer, same host, shared memory: median" in text
+    assert "Peer-to-peer, over TCP (--no-shm):" in text and "GB/s" in text
