@@ -295,14 +295,12 @@ class Worker(Server):
                 self._store(key, value, ref_meta)
                 result = {"key": key, "status": "OK", "nbytes": self.nbytes[key],
                           "type": type(value).__name__}
-                if self.nbytes[key] <= INLINE_BYTES:  # saves the caller a round trip
-                    if is_plain(value):
-                        result["plain"] = value
-                    else:
-                        try:
-                            result["value"] = serialize(value)
-                        except TypeError:
-                            pass  # kept here only; a gather will say why it cannot travel
+                # small results travel back too, saving the caller a round trip; only where
+                # the size is known (getsizeof of a dict says nothing of the arrays inside)
+                if is_plain(value) and self.nbytes[key] <= INLINE_BYTES:
+                    result["plain"] = value
+                elif type(value) is np.ndarray and value.nbytes <= INLINE_BYTES:
+                    result["value"] = serialize(value)
                 results.append(result)
         await self._tell_center("add_keys", [r["key"] for r in results if r["status"] == "OK"],
                                 wait="sent")

@@ -208,3 +208,9 @@ def test_map_finishes_on_the_survivors_when_a_worker_dies():
         assert pool.gather(results) == [x * 10 for x in range(40)]  # small: came back inline
         on_survivor = sum(pool.client.where(r.key) == {survivor} for r in results)
         assert on_survivor > 20  # it ran its own half and took over the dead worker's rest
+
+
+def test_results_holding_large_arrays_stay_on_the_workers(pool):
+    (result,) = pool.map(lambda i: {"big": np.ones(1_000_000)}, [0])
+    assert result.key not in pool.client._inline  # shallow size is small; the value is not
+    assert result.get()["big"].sum() == 1_000_000
