@@ -81,7 +81,14 @@ class Server:
         while True:
             msg = await comm.recv()
             reply = await self.handle_message(msg)
-            await comm.send(reply)
+            try:
+                await comm.send(reply)
+            except CommClosedError:
+                await self.undelivered(reply)
+                raise
+
+    async def undelivered(self, reply):
+        """Called with a reply whose requester hung up first (it gave up, or died)."""
 
     async def handle_message(self, msg):
         if isinstance(msg, ProtocolError):

@@ -234,6 +234,14 @@ class Worker(Server):
             await self._tell_center("remove_keys", deleted)
         return {"keys": deleted}
 
+    async def undelivered(self, reply):
+        """Results nobody received are nobody's: drop them rather than hold them forever."""
+        keys = [r["key"] for r in reply.get("results", ()) if r.get("status") == "OK"]
+        if keys:
+            logger.info("the caller hung up before %d results reached it: dropping them",
+                        len(keys))
+            await self.delete_data(keys=keys)
+
     def keys(self):
         return {"keys": list(self.data)}
 

@@ -214,3 +214,17 @@ def test_results_holding_large_arrays_stay_on_the_workers(pool):
     (result,) = pool.map(lambda i: {"big": np.ones(1_000_000)}, [0])
     assert result.key not in pool.client._inline  # shallow size is small; the value is not
     assert result.get()["big"].sum() == 1_000_000
+
+
+def test_an_interrupted_map_leaves_no_results_behind():
+    from d3arrow import LocalCluster
+
+    with LocalCluster(n_workers=2, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        pending = pool.client.submit(pool._map, lambda x: time.sleep(0.3) or np.ones(10) * x,
+                                     list(range(8)))
+        time.sleep(0.15)  # the first calls are running on both workers
+        pending.cancel()  # what Ctrl-C in a blocking map does to its coroutine
+        held = lambda: sum(len(keys) for keys in pool.client.has_what().values())  # noqa: E731
+        assert wait_until(lambda: held() == 0, timeout=5)
+        time.sleep(0.5)  # the calls that were running have finished by now
+        assert held() == 0
