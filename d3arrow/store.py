@@ -41,6 +41,7 @@ _RECORD = struct.Struct("<BQ")  # op or status, then an id
 _PIN, _RELEASE, _HELLO = 1, 2, 3
 _OK, _GONE = 1, 0
 SESSION_TIMEOUT = 10.0
+_IN_PLACE_KINDS = ("tensor", "arrow")  # one-buffer forms a reader can use where they lie
 
 
 def host_id():
@@ -154,7 +155,7 @@ class SharedStore:
         buffers = [None] * len(lengths)
         for value in values:
             start, count = value.payloads
-            if (count == 1 and value.meta.get("kind") in ("tensor", "arrow")
+            if (count == 1 and value.meta.get("kind") in _IN_PLACE_KINDS
                     and lengths[start] >= self.min_bytes):
                 try:
                     buffers[start] = self.arena.allocate(lengths[start])
@@ -164,8 +165,7 @@ class SharedStore:
 
     def adopt(self, serialized):
         """If a received value lies in our memory, its ``(view, ref_meta)``; else None."""
-        if len(serialized.payloads) != 1 or serialized.meta.get("kind") not in (
-                "tensor", "arrow"):
+        if len(serialized.payloads) != 1 or serialized.meta.get("kind") not in _IN_PLACE_KINDS:
             return None
         (buffer,) = serialized.payloads
         block_id = self.arena.block_id(buffer) if isinstance(buffer, pa.Buffer) else None
@@ -219,13 +219,19 @@ class SharedStore:
     def pin_for(self, token, block_id):
         """Pin an allocation for the reader whose session ``token`` names; its pin id or None."""
         with self._lock:
-            pins = self._pins.get(self._tokens.get(token))
-            block = self.arena.get(block_id)
-            if pins is None or block is None or block_id in self._withdrawn:
-                return None
-            pin_id = next(self._pin_ids)
-            pins[pin_id] = block
-            return pin_id
+            return self._pin(self._pins.get(self._tokens.get(token)), block_id)
+
+    def _pin(self, pins, block_id):
+        """Pin a live, not withdrawn allocation in a session's ``pins``; its pin id or None.
+
+        The caller holds the lock.
+        """
+        block = self.arena.get(block_id)
+        if pins is None or block is None or block_id in self._withdrawn:
+            return None
+        pin_id = next(self._pin_ids)
+        pins[pin_id] = block
+        return pin_id
 
     def info(self):
         return {"shared": self.shared, "capacity": self.arena.capacity, "used": self.arena.used,
@@ -300,13 +306,9 @@ class SharedStore:
             with self._lock:
                 pins = self._pins.get(conn)
                 if op == _PIN:
-                    block = self.arena.get(ident)
-                    if block is None or pins is None or ident in self._withdrawn:
-                        replies.append(_RECORD.pack(_GONE, 0))
-                    else:
-                        pin_id = next(self._pin_ids)
-                        pins[pin_id] = block
-                        replies.append(_RECORD.pack(_OK, pin_id))
+                    pin_id = self._pin(pins, ident)
+                    replies.append(_RECORD.pack(_GONE, 0) if pin_id is None
+                                   else _RECORD.pack(_OK, pin_id))
                 elif op == _RELEASE and pins is not None:
                     pins.pop(ident, None)
                 elif op == _HELLO and pins is not None:
