@@ -19,10 +19,10 @@ import uuid
 from .addressing import normalize_address
 from .cluster import LocalCluster
 from .core import DEFAULT_TIMEOUT, ConnectionPool, rebuild_error
-from .errors import CommClosedError, MissingDataError
+from .errors import MissingDataError
 from .eventloop import LoopThread
 from .serialize import Serialized, serialize
-from .store import SharedDataGone, host_id, load, session_token
+from .store import get_data, host_id, load
 from .task import KeyRef, find_leaves, map_leaves
 
 logger = logging.getLogger(__name__)
@@ -285,22 +285,11 @@ class Client:
 
     async def _get_data(self, address, keys):
         """{key: value} for the keys ``address`` could give; views of shared memory if local."""
-        try:
-            reply = await self._rpc(address).get_data(keys=keys, host=self.host,
-                                                      session=session_token(address))
-            values, gone = {}, []
-            for key, value in reply["data"].items():
-                try:
-                    values[key] = load(value, peer=address)
-                except SharedDataGone:
-                    gone.append(key)
-            if gone:  # the memory's owner is gone: ask for the bytes instead
-                reply = await self._rpc(address).get_data(keys=gone)
-                values.update((key, load(value)) for key, value in reply["data"].items())
-        except (OSError, CommClosedError) as e:
-            logger.warning("could not get %d keys from %s: %s", len(keys), address, e)
-            return {}
-        return values
+        async def receive(value, peer):
+            return load(value, peer=peer)
+
+        return await get_data(self.pool, address, keys, host=self.host, receive=receive,
+                              timeout=self.timeout)
 
     def _learn(self, who_has):
         for key, addresses in who_has.items():

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from .arena import Arena, ArenaFull
+from .errors import CommClosedError
 from .serialize import Serialized, deserialize, is_shareable, serialize_into
 
 logger = logging.getLogger(__name__)
@@ -369,6 +370,34 @@ def load(serialized, *, peer=None):
 def session_token(peer):
     """The token of our session with ``peer``'s store, if we have one (else None)."""
     return _sessions.token(peer)
+
+
+async def get_data(pool, address, keys, *, host, receive, timeout=None):
+    """``{key: received}`` from the worker at ``address``, through shared memory if it can.
+
+    Asks with our ``host`` (and our session with its store, if any), so a co-located worker
+    answers with references; ``receive(serialized, address)`` turns each answer into what
+    the caller keeps. A reference whose memory's owner is gone is asked for again as bytes.
+    A worker that cannot be reached gives nothing (logged): callers try other holders.
+    """
+    rpc = pool.rpc(address, timeout=timeout)
+    try:
+        reply = await rpc.get_data(keys=keys, host=host, session=session_token(address))
+        received, gone = {}, []
+        for key, value in reply["data"].items():
+            try:
+                received[key] = await receive(value, address)
+            except SharedDataGone as e:
+                logger.info("shared memory of %r unavailable (%s): asking for bytes", key, e)
+                gone.append(key)
+        if gone:
+            reply = await rpc.get_data(keys=gone)
+            for key, value in reply["data"].items():
+                received[key] = await receive(value, address)
+    except (OSError, CommClosedError) as e:
+        logger.warning("could not get %d keys from %s: %s", len(keys), address, e)
+        return {}
+    return received
 
 
 class _Session:

@@ -23,7 +23,7 @@ from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Server, e
 from .errors import CommClosedError
 from .protocol import allocate_buffers
 from .serialize import Serialized, is_plain, nbytes, serialize
-from .store import SharedDataGone, SharedStore, load, session_token
+from .store import SharedStore, get_data, load
 from .task import KeyRef, map_leaves
 
 logger = logging.getLogger(__name__)
@@ -386,25 +386,8 @@ class Worker(Server):
 
     async def _get_from_peer(self, peer, keys):
         """{key: (value, ref_meta)} for the keys ``peer`` could give us."""
-        host = self.store.host if self.store else None
-        try:
-            reply = await self.pool.rpc(peer).get_data(keys=keys, host=host,
-                                                       session=session_token(peer))
-            received, gone = {}, []
-            for key, value in reply["data"].items():
-                try:
-                    received[key] = await self._receive(value, peer)
-                except SharedDataGone as e:  # e.g. the memory's owner died: take the bytes
-                    logger.info("shared memory of %r unavailable (%s): fetching bytes", key, e)
-                    gone.append(key)
-            if gone:
-                reply = await self.pool.rpc(peer).get_data(keys=gone)
-                for key, value in reply["data"].items():
-                    received[key] = await self._receive(value)
-        except (OSError, CommClosedError) as e:
-            logger.warning("could not fetch %d keys from %s: %s", len(keys), peer, e)
-            return {}
-        return received
+        return await get_data(self.pool, peer, keys, host=self.store.host if self.store else None,
+                              receive=self._receive)
 
 
 def _open_store(capacity, shared):
