@@ -21,7 +21,7 @@ from .cluster import LocalCluster
 from .core import DEFAULT_TIMEOUT, ConnectionPool, rebuild_error
 from .errors import MissingDataError
 from .eventloop import LoopThread
-from .serialize import Serialized, serialize
+from .serialize import serialize
 from .store import get_data, host_id, load
 from .task import KeyRef, find_leaves, map_leaves
 
@@ -117,7 +117,7 @@ class Client:
         self.ncores = {}
         self._where = {}  # key -> {address}, what this client knows of placement
         self._nbytes = {}
-        self._inline = {}  # key -> Serialized small result that came back with its compute
+        self._inline = {}  # key -> small result that came back with its compute
         self._refcount = collections.Counter()
         self._lock = threading.Lock()
         self._released = set()
@@ -251,7 +251,7 @@ class Client:
     async def _gather(self, items, *, timeout=None):
         keys = [item.key if isinstance(item, RemoteData) else item for item in items]
         # small results came back with their computation: rebuild them, fetch the rest
-        values = {key: load(self._inline[key]) for key in keys if key in self._inline}
+        values = {key: self._inline[key] for key in keys if key in self._inline}
         remote = set(keys) - values.keys()
         if remote:
             async with asyncio.timeout(timeout):
@@ -351,10 +351,9 @@ class Client:
                 self._where[result["key"]] = {address}
                 self._nbytes[result["key"]] = result["nbytes"]
                 if "plain" in result:
-                    self._inline[result["key"]] = Serialized({"kind": "plain",
-                                                              "value": result["plain"]}, [])
+                    self._inline[result["key"]] = result["plain"]
                 elif "value" in result:
-                    self._inline[result["key"]] = result["value"]
+                    self._inline[result["key"]] = load(result["value"])
                 outcomes.append(RemoteData(result["key"], self, owned=True))
             elif result["status"] == "missing-data":
                 outcomes.append(MissingDataError(result["keys"]))
