@@ -13,6 +13,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import threading
 import uuid
 
@@ -28,8 +29,21 @@ from .task import KeyRef, find_leaves, map_leaves
 logger = logging.getLogger(__name__)
 
 
+_KEY_PREFIX = uuid.uuid4().hex[:16]  # per process; re-drawn in a forked child
+_key_counter = itertools.count()
+
+
 def new_key():
-    return str(uuid.uuid4())
+    """A key no other process will make: this process's random prefix and a counter."""
+    return f"{_KEY_PREFIX}-{next(_key_counter)}"
+
+
+def _new_prefix():
+    global _KEY_PREFIX
+    _KEY_PREFIX = uuid.uuid4().hex[:16]
+
+
+os.register_at_fork(after_in_child=_new_prefix)
 
 
 class RemoteData:

@@ -11,6 +11,9 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import sys
+
+import cloudpickle
 
 from .addressing import address_tuple
 from .client import Client, RemoteData, new_key
@@ -164,9 +167,13 @@ class Pool:
         outcomes = [None] * len(calls)
         pace = _Pace()
         while any(queues.values()):
-            slots = [self._slot(address, function, calls, queues, outcomes, pace)
-                     for address in list(queues) for _ in range(client.ncores.get(address, 1))]
-            await asyncio.gather(*slots)
+            if len(calls) == 1:  # one slot is enough: no tasks to create, no loop turns
+                (address,) = (a for a in queues if queues[a])
+                await self._slot(address, function, calls, queues, outcomes, pace)
+            else:
+                await asyncio.gather(*(
+                    self._slot(address, function, calls, queues, outcomes, pace)
+                    for address in list(queues) for _ in range(client.ncores.get(address, 1))))
             if not queues:
                 raise CommClosedError("every worker this computation could use has died")
         for outcome in outcomes:
@@ -252,14 +259,50 @@ def _take_batch(address, queues, ncores, most):
     return [other.pop() for _ in range(size)]
 
 
+_BY_REFERENCE_CACHE = 256
+
+
 def _serialize_function(func):
+    """The function in wire form; kept for functions sent by name (nothing in them can change).
+
+    Lambdas, closures and functions of ``__main__`` travel by value, with the globals they
+    use as they are at this call, so those are serialized every time.
+    """
     if not callable(func):
         raise TypeError(f"{func!r} is not callable")
     try:
-        return serialize(func)
+        cached = _by_reference.get(func)
+    except TypeError:  # unhashable callable
+        cached = None
+    if cached is not None:
+        return cached
+    try:
+        serialized = serialize(func)
     except TypeError as e:
         raise TypeError(f"cannot send function {getattr(func, '__qualname__', func)!r} to "
                         f"the workers: {e}") from e
+    if _sent_by_reference(func):
+        if len(_by_reference) >= _BY_REFERENCE_CACHE:
+            _by_reference.clear()
+        _by_reference[func] = serialized
+    return serialized
+
+
+_by_reference = {}
+
+
+def _sent_by_reference(func):
+    """Whether pickling ``func`` names it (module + qualified name) rather than copying it."""
+    module, name = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    if not module or not name or module == "__main__" or "<" in name:
+        return False
+    if any(module == m or module.startswith(m + ".")
+           for m in cloudpickle.list_registry_pickle_by_value()):
+        return False
+    found = sys.modules.get(module)
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found is func
 
 
 class AsyncResult:

@@ -134,6 +134,16 @@ def test_unpicklable_function_is_a_clear_error(pool):
         pool.apply(42)
 
 
+def test_a_function_sent_by_value_carries_the_state_of_each_call(pool):
+    """Named functions are serialized once; closures see their variables as they are now."""
+    state = {"scale": 2}
+    scaled = lambda x: x * state["scale"]  # noqa: E731
+    assert pool.apply(scaled, [5]).get() == 10
+    state["scale"] = 3
+    assert pool.apply(scaled, [5]).get() == 15
+    assert [pool.apply(abs, [-i]).get() for i in range(3)] == [0, 1, 2]
+
+
 def test_apply_async_returns_at_once(pool):
     pending = pool.apply_async(lambda: time.sleep(0.5) or "done")
     assert not pending.ready()
