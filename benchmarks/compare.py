@@ -87,8 +87,10 @@ def targets(results, config):
 
     tcp_big = d3.get(f"task_input_tcp_{big}")
     if tcp_big:
+        paired = d3.get(f"task_input_tcp_{big}_per_socket")
         add(f"TCP worker-to-worker {big // MiB} MiB >= 0.9 x raw socket",
-            f"{tcp_big / socket:.2f}", tcp_big / socket >= 0.9)
+            f"{paired:.2f} paired ({tcp_big / socket:.2f} against the run-start socket)",
+            paired >= 0.9)
         if f"task_input_tcp_{big}" in dask:
             ratio = tcp_big / dask[f"task_input_tcp_{big}"]
             add(f"TCP worker-to-worker {big // MiB} MiB no slower than dask", f"{ratio:.2f}x",
@@ -97,8 +99,10 @@ def targets(results, config):
         ratio = d3[f"task_input_tcp_{small}"] / dask[f"task_input_tcp_{small}"]
         add(f"TCP worker-to-worker {small // MiB} MiB >= 3 x dask", f"{ratio:.2f}x", ratio >= 3)
     if f"scatter_{big}" in d3:
-        ratio = d3[f"scatter_{big}"] / socket
-        add(f"scatter {big // MiB} MiB >= 0.8 x raw socket", f"{ratio:.2f}", ratio >= 0.8)
+        paired = d3[f"scatter_{big}_per_socket"]
+        add(f"scatter {big // MiB} MiB >= 0.8 x raw socket",
+            f"{paired:.2f} paired ({d3[f'scatter_{big}'] / socket:.2f} against the run-start "
+            "socket)", paired >= 0.8)
     if f"peak_rss_{big}" in d3:
         add("receiving worker peak RSS growth <= 1.1 x payload", f"{d3[f'peak_rss_{big}']:.2f}",
             d3[f"peak_rss_{big}"] <= 1.1)
