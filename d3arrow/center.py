@@ -9,6 +9,7 @@ import logging
 import time
 
 from .core import HEARTBEAT_INTERVAL, Server
+from .security import NO_SECURITY
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ class Center(Server):
     """
 
     def __init__(self, *, heartbeat_interval=HEARTBEAT_INTERVAL,
-                 heartbeat_timeout=HEARTBEAT_TIMEOUT):
-        super().__init__()
+                 heartbeat_timeout=HEARTBEAT_TIMEOUT, security=NO_SECURITY):
+        super().__init__(security=security)
         self._who_has = {}
         self._has_what = {}
         self._ncores = {}

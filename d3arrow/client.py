@@ -22,6 +22,7 @@ from .cluster import LocalCluster
 from .core import DEFAULT_TIMEOUT, ConnectionPool, rebuild_error
 from .errors import MissingDataError
 from .eventloop import LoopThread
+from .security import Security
 from .serialize import serialize
 from .store import get_data, host_id, load
 from .task import KeyRef, find_leaves, map_leaves
@@ -113,21 +114,30 @@ class Client:
     shm : bool, default True
         Read values held by workers on this host as views of their shared memory (and, with
         no address, give the LocalCluster's workers a shared store).
+    auth_token : str, optional
+        The cluster's token (default ``$D3ARROW_AUTH_TOKEN``): needed where the servers
+        were started with one.
+    tls_cert, tls_key, tls_ca : str, optional
+        PEM files to connect over TLS: ``tls_ca`` verifies the servers, ``tls_cert`` and
+        ``tls_key`` are this client's certificate where the servers require one.
     **cluster_kwargs
         Passed to :class:`LocalCluster` when no address is given.
     """
 
-    def __init__(self, address=None, *, timeout=DEFAULT_TIMEOUT, shm=True, **cluster_kwargs):
+    def __init__(self, address=None, *, timeout=DEFAULT_TIMEOUT, shm=True, auth_token=None,
+                 tls_cert=None, tls_key=None, tls_ca=None, **cluster_kwargs):
         self.cluster = None
         self.host = host_id() if shm else None
+        security = Security.from_options(auth_token, tls_cert, tls_key, tls_ca)
         if address is None:
-            self.cluster = LocalCluster(shm=shm, **cluster_kwargs)
+            self.cluster = LocalCluster(shm=shm, auth_token=auth_token, tls_cert=tls_cert,
+                                        tls_key=tls_key, tls_ca=tls_ca, **cluster_kwargs)
             address = self.cluster.center_address
         elif cluster_kwargs:
             raise TypeError(f"unexpected arguments {sorted(cluster_kwargs)} with an address")
         self.center = normalize_address(address)
         self.timeout = timeout
-        self.pool = ConnectionPool()
+        self.pool = ConnectionPool(security=security)
         self.ncores = {}
         self._where = {}  # key -> {address}, what this client knows of placement
         self._nbytes = {}

@@ -14,6 +14,8 @@ import sys
 import time
 import weakref
 
+from .security import TOKEN_ENV, Security
+
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 60.0
@@ -41,6 +43,11 @@ class LocalCluster:
         Bytes of shared memory per worker (default: a quarter of the machine's memory).
     log_level : str, default 'WARNING'
         Logging level of the child processes (they log to this process's stderr).
+    auth_token : str, optional
+        Every connection must prove it knows this token (default ``$D3ARROW_AUTH_TOKEN``);
+        handed to the children in their environment, not on their command line.
+    tls_cert, tls_key, tls_ca : str, optional
+        PEM files: every process serves and connects over TLS (mutual with a CA).
 
     Attributes
     ----------
@@ -57,7 +64,9 @@ class LocalCluster:
 
     def __init__(self, n_workers=2, ncores=None, *, host="127.0.0.1", heartbeat_interval=None,
                  heartbeat_timeout=None, shm=True, shm_size=None, log_level="WARNING",
-                 startup_timeout=STARTUP_TIMEOUT):
+                 startup_timeout=STARTUP_TIMEOUT, auth_token=None, tls_cert=None,
+                 tls_key=None, tls_ca=None):
+        self.security = Security.from_options(auth_token, tls_cert, tls_key, tls_ca)
         if ncores is None:
             ncores = max(1, (os.cpu_count() or 1) // max(1, n_workers))
         self.n_workers = n_workers
@@ -107,10 +116,12 @@ class LocalCluster:
 
     def _spawn(self, role, args):
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+        env.update(self.security.environment())
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         command = [sys.executable, "-m", f"d3arrow.cli.{role}", "--host", self.host,
-                   "--log-level", self._log_level, "--exit-on-stdin-eof", *args]
+                   "--log-level", self._log_level, "--exit-on-stdin-eof",
+                   *_tls_arguments(self.security), *args]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    env=env)
         process.stdout_buffer = b""
@@ -130,6 +141,12 @@ class LocalCluster:
     def __repr__(self):
         return (f"<LocalCluster center={self.center_address} "
                 f"workers={len(self.worker_addresses)}>")
+
+
+def _tls_arguments(security):
+    names = {"--tls-cert": security.tls_cert, "--tls-key": security.tls_key,
+             "--tls-ca": security.tls_ca}
+    return [part for flag, path in names.items() if path for part in (flag, path)]
 
 
 def _read_address(process, prefix, deadline):

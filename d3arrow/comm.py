@@ -11,21 +11,39 @@ import asyncio
 import collections
 import logging
 import socket
+import weakref
 
+from . import security
 from .addressing import format_address, parse_address
-from .errors import CommClosedError, ProtocolError
+from .errors import AuthenticationError, CommClosedError, ProtocolError
 from .protocol import MessageReader, allocate_buffers, dumps
+from .security import NO_SECURITY
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
 MAX_QUEUED_MESSAGES = 16  # received but not yet taken by recv(): stop reading beyond this
+SCRATCH_AFTER_REFUSAL = 4096
+HANG_UP_SECONDS = 2.0  # after our last words, how long the peer has to hang up itself
 
 
 class _FramedProtocol(asyncio.BufferedProtocol):
-    def __init__(self, on_connect=None, allocate=allocate_buffers):
+    """Messages over one connection; with a token, only after the handshake succeeded.
+
+    ``ready`` resolves once the connection may carry messages (at once without a token),
+    or fails with the reason it may not. A server hands the connection on only then.
+    """
+
+    def __init__(self, on_connect=None, allocate=allocate_buffers, token=None,
+                 server_side=False):
         self._reader = MessageReader(allocate=allocate)
         self._on_connect = on_connect
+        self._token = token
+        self._server_side = server_side
+        self._handshake = None  # (buffer, filled, step) while the handshake reads bytes
+        self._handshake_timer = None
+        self._nonces = {}
+        self.ready = asyncio.get_running_loop().create_future()
         self._inbox = collections.deque()
         self._waiter = None
         self._drain_waiter = None
@@ -41,18 +59,129 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.comm = Comm(self)
+        if self._token is None:
+            self._become_ready()
+        elif self._server_side:
+            self._handshake_timer = asyncio.get_running_loop().call_later(
+                security.HANDSHAKE_TIMEOUT, self._refuse,
+                f"no token handshake within {security.HANDSHAKE_TIMEOUT} s")
+            self._expect(len(security.MAGIC), self._on_magic)
+        else:
+            self._nonces["client"] = security.new_nonce()
+            transport.write(security.hello(self._nonces["client"]))
+            self._expect(security.CHALLENGE_BYTES, self._on_challenge)
+
+    # -- the token handshake (see d3arrow.security) -------------------------------------------
+
+    def _expect(self, nbytes, step):
+        self._handshake = (bytearray(nbytes), 0, step)
+
+    def _on_magic(self, data):
+        if data != security.MAGIC:  # a peer without a token: tell it, in a frame it reads
+            self._refuse("this server requires an auth token (--auth-token or "
+                         f"${security.TOKEN_ENV})", frame=True)
+            return
+        self._expect(security.NONCE_BYTES, self._on_hello)
+
+    def _on_hello(self, data):
+        self._nonces["client"] = bytes(data)
+        self._nonces["server"] = security.new_nonce()
+        self.transport.write(security.challenge(self._token, self._nonces["client"],
+                                                self._nonces["server"]))
+        self._expect(security.PROOF_BYTES, self._on_proof)
+
+    def _on_proof(self, data):
+        if not security.check_proof(self._token, data, self._nonces["client"],
+                                    self._nonces["server"]):
+            self.transport.write(security.REFUSED)
+            self._refuse("wrong auth token")
+            return
+        self.transport.write(security.ACCEPTED)
+        self._become_ready()
+
+    def _on_challenge(self, data):
+        try:
+            server_nonce = security.check_challenge(self._token, data, self._nonces["client"])
+        except AuthenticationError as e:
+            self._fail(e)
+            return
+        self.transport.write(security.proof(self._token, b"client", server_nonce,
+                                            self._nonces["client"]))
+        self._expect(1, self._on_verdict)
+
+    def _on_verdict(self, data):
+        if data != security.ACCEPTED:
+            self._fail(AuthenticationError("the server refused this connection's auth token"))
+            return
+        self._become_ready()
+
+    def _refuse(self, reason, *, frame=False):
+        """Server side: turn the connection away (with an error reply if ``frame``)."""
+        peer = self.comm.peer_address if self.comm else "unknown"
+        logger.warning("refused connection from %s: %s", peer, reason)
+        if frame:
+            self.transport.writelines(dumps(_error_frame(AuthenticationError(reason))))
+        self._fail(AuthenticationError(reason))
+
+    def _fail(self, exc):
+        self._handshake = None
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()  # retrieved here: a refused peer has no one to tell
+        if self._server_side:
+            self._hang_up()
+        else:
+            self.transport.abort()
+
+    def _hang_up(self):
+        """Close once what we wrote is out, reading (and dropping) what the peer still sends.
+
+        Closing with unread bytes would send a reset that can overtake our last message.
+        """
+        if self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            asyncio.get_running_loop().call_later(HANG_UP_SECONDS, self.transport.abort)
+        else:
+            self.transport.close()
+
+    def _become_ready(self):
+        self._handshake = None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if not self.ready.done():
+            self.ready.set_result(None)
         if self._on_connect is not None:
             self._on_connect(self.comm)
 
     def get_buffer(self, sizehint):
+        if self._handshake is not None:  # exactly the handshake's bytes, nothing beyond
+            buffer, filled, _ = self._handshake
+            return memoryview(buffer)[filled:]
+        if self.ready.done() and self.ready.exception() is not None:
+            return bytearray(SCRATCH_AFTER_REFUSAL)  # turned away: read and drop
         return self._reader.get_buffer()
 
     def buffer_updated(self, nbytes):
+        if self._handshake is not None:
+            buffer, filled, step = self._handshake
+            filled += nbytes
+            self._handshake = (buffer, filled, step)
+            if filled == len(buffer):
+                step(buffer)
+            return
+        if not self.ready.done() or self.ready.exception() is not None:
+            return
         try:
             messages = self._reader.buffer_updated(nbytes)
-        except ProtocolError as e:
+        except ProtocolError as e:  # the stream cannot be trusted any further
             logger.warning("closing connection from %s: %s", self.comm.peer_address, e)
-            self.transport.abort()
+            if self._server_side:  # say why, in the one message the peer can still read
+                self.transport.writelines(dumps(_error_frame(e)))
+            self._reader = None
+            self.ready = _failed(asyncio.get_running_loop(), e)
+            self._hang_up()
             return
         if messages:
             self._inbox.extend(messages)
@@ -65,6 +194,14 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc):
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if not self.ready.done():
+            self._handshake = None
+            self.ready.set_exception(CommClosedError(
+                "connection closed during the token handshake (does the server use the same "
+                "auth token?)" if self._token else "connection closed"))
+            self.ready.exception()
         if not self.closed.done():
             self.closed.set_result(None)
         self._wake(self._waiter)
@@ -89,6 +226,19 @@ class _FramedProtocol(asyncio.BufferedProtocol):
     def _wake(waiter):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _error_frame(exc):
+    """An error reply made of plain fields only (nothing the peer would have to unpickle)."""
+    return {"status": "error", "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "message": str(exc), "traceback": ""}
+
+
+def _failed(loop, exc):
+    future = loop.create_future()
+    future.set_exception(exc)
+    future.exception()
+    return future
 
 
 class Comm:
@@ -140,18 +290,26 @@ class Comm:
         return f"<Comm to {self.peer_address}{' closed' if self.closed else ''}>"
 
 
-async def connect(address, *, timeout=CONNECT_TIMEOUT, allocate=allocate_buffers):
-    """Open a :class:`Comm` to ``address`` ('host:port').
+async def connect(address, *, timeout=CONNECT_TIMEOUT, allocate=allocate_buffers,
+                  security=NO_SECURITY):
+    """Open a :class:`Comm` to ``address`` ('host:port'), authenticated as ``security`` says.
 
     ``allocate(values, lengths)`` chooses the buffers received payloads are written into.
     """
     host, port = parse_address(address)
     loop = asyncio.get_running_loop()
+    protocol = None
     try:
         async with asyncio.timeout(timeout):
             _, protocol = await loop.create_connection(
-                lambda: _FramedProtocol(allocate=allocate), host, port)
-    except (OSError, TimeoutError) as e:
+                lambda: _FramedProtocol(allocate=allocate, token=security.token), host, port,
+                ssl=security.client_ssl_context())
+            await protocol.ready
+    except (OSError, TimeoutError, CommClosedError) as e:
+        if protocol is not None:
+            protocol.transport.abort()
+        if isinstance(e, AuthenticationError):
+            raise AuthenticationError(f"{address}: {e}") from None
         raise CommClosedError(f"cannot connect to {address}: {e or type(e).__name__}") from e
     return protocol.comm
 
@@ -162,22 +320,30 @@ class Listener:
     Every handling task is owned here and cancelled by :meth:`stop`.
     """
 
-    def __init__(self, handle_comm, *, allocate=allocate_buffers):
+    def __init__(self, handle_comm, *, allocate=allocate_buffers, security=NO_SECURITY):
         self._handle_comm = handle_comm
         self._allocate = allocate
+        self._security = security
         self._tasks = set()
-        self._comms = set()
+        self._protocols = weakref.WeakSet()  # every open connection, handshaking or not
         self._server = None
         self.address = None
 
     async def start(self, host, port):
+        security.check_bind(host, self._security.token)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _FramedProtocol(on_connect=self._accept, allocate=self._allocate), host, port,
-            reuse_address=True)
+            self._new_protocol, host, port, reuse_address=True,
+            ssl=self._security.server_ssl_context())
         bound = self._server.sockets[0].getsockname()
         self.address = format_address(host, bound[1])
         return self.address
+
+    def _new_protocol(self):
+        protocol = _FramedProtocol(on_connect=self._accept, allocate=self._allocate,
+                                   token=self._security.token, server_side=True)
+        self._protocols.add(protocol)
+        return protocol
 
     def _accept(self, comm):
         task = asyncio.get_running_loop().create_task(self._serve(comm))
@@ -185,7 +351,6 @@ class Listener:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, comm):
-        self._comms.add(comm)
         try:
             await self._handle_comm(comm)
         except CommClosedError:
@@ -193,14 +358,14 @@ class Listener:
         except Exception:
             logger.exception("error handling connection from %s", comm.peer_address)
         finally:
-            self._comms.discard(comm)
             comm.abort()
 
     async def stop(self):
         if self._server is not None:
             self._server.close()
-        for comm in list(self._comms):
-            comm.abort()
+        for protocol in list(self._protocols):
+            if protocol.transport is not None:
+                protocol.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -16,6 +16,8 @@ import traceback
 
 from .comm import CONNECT_TIMEOUT, Listener, connect
 from .protocol import allocate_buffers
+from .security import NO_SECURITY
+from . import errors
 from .errors import CommClosedError, ProtocolError, RemoteError, RemoteTraceback
 from .serialize import Serialized, deserialize, serialize
 
@@ -50,9 +52,23 @@ def rebuild_error(reply):
         except Exception:
             exc = None
     if not isinstance(exc, BaseException):
+        exc = _our_error(reply)
+    if not isinstance(exc, BaseException):
         exc = RemoteError(reply.get("type", "Exception"), reply.get("message", ""), remote_tb)
     exc.__cause__ = RemoteTraceback(remote_tb)
     return exc
+
+
+def _our_error(reply):
+    """A d3arrow error named by an unpickled reply (say, a refusal before any handshake)."""
+    module, _, name = str(reply.get("type", "")).rpartition(".")
+    exc_type = getattr(errors, name, None) if module == errors.__name__ else None
+    if isinstance(exc_type, type) and issubclass(exc_type, errors.D3ArrowError):
+        try:
+            return exc_type(reply.get("message", ""))
+        except TypeError:
+            return None
+    return None
 
 
 def raise_for_error(reply):
@@ -69,8 +85,9 @@ class Server:
 
     handlers = {}
 
-    def __init__(self, *, allocate=allocate_buffers):
-        self.listener = Listener(self.handle_comm, allocate=allocate)
+    def __init__(self, *, allocate=allocate_buffers, security=NO_SECURITY):
+        self.security = security
+        self.listener = Listener(self.handle_comm, allocate=allocate, security=security)
         self.address = None
 
     async def listen(self, host="127.0.0.1", port=0):
@@ -123,9 +140,10 @@ class ConnectionPool:
     """
 
     def __init__(self, *, connect_timeout=CONNECT_TIMEOUT, max_idle_per_address=32,
-                 allocate=allocate_buffers):
+                 allocate=allocate_buffers, security=NO_SECURITY):
         self._idle = collections.defaultdict(list)
         self._allocate = allocate
+        self._security = security
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle_per_address
         self._busy = set()
@@ -140,7 +158,8 @@ class ConnectionPool:
                 return comm
         if self.closed:
             raise CommClosedError("connection pool is closed")
-        comm = await connect(address, timeout=self._connect_timeout, allocate=self._allocate)
+        comm = await connect(address, timeout=self._connect_timeout, allocate=self._allocate,
+                             security=self._security)
         self._busy.add(comm)
         return comm
 

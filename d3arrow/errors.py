@@ -58,3 +58,7 @@ class MissingDataError(D3ArrowError, KeyError):
 
 class LostDataError(MissingDataError):
     """A value was held only by workers that died, and it cannot be recomputed."""
+
+
+class AuthenticationError(D3ArrowError, PermissionError):
+    """A connection failed the token handshake: no token, a wrong one, or an impostor."""

@@ -37,6 +37,8 @@ class Pool:
         the pool (stopped by :meth:`close`).
     timeout : float, default 30
         Seconds to wait for control replies (computations may take as long as they take).
+    auth_token, tls_cert, tls_key, tls_ca : optional
+        How to reach a cluster that requires a token or TLS (see :class:`~d3arrow.Client`).
     **cluster_kwargs
         Passed to :class:`~d3arrow.LocalCluster` when no address is given
         (``n_workers``, ``ncores``, ...).

@@ -104,6 +104,8 @@ class SharedStore:
         self.closed = False
         if not shared:
             return
+        # readers get a read-only descriptor of the region: they can view, never write
+        self._reader_fd = os.open(f"/proc/self/fd/{self.arena.fd}", os.O_RDONLY | os.O_CLOEXEC)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind("\0" + self.socket_name)
         self._listener.listen(64)
@@ -249,6 +251,7 @@ class SharedStore:
             self._wakeup_w.send(b"x")
             self._thread.join(timeout=10)
             self._listener.close()
+            os.close(self._reader_fd)
             self._wakeup_r.close()
             self._wakeup_w.close()
         with self._lock:
@@ -271,9 +274,13 @@ class SharedStore:
                     if key.data == "accept":
                         conn, _ = self._listener.accept()
                         try:
+                            if not _same_user(conn):  # abstract sockets have no permissions
+                                raise OSError("a reader of another user")
                             socket.send_fds(conn, [struct.pack("<Q", self.arena.capacity)],
-                                            [self.arena.fd])
-                        except OSError:
+                                            [self._reader_fd])
+                        except OSError as e:
+                            logger.warning("store %s: refused a session: %s",
+                                           self.socket_name, e)
                             conn.close()
                             continue
                         with self._lock:
@@ -365,6 +372,13 @@ def load(serialized, *, peer=None):
     buffer = _sessions.view(meta["socket"], meta["id"], meta["offset"], meta["size"],
                             pinned=meta.get("pin"), token=meta.get("token"))
     return deserialize(Serialized(meta["inner"], [buffer]))
+
+
+def _same_user(conn):
+    """Whether the process at the other end of a Unix socket runs as our user (or root)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid in (os.getuid(), 0)
 
 
 def session_token(peer):

@@ -22,6 +22,7 @@ import numpy as np
 from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Server, error_reply
 from .errors import CommClosedError
 from .protocol import allocate_buffers
+from .security import NO_SECURITY
 from .serialize import Serialized, is_plain, nbytes, serialize
 from .store import SharedStore, get_data, load
 from .task import KeyRef, map_leaves
@@ -47,10 +48,11 @@ class Worker(Server):
     Ops: get_data, update_data, delete_data, compute, fetch, keys, identity.
     """
 
-    def __init__(self, center, *, ncores=None, name=None, shm=True, shm_size=None):
+    def __init__(self, center, *, ncores=None, name=None, shm=True, shm_size=None,
+                 security=NO_SECURITY):
         self.store = _open_store(shm_size, shared=shm)
         allocate = self.store.allocate_payloads if self.store else allocate_buffers
-        super().__init__(allocate=allocate)
+        super().__init__(allocate=allocate, security=security)
         self.center = center
         self.ncores = ncores or os.cpu_count() or 1
         self.name = name
@@ -58,7 +60,7 @@ class Worker(Server):
         self.nbytes = {}
         self.shared = {}
         self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix="d3arrow-compute")
-        self.pool = ConnectionPool(allocate=allocate)
+        self.pool = ConnectionPool(allocate=allocate, security=security)  # center and peers
         self.heartbeat_interval = HEARTBEAT_INTERVAL
         self._fetching = {}  # key -> task fetching it, so concurrent needs share one transfer
         self._center_updates = collections.deque()

@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d3arrow"
 # Lowest first. A module may import modules of lower layers only.
 LAYERS = [
     {"errors", "addressing", "task", "arena"},
-    {"serialize"},
+    {"serialize", "security"},
     {"protocol", "store"},
     {"comm", "eventloop"},
     {"core"},
@@ -33,8 +33,12 @@ def internal_imports(path):
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = list(path.relative_to(PACKAGE).parts[:-1])[: len(path.relative_to(PACKAGE).parts) - node.level]
-            target = (base + (node.module.split(".") if node.module else []))
-            yield "cli" if target and target[0] == "cli" else (target[0] if target else "__init__")
+            if node.module:
+                targets = [base + node.module.split(".")]
+            else:  # from . import name: the names are modules
+                targets = [base + [alias.name] for alias in node.names]
+            for target in targets:
+                yield "cli" if target[0] == "cli" else target[0]
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
             for name in names:

@@ -141,3 +141,22 @@ def test_readers_pins_go_when_the_reader_dies(store):
 def test_the_store_never_appears_in_dev_shm(store):
     store.put(np.ones(10**6))
     assert not [name for name in os.listdir("/dev/shm") if "d3arrow" in name]
+
+
+def test_a_session_hands_out_a_descriptor_that_cannot_write(store):
+    """Whoever opens a session can view the memory, never change a worker's values."""
+    import mmap
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect("\0" + store.socket_name)
+        _, fds, _, _ = socket.recv_fds(sock, 8, 1)
+    try:
+        with pytest.raises(PermissionError):
+            mmap.mmap(fds[0], 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        with pytest.raises(OSError):
+            os.write(fds[0], b"x")
+        mmap.mmap(fds[0], 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ).close()
+    finally:
+        os.close(fds[0])

@@ -6,7 +6,8 @@ import sys
 from ..center import HEARTBEAT_TIMEOUT, Center
 from ..core import HEARTBEAT_INTERVAL
 from ..eventloop import run
-from .serving import add_common_arguments, configure_logging, serve_until_stopped
+from .serving import (add_common_arguments, configure_logging, security_from_args,
+                      serve_until_stopped)
 
 
 def main(argv=None):
@@ -21,15 +22,15 @@ def main(argv=None):
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    return run(_serve(args))
+    return run(_serve(args, security_from_args(parser, args)))
 
 
-async def _serve(args):
+async def _serve(args, security):
     center = Center(heartbeat_interval=args.heartbeat_interval,
-                    heartbeat_timeout=args.heartbeat_timeout)
+                    heartbeat_timeout=args.heartbeat_timeout, security=security)
     try:
         await center.start(args.host, args.port)
-    except OSError as e:
+    except OSError as e:  # also unreadable TLS files, or a public address without a token
         print(f"Cannot start center on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
     print(f"Started center at {center.address}", flush=True)

@@ -6,6 +6,8 @@ import logging
 import os
 import signal
 
+from ..security import TOKEN_ENV, Security
+
 
 def add_common_arguments(parser):
     parser.add_argument("--log-level", default="WARNING",
@@ -13,6 +15,23 @@ def add_common_arguments(parser):
     # A LocalCluster keeps a pipe on each child's stdin: when the parent dies, the pipe
     # closes and the child exits instead of lingering.
     parser.add_argument("--exit-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
+    group = parser.add_argument_group("security")
+    group.add_argument("--auth-token", default=None,
+                       help=f"every connection must prove it knows this token (default: "
+                            f"${TOKEN_ENV}; required to bind an address other than loopback). "
+                            f"Prefer the variable: arguments are visible to other users")
+    group.add_argument("--tls-cert", default=None, help="PEM certificate: serve and connect "
+                       "over TLS")
+    group.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    group.add_argument("--tls-ca", default=None, help="PEM CA bundle: verify peers against it "
+                       "(mutual TLS: clients must present a certificate it signed)")
+
+
+def security_from_args(parser, args):
+    try:
+        return Security.from_options(args.auth_token, args.tls_cert, args.tls_key, args.tls_ca)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def configure_logging(level):

@@ -7,7 +7,8 @@ from ..addressing import normalize_address
 from ..errors import CommClosedError
 from ..eventloop import run
 from ..worker import Worker
-from .serving import add_common_arguments, configure_logging, serve_until_stopped
+from .serving import (add_common_arguments, configure_logging, security_from_args,
+                      serve_until_stopped)
 
 
 def main(argv=None):
@@ -31,21 +32,22 @@ def main(argv=None):
         center = normalize_address(args.center)
     except ValueError as e:
         parser.error(str(e))
-    return run(_serve(args, center))
+    return run(_serve(args, center, security_from_args(parser, args)))
 
 
-async def _serve(args, center):
+async def _serve(args, center, security):
     worker = Worker(center, ncores=args.ncores, name=args.name, shm=not args.no_shm,
-                    shm_size=args.shm_size)
+                    shm_size=args.shm_size, security=security)
     try:
         await worker.listen(args.host, args.port)
-    except OSError as e:
+    except OSError as e:  # also unreadable TLS files, or a public address without a token
+        await worker.close(report=False)
         print(f"Cannot start worker on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
     print(f"Start worker at {worker.address}", flush=True)
     try:
         await worker.register_with_center()
-    except (OSError, TimeoutError, CommClosedError) as e:
+    except (OSError, TimeoutError, CommClosedError) as e:  # AuthenticationError is an OSError
         print(f"Cannot register with center at {center}: {e}", file=sys.stderr)
         await worker.close(report=False)
         return 1
