@@ -7,6 +7,7 @@ and a :class:`Pool` maps functions over the cluster where the data already lives
 from .client import Client, RemoteData
 from .cluster import LocalCluster
 from .errors import (
+    AuthenticationError,
     CommClosedError,
     D3ArrowError,
     LostDataError,
@@ -19,6 +20,6 @@ from .pool import Pool
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "CommClosedError", "D3ArrowError", "LocalCluster", "LostDataError",
+    "AuthenticationError", "Client", "CommClosedError", "D3ArrowError", "LocalCluster", "LostDataError",
     "MissingDataError", "Pool", "ProtocolError", "RemoteData", "RemoteError", "__version__",
 ]

@@ -64,11 +64,11 @@ class Center(Server):
         self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
         return self.address
 
-    async def close(self):
+    async def close(self, *, grace=0.0):
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)
-        await super().close()
+        await super().close(grace=grace)
 
     async def _monitor(self):
         while True:

@@ -15,12 +15,14 @@ import itertools
 import logging
 import os
 import threading
+import time
 import uuid
+import weakref
 
 from .addressing import normalize_address
 from .cluster import LocalCluster
 from .core import DEFAULT_TIMEOUT, ConnectionPool, rebuild_error
-from .errors import MissingDataError
+from .errors import CommClosedError, LostDataError, MissingDataError
 from .eventloop import LoopThread
 from .security import Security
 from .serialize import serialize
@@ -57,12 +59,13 @@ class RemoteData:
         Address of the center that knows where the value lives.
     """
 
-    __slots__ = ("key", "_client", "_owned", "__weakref__")
+    __slots__ = ("key", "_client", "_owned", "_recipe", "__weakref__")
 
-    def __init__(self, key, client, *, owned=False):
+    def __init__(self, key, client, *, owned=False, recipe=None):
         self.key = key
         self._client = client
         self._owned = owned
+        self._recipe = recipe  # how it was made (Pool results): kept alive with it
         if owned:
             client._incref(key)
 
@@ -73,10 +76,18 @@ class RemoteData:
     def get(self, *, timeout=None):
         """Fetch the value from a worker that holds it.
 
+        A Pool result whose every copy was lost with its workers is computed again from
+        its lineage first.
+
         Raises
         ------
+        LostDataError
+            Every copy was lost and the value cannot be computed again (it was scattered,
+            or an input it needs was).
         MissingDataError
             No live worker holds the key.
+        TimeoutError
+            Not done within ``timeout`` seconds.
         """
         return self._client.gather([self], timeout=timeout)[0]
 
@@ -99,6 +110,21 @@ class RemoteData:
                 self._client._decref(self.key)
             except Exception:  # interpreter shutdown: the cluster goes away anyway
                 pass
+
+
+class Recipe:
+    """How a Pool result was made, to make it again when every copy of it is lost.
+
+    ``args`` / ``kwargs`` name inputs by :class:`KeyRef`; ``inputs`` gives each input key's
+    own Recipe (None for a scattered value, which cannot be remade). Recipes keep recipes
+    alive, never data: a dropped intermediate result is freed on the workers, and made
+    again only if a value that needs it must be.
+    """
+
+    __slots__ = ("function", "args", "kwargs", "inputs", "__weakref__")
+
+    def __init__(self, function, args, kwargs, inputs):
+        self.function, self.args, self.kwargs, self.inputs = function, args, kwargs, inputs
 
 
 class Client:
@@ -143,6 +169,10 @@ class Client:
         self._nbytes = {}
         self._inline = {}  # key -> small result that came back with its compute
         self._refcount = collections.Counter()
+        self._recipes = weakref.WeakValueDictionary()  # key -> Recipe of results alive
+        self._unreachable = {}  # worker address -> time.monotonic() it failed us
+        self._deleted = set()  # keys deleted on purpose while RemoteData still name them
+        self._watch_task = None
         self._lock = threading.Lock()
         self._released = set()
         self._release_scheduled = False
@@ -279,7 +309,11 @@ class Client:
         remote = set(keys) - values.keys()
         if remote:
             async with asyncio.timeout(timeout):
-                values.update(await self._fetch(remote))
+                try:
+                    values.update(await self._fetch(remote))
+                except MissingDataError as e:  # every copy lost: make them again, once
+                    await self._remake(e.keys)
+                    values.update(await self._fetch(remote - values.keys()))
         return [values[key] for key in keys]
 
     async def _fetch(self, keys):
@@ -291,9 +325,9 @@ class Client:
         for attempt in range(2):
             plan = collections.defaultdict(list)
             for key in keys - values.keys():
-                holders = self._where.get(key)
+                holders = self._reachable(self._where.get(key, ()))
                 if holders:
-                    plan[next(iter(holders))].append(key)
+                    plan[holders[0]].append(key)
             replies = await asyncio.gather(*(
                 self._get_data(address, ks) for address, ks in plan.items()))
             for reply in replies:
@@ -313,7 +347,115 @@ class Client:
             return load(value, peer=peer)
 
         return await get_data(self.pool, address, keys, host=self.host, receive=receive,
-                              timeout=self.timeout)
+                              timeout=self.timeout, on_failure=self._failed)
+
+    def _failed(self, address):
+        """``address`` could not be reached: leave it out until the center drops it."""
+        self._unreachable[address] = time.monotonic()
+        for holders in self._where.values():
+            holders.discard(address)
+
+    def _reachable(self, addresses):
+        """``addresses`` less those that failed us lately (they may have died)."""
+        now = time.monotonic()
+        for address, when in list(self._unreachable.items()):
+            if now - when > UNREACHABLE_SECONDS:
+                del self._unreachable[address]
+        return [a for a in addresses if a not in self._unreachable]
+
+    async def _watch_workers(self):
+        """Break off computations on workers the center has dropped (dead, or hung).
+
+        A computation may rightly run for hours, so it has no timeout of its own; but once
+        its worker missed its heartbeats, waiting on would wait forever.
+        """
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            busy = self.pool.busy_addresses() - {self.center}
+            if not busy:
+                continue
+            try:
+                registered = (await self._rpc(self.center).ncores())["ncores"]
+            except (OSError, TimeoutError, CommClosedError) as e:
+                logger.info("cannot check on workers with the center: %s", e)
+                continue
+            for address in busy - registered.keys():
+                logger.warning("worker %s was dropped by the center: giving up on its "
+                               "computations", address)
+                self._failed(address)
+                self.pool.abort(address)
+
+    # -- lineage: making lost results again ----------------------------------------------------
+
+    async def _remake(self, keys):
+        """Compute again, from their recipes, those of ``keys`` no reachable worker holds.
+
+        Lost inputs are made again first (recursively); those no RemoteData holds any
+        more are freed once their dependents are done. Raises LostDataError for a lost
+        value of ours without a recipe (scattered), MissingDataError for a key we never
+        made.
+        """
+        unknown = [k for k in keys if k in self._deleted
+                   or (k not in self._refcount and k not in self._recipes)]
+        if unknown:
+            raise MissingDataError(unknown)
+        await self._remake_into({k: self._recipes.get(k) for k in keys}, keep=[])
+
+    async def _remake_into(self, recipes, keep):
+        """Have each key of ``recipes`` ({key: Recipe or None}) on a live worker.
+
+        ``keep`` collects RemoteData for every key used, so that none is freed (a dropped
+        intermediate) while its dependents are computed; the caller drops them at the end.
+        """
+        for _ in range(REMAKE_ATTEMPTS):
+            who_has = await self._who_has(list(recipes))
+            self._learn(who_has)
+            present = [k for k in recipes if self._reachable(who_has.get(k, ()))]
+            keep.extend(RemoteData(k, self, owned=True) for k in present)
+            lost = [k for k in recipes if k not in present]
+            if not lost:
+                return
+            cannot = [k for k in lost if recipes[k] is None]
+            if cannot:
+                raise LostDataError(cannot)
+            logger.warning("remaking %d lost value(s) from their lineage", len(lost))
+            await self._remake_into(
+                {k: r for key in lost for k, r in recipes[key].inputs.items()}, keep)
+            if not self.ncores:
+                await self._sync_ncores()
+            by_function = collections.defaultdict(list)
+            for key in lost:
+                by_function[id(recipes[key].function)].append(key)
+            again = []
+            for keys in by_function.values():
+                outcomes = await self._compute_somewhere(
+                    recipes[keys[0]].function,
+                    [(key, recipes[key].args, recipes[key].kwargs) for key in keys])
+                for key, outcome in zip(keys, outcomes):
+                    if type(outcome) is MissingDataError:  # an input went meanwhile
+                        again.append(key)
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+                    else:
+                        keep.append(outcome)
+            if not again:
+                return
+            recipes = {k: recipes[k] for k in again}
+        raise MissingDataError(sorted(recipes))
+
+    async def _compute_somewhere(self, function, calls):
+        """Run ``calls`` on some live worker, trying the others if it is unreachable."""
+        candidates = self._reachable(list(self.ncores))
+        for attempt in range(2):
+            for address in sorted(candidates, key=lambda _: next(self._round_robin)):
+                try:
+                    outcomes, _ = await self._compute(address, function, calls)
+                    return outcomes
+                except (OSError, CommClosedError):
+                    self._failed(address)
+            await self._sync_ncores()
+            candidates = self._reachable(list(self.ncores))
+        raise CommClosedError("no live worker could compute the lost values again")
 
     def _learn(self, who_has):
         for key, addresses in who_has.items():
@@ -329,6 +471,10 @@ class Client:
         keys = set(keys)
         if not keys:
             return
+        with self._lock:
+            self._deleted.update(k for k in keys if k in self._refcount)
+        for key in keys:
+            self._recipes.pop(key, None)
         async with asyncio.timeout(timeout):
             who_has = await self._who_has(keys)
             holders = collections.defaultdict(set)
@@ -353,24 +499,30 @@ class Client:
         needed = []
         to_keyref = lambda r: KeyRef(r.key)  # noqa: E731
         for _, args, kwargs in calls:
-            refs = find_leaves((args, kwargs), RemoteData)
+            refs = find_leaves((args, kwargs), REFERENCES)
             needed.append([ref.key for ref in refs])
             for ref in refs:
-                holders = self._where.get(ref.key)
+                holders = self._reachable(self._where.get(ref.key, ()))
                 if holders and address not in holders:
                     hints[ref.key] = holders
         has_refs = any(needed)
         args = [tuple(args) for _, args, _ in calls]
         kwargs = [kwargs for _, _, kwargs in calls]
-        msg = {"op": "compute", "function": function, "keys": [key for key, _, _ in calls],
-               "args": serialize(map_leaves(args, RemoteData, to_keyref) if has_refs else args)}
+        if has_refs:
+            args = map_leaves(args, RemoteData, to_keyref)
         if any(kwargs):
-            msg["kwargs"] = serialize(map_leaves(kwargs, RemoteData, to_keyref))
+            kwargs = map_leaves(kwargs, RemoteData, to_keyref)
+        msg = {"op": "compute", "function": function, "keys": [key for key, _, _ in calls],
+               "args": serialize(args)}
+        if any(kwargs):
+            msg["kwargs"] = serialize(kwargs)
         if has_refs:
             msg.update(needed=needed, who_has=hints)
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch_workers())
         reply = await self.pool.request(address, msg)
         outcomes = []
-        for result in reply["results"]:
+        for i, result in enumerate(reply["results"]):
             if result["status"] == "OK":
                 self._where[result["key"]] = {address}
                 self._nbytes[result["key"]] = result["nbytes"]
@@ -378,7 +530,12 @@ class Client:
                     self._inline[result["key"]] = result["plain"]
                 elif "value" in result:
                     self._inline[result["key"]] = load(result["value"])
-                outcomes.append(RemoteData(result["key"], self, owned=True))
+                recipe = self._recipes.get(result["key"])
+                if recipe is None:  # made again, it keeps its recipe
+                    recipe = self._recipes[result["key"]] = Recipe(
+                        function, args[i], kwargs[i],
+                        {k: self._recipes.get(k) for k in needed[i]})
+                outcomes.append(RemoteData(result["key"], self, owned=True, recipe=recipe))
             elif result["status"] == "missing-data":
                 outcomes.append(MissingDataError(result["keys"]))
             else:
@@ -387,7 +544,7 @@ class Client:
 
     def where(self, key):
         """Addresses this client believes hold ``key`` (may be stale)."""
-        return self._where.get(key, set())
+        return set(self._reachable(self._where.get(key, ())))
 
     def known_nbytes(self, key):
         return self._nbytes.get(key)
@@ -404,6 +561,7 @@ class Client:
             if self._refcount[key] > 0:
                 return
             del self._refcount[key]
+            self._deleted.discard(key)
             self._released.add(key)
             if self._release_scheduled or self.closed:
                 return
@@ -439,9 +597,10 @@ class Client:
                 self.cluster.close()
 
     async def _close(self):
-        if self._release_task is not None:
-            self._release_task.cancel()
-            await asyncio.gather(self._release_task, return_exceptions=True)
+        for task in (self._release_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         try:
             if self.cluster is None:  # an owned cluster is about to go away with its values
                 with self._lock:
@@ -458,6 +617,12 @@ class Client:
 
     def __repr__(self):
         return f"<Client center={self.center} workers={len(self.ncores)}>"
+
+
+REFERENCES = (RemoteData, KeyRef)  # how arguments name values held by the workers
+UNREACHABLE_SECONDS = 30.0
+REMAKE_ATTEMPTS = 3
+WATCH_SECONDS = 1.0  # how often computations in flight are checked against the center
 
 
 def _log_failure(task):

@@ -194,6 +194,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc):
+        self._reader = None  # a message cut off mid-way: its buffers go now, not at next GC
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         if not self.ready.done():
@@ -360,9 +361,12 @@ class Listener:
         finally:
             comm.abort()
 
-    async def stop(self):
+    def stop_accepting(self):
         if self._server is not None:
             self._server.close()
+
+    async def stop(self):
+        self.stop_accepting()
         for protocol in list(self._protocols):
             if protocol.transport is not None:
                 protocol.transport.abort()

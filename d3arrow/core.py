@@ -24,6 +24,7 @@ from .serialize import Serialized, deserialize, serialize
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0  # seconds, for control requests that do no user computation
+DRAIN_POLL_SECONDS = 0.02
 HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats (the center may say otherwise)
 
 
@@ -89,20 +90,31 @@ class Server:
         self.security = security
         self.listener = Listener(self.handle_comm, allocate=allocate, security=security)
         self.address = None
+        self.draining = False
+        self._waiting = set()  # connections waiting for their next request
+        self._in_flight = 0  # requests being handled
 
     async def listen(self, host="127.0.0.1", port=0):
         self.address = await self.listener.start(host, port)
         return self.address
 
     async def handle_comm(self, comm):
-        while True:
-            msg = await comm.recv()
-            reply = await self.handle_message(msg)
+        while not self.draining:
+            self._waiting.add(comm)
             try:
-                await comm.send(reply)
-            except CommClosedError:
-                await self.undelivered(reply)
-                raise
+                msg = await comm.recv()
+            finally:
+                self._waiting.discard(comm)
+            self._in_flight += 1
+            try:
+                reply = await self.handle_message(msg)
+                try:
+                    await comm.send(reply)
+                except CommClosedError:
+                    await self.undelivered(reply)
+                    raise
+            finally:
+                self._in_flight -= 1
 
     async def undelivered(self, reply):
         """Called with a reply whose requester hung up first (it gave up, or died)."""
@@ -127,7 +139,24 @@ class Server:
         reply.setdefault("status", "OK")
         return reply
 
-    async def close(self):
+    async def drain(self, grace):
+        """Take no more requests; give those being handled ``grace`` seconds to reply."""
+        self.draining = True
+        self.listener.stop_accepting()
+        for comm in list(self._waiting):  # the requester sees a closed connection, retries
+            comm.abort()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._in_flight and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        if self._in_flight:
+            logger.warning("closing with %d requests unanswered after %.1f s", self._in_flight,
+                           grace)
+
+    async def close(self, *, grace=0.0):
+        """Stop serving; with ``grace``, let requests being handled finish first."""
+        if grace:
+            await self.drain(grace)
         await self.listener.stop()
 
 
@@ -146,7 +175,7 @@ class ConnectionPool:
         self._security = security
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle_per_address
-        self._busy = set()
+        self._busy = {}  # comm -> address, while a request uses it
         self.closed = False
 
     async def acquire(self, address):
@@ -154,17 +183,17 @@ class ConnectionPool:
         while idle:
             comm = idle.pop()
             if not comm.closed:
-                self._busy.add(comm)
+                self._busy[comm] = address
                 return comm
         if self.closed:
             raise CommClosedError("connection pool is closed")
         comm = await connect(address, timeout=self._connect_timeout, allocate=self._allocate,
                              security=self._security)
-        self._busy.add(comm)
+        self._busy[comm] = address
         return comm
 
     def release(self, address, comm):
-        self._busy.discard(comm)
+        self._busy.pop(comm, None)
         if comm.closed or self.closed or len(self._idle[address]) >= self._max_idle:
             comm.abort()
         else:
@@ -187,7 +216,7 @@ class ConnectionPool:
                     reply = await comm.recv()
         except BaseException as e:
             comm.abort()  # its state is unknown: a late reply must not reach the next request
-            self._busy.discard(comm)
+            self._busy.pop(comm, None)
             if isinstance(e, TimeoutError):
                 raise TimeoutError(
                     f"no reply from {address} to {msg.get('op')!r} within {timeout} s") from None
@@ -196,6 +225,16 @@ class ConnectionPool:
         if isinstance(reply, ProtocolError):
             raise reply
         return raise_for_error(reply)
+
+    def busy_addresses(self):
+        """Addresses with a request awaiting its reply."""
+        return set(self._busy.values())
+
+    def abort(self, address):
+        """Break off every request to ``address``: each raises CommClosedError."""
+        for comm, to in list(self._busy.items()):
+            if to == address:
+                comm.abort()
 
     def rpc(self, address, *, timeout=None):
         return _RPC(self, address, timeout)

@@ -5,6 +5,7 @@ user code never needs to know about asyncio.
 """
 
 import asyncio
+import concurrent.futures
 import threading
 
 import uvloop
@@ -43,6 +44,9 @@ class LoopThread:
         future = self.submit(coro)
         try:
             return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"not done within {timeout} s (given up)") from None
         except BaseException:
             future.cancel()
             raise

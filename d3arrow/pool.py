@@ -16,8 +16,8 @@ import sys
 import cloudpickle
 
 from .addressing import address_tuple
-from .client import Client, RemoteData, new_key
-from .errors import CommClosedError
+from .client import REMAKE_ATTEMPTS, Client, RemoteData, new_key
+from .errors import CommClosedError, MissingDataError
 from .serialize import serialize
 from .task import find_leaves
 
@@ -73,7 +73,7 @@ class Pool:
         """``{(host, port): ncores}`` as of the last :meth:`sync_center`."""
         return {address_tuple(a): n for a, n in self.client.ncores.items()}
 
-    def map(self, func, seq, *, workers=None):
+    def map(self, func, seq, *, workers=None, timeout=None):
         """Apply ``func`` to each element of ``seq`` on the cluster.
 
         Parameters
@@ -84,6 +84,10 @@ class Pool:
             Plain values or RemoteData; a call on RemoteData runs where it lives.
         workers : list of addresses, optional
             ``'host:port'`` or ``(host, port)``: run only there.
+        timeout : float, optional
+            Give up after this many seconds (TimeoutError); calls still running are
+            abandoned and their results dropped. Without one, a map waits as long as its
+            calls run, but never on a worker the center has dropped (its calls move on).
 
         Returns
         -------
@@ -96,23 +100,29 @@ class Pool:
             The first exception raised by ``func``, with the remote traceback as cause.
         MissingDataError
             An input is held by no live worker.
+        LostDataError
+            An input was lost with its workers and cannot be made again (it was scattered).
         TypeError
             ``func`` or an element cannot be pickled.
+        TimeoutError
+            Not done within ``timeout``.
         """
-        return self.client.sync(self._map, func, list(seq), workers=workers)
+        return self.client.sync(self._map, func, list(seq), workers=workers, timeout=timeout)
 
     async def _map(self, func, seq, *, workers=None):
         function = _serialize_function(func)
         calls = [(new_key(), (item,), None) for item in seq]
         return await self._run(function, calls, workers)
 
-    def apply(self, func, args=(), kwargs=None, *, workers=None):
+    def apply(self, func, args=(), kwargs=None, *, workers=None, timeout=None):
         """Run ``func(*args, **kwargs)`` on the worker holding most of its input bytes.
 
         ``args`` and ``kwargs`` may hold RemoteData, also inside lists, tuples and dicts;
-        the function receives their values. Returns a RemoteData.
+        the function receives their values. Returns a RemoteData. Errors and ``timeout``
+        as for :meth:`map`.
         """
-        return self.client.sync(self._apply, func, args, kwargs, workers=workers)
+        return self.client.sync(self._apply, func, args, kwargs, workers=workers,
+                                timeout=timeout)
 
     def apply_async(self, func, args=(), kwargs=None, *, workers=None):
         """Like :meth:`apply` but return at once; ``.get()`` on the result gives the RemoteData."""
@@ -130,13 +140,13 @@ class Pool:
             return self.client.gather([remote_data], timeout=timeout)[0]
         return self.client.gather(list(remote_data), timeout=timeout)
 
-    def scatter(self, seq, *, workers=None):
+    def scatter(self, seq, *, workers=None, timeout=None):
         """Send values to the workers; return a list of RemoteData."""
-        return self.client.scatter(list(seq), workers=workers)
+        return self.client.scatter(list(seq), workers=workers, timeout=timeout)
 
-    def delete(self, remote_data):
+    def delete(self, remote_data, *, timeout=None):
         """Free these values on every worker that holds them."""
-        self.client.delete(list(remote_data))
+        self.client.delete(list(remote_data), timeout=timeout)
 
     def store_info(self):
         """Each worker's shared store: ``{address: {capacity, used, fallbacks, ...}}``."""
@@ -158,18 +168,42 @@ class Pool:
     # -- scheduling ----------------------------------------------------------------------------
 
     async def _run(self, function, calls, workers):
-        """Place each call, run them all, return their RemoteData in order (or raise)."""
+        """Place each call, run them all, return their RemoteData in order (or raise).
+
+        A call whose input was lost with its workers runs again once the input has been
+        made again from its lineage.
+        """
         client = self.client
         if not client.ncores:
             await client._sync_ncores()
-        live = client._workers(workers)
-        queues = {address: collections.deque() for address in live}
-        for index, (key, args, kwargs) in enumerate(calls):
-            queues[self._place(args, kwargs, live, queues)].append(index)
         outcomes = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for attempt in range(REMAKE_ATTEMPTS + 1):
+            await self._run_some(function, calls, pending, outcomes, workers)
+            pending = [i for i in pending if type(outcomes[i]) is MissingDataError]
+            if not pending or attempt == REMAKE_ATTEMPTS:
+                break
+            try:
+                await client._remake(sorted({k for i in pending for k in outcomes[i].keys}))
+            except MissingDataError as e:  # lost for good, or deleted: that is the answer
+                for i in pending:
+                    outcomes[i] = e
+                break
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
+
+    async def _run_some(self, function, calls, indices, outcomes, workers):
+        client = self.client
+        live = client._reachable(client._workers(workers)) or client._workers(workers)
+        queues = {address: collections.deque() for address in live}
+        for index in indices:
+            _, args, kwargs = calls[index]
+            queues[self._place(args, kwargs, live, queues)].append(index)
         pace = _Pace()
         while any(queues.values()):
-            if len(calls) == 1:  # one slot is enough: no tasks to create, no loop turns
+            if len(indices) == 1:  # one slot is enough: no tasks to create, no loop turns
                 (address,) = (a for a in queues if queues[a])
                 await self._slot(address, function, calls, queues, outcomes, pace)
             else:
@@ -178,10 +212,6 @@ class Pool:
                     for address in list(queues) for _ in range(client.ncores.get(address, 1))))
             if not queues:
                 raise CommClosedError("every worker this computation could use has died")
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return outcomes
 
     def _place(self, args, kwargs, live, queues):
         """The worker holding the most input bytes; else the least loaded one."""
@@ -209,6 +239,7 @@ class Pool:
             except (OSError, CommClosedError) as e:
                 logger.warning("worker %s failed (%s): moving %d calls elsewhere",
                                address, e, len(batch))
+                self.client._failed(address)
                 orphans = queues.pop(address, collections.deque())
                 if queues:
                     survivor = min(queues, key=lambda a: len(queues[a]))

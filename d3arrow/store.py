@@ -386,13 +386,14 @@ def session_token(peer):
     return _sessions.token(peer)
 
 
-async def get_data(pool, address, keys, *, host, receive, timeout=None):
+async def get_data(pool, address, keys, *, host, receive, timeout=None, on_failure=None):
     """``{key: received}`` from the worker at ``address``, through shared memory if it can.
 
     Asks with our ``host`` (and our session with its store, if any), so a co-located worker
     answers with references; ``receive(serialized, address)`` turns each answer into what
     the caller keeps. A reference whose memory's owner is gone is asked for again as bytes.
-    A worker that cannot be reached gives nothing (logged): callers try other holders.
+    A worker that cannot be reached gives nothing (logged, and ``on_failure(address)``):
+    callers try other holders.
     """
     rpc = pool.rpc(address, timeout=timeout)
     try:
@@ -410,6 +411,8 @@ async def get_data(pool, address, keys, *, host, receive, timeout=None):
                 received[key] = await receive(value, address)
     except (OSError, CommClosedError) as e:
         logger.warning("could not get %d keys from %s: %s", len(keys), address, e)
+        if on_failure is not None:
+            on_failure(address)
         return {}
     return received
 

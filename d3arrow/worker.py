@@ -30,7 +30,8 @@ from .task import KeyRef, map_leaves
 logger = logging.getLogger(__name__)
 
 LARGE_BYTES = 2**20  # (de)serializing more than this moves off the event loop
-INLINE_BYTES = 1024  # results this small travel back in the compute reply as well
+INLINE_BYTES = 1024
+MAX_BACKOFF_FACTOR = 4  # while the center is unreachable, retry at most 4 heartbeats apart  # results this small travel back in the compute reply as well
 
 
 class Worker(Server):
@@ -66,6 +67,7 @@ class Worker(Server):
         self._center_updates = collections.deque()
         self._center_flush = None
         self._heartbeat_task = None
+        self._closing = False
         self.handlers = {
             "get_data": self.get_data,
             "update_data": self.update_data,
@@ -90,7 +92,11 @@ class Worker(Server):
         await self._register()
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
 
-    async def close(self, *, report=True):
+    async def close(self, *, report=True, grace=0.0):
+        """Stop: finish requests in hand (at most ``grace`` s), unregister, free the store."""
+        self._closing = True
+        if grace:
+            await self.drain(grace)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
@@ -115,15 +121,26 @@ class Worker(Server):
         self.heartbeat_interval = reply.get("heartbeat_interval", HEARTBEAT_INTERVAL)
 
     async def _heartbeat(self):
+        """Heartbeats; while the center is away, retries that back off, then registration.
+
+        A restarted center knows nothing: it answers ``unknown-worker`` and we register
+        again with every key we hold, so its ``who_has`` is whole again.
+        """
+        failures = 0
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
+            delay = self.heartbeat_interval * min(2 ** failures, MAX_BACKOFF_FACTOR)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.0) if failures else delay)
             try:
                 reply = await self._center.heartbeat(address=self.address)
                 if reply["status"] == "unknown-worker":
-                    logger.warning("center %s forgot this worker: registering again", self.center)
+                    logger.warning("center %s does not know this worker: registering again "
+                                   "with %d keys", self.center, len(self.data))
                     await self._register()
+                failures = 0
             except (OSError, TimeoutError, CommClosedError) as e:
-                logger.warning("heartbeat to center %s failed: %s", self.center, e)
+                failures += 1
+                (logger.warning if failures == 1 else logger.info)(
+                    "heartbeat to center %s failed (%d in a row): %s", self.center, failures, e)
 
     async def _tell_center(self, op, keys, *, wait="applied"):
         """Queue ``add_keys`` / ``remove_keys``; updates reach the center in this order.
@@ -155,7 +172,7 @@ class Worker(Server):
                     msg["nbytes"] = {k: self.nbytes[k] for k in keys}
                 reply = await self.pool.request(self.center, msg, timeout=DEFAULT_TIMEOUT,
                                                 on_sent=mark_sent)
-                if reply["status"] == "unknown-worker":
+                if reply["status"] == "unknown-worker" and not self._closing:
                     await self._register()  # registers every key we hold
             except (OSError, TimeoutError, CommClosedError) as e:
                 logger.warning("could not tell center %s of %d keys: %s", self.center,

@@ -58,10 +58,13 @@ async def wait_for_stop(*, exit_on_stdin_eof=False):
     await stop.wait()
 
 
+GRACE_SECONDS = 5.0  # on SIGTERM / SIGINT, requests being handled get this long to finish
+
+
 async def serve_until_stopped(server, args):
-    """Serve until asked to stop, then close the server; the process's exit code."""
+    """Serve until asked to stop, then close the server gracefully; the exit code."""
     try:
         await wait_for_stop(exit_on_stdin_eof=args.exit_on_stdin_eof)
     finally:
-        await server.close()
+        await server.close(grace=GRACE_SECONDS)
     return 0
