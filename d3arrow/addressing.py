@@ -4,6 +4,8 @@ Internally an address is the string ``'host:port'`` (``'[::1]:port'`` for IPv6):
 msgpack-friendly, and the form users type. The public Pool API also shows ``(host, port)``.
 """
 
+import ipaddress
+
 DEFAULT_HOST = "127.0.0.1"
 
 
@@ -41,4 +43,10 @@ def address_tuple(address):
 
 
 def is_loopback(host):
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Whether ``host`` reaches this machine only (binding it exposes nothing)."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

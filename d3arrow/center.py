@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 
+from .addressing import normalize_address
 from .core import HEARTBEAT_INTERVAL, Server
 from .security import NO_SECURITY
 
@@ -105,6 +106,13 @@ class Center(Server):
         return True
 
     def register(self, *, address, ncores, name=None, keys=(), nbytes=None):
+        if not isinstance(address, str) or normalize_address(address) != address:
+            raise ValueError(f"a worker registers with its address 'host:port', not {address!r}")
+        if type(ncores) is not int or ncores < 1:
+            raise ValueError(f"ncores must be a positive integer, not {ncores!r}")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"a worker's name is a string, not {name!r}")
+        _check_keys(keys, nbytes)
         if address in self._ncores:
             self._remove_worker(address)  # a restarted worker on the same address
         self._ncores[address] = int(ncores)
@@ -124,6 +132,7 @@ class Center(Server):
         return {"status": "OK" if self._touch(address) else "unknown-worker"}
 
     def add_keys(self, *, address, keys, nbytes=None):
+        _check_keys(keys, nbytes)
         if not self._touch(address):
             return {"status": "unknown-worker"}
         held = self._has_what[address]
@@ -135,6 +144,7 @@ class Center(Server):
         return {"status": "OK"}
 
     def remove_keys(self, *, address, keys):
+        _check_keys(keys)
         self._touch(address)
         self._discard(address, keys)
         return {"status": "OK"}
@@ -142,21 +152,25 @@ class Center(Server):
     def who_has(self, *, keys=None):
         if keys is None:
             return {"who_has": self._who_has}
+        _check_keys(keys)
         return {"who_has": {key: self._who_has.get(key, ()) for key in keys}}
 
     def has_what(self, *, workers=None):
         if workers is None:
             return {"has_what": self._has_what}
+        _check_keys(workers)
         return {"has_what": {w: self._has_what.get(w, ()) for w in workers}}
 
     def ncores(self, *, workers=None):
         if workers is None:
             return {"ncores": self._ncores}
+        _check_keys(workers)
         return {"ncores": {w: self._ncores[w] for w in workers if w in self._ncores}}
 
     def nbytes(self, *, keys=None):
         if keys is None:
             return {"nbytes": self._nbytes}
+        _check_keys(keys)
         return {"nbytes": {k: self._nbytes[k] for k in keys if k in self._nbytes}}
 
     def workers(self):
@@ -166,3 +180,17 @@ class Center(Server):
                       "nkeys": len(self._has_what[address]),
                       "last_seen": now - self._last_seen[address]}
             for address, n in self._ncores.items()}}
+
+
+def _check_keys(keys, nbytes=None):
+    """Refuse (with the reason) lists that are not lists of strings, before any is kept."""
+    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"expected a list of strings, got {_short(keys)}")
+    if nbytes is not None and not (isinstance(nbytes, dict) and all(
+            isinstance(k, str) and type(v) is int for k, v in nbytes.items())):
+        raise ValueError(f"nbytes must map keys to integers, got {_short(nbytes)}")
+
+
+def _short(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

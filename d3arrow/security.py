@@ -18,12 +18,12 @@ The functions here are pure; the I/O is in :mod:`d3arrow.comm`.
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import secrets
 import ssl
 from dataclasses import dataclass
 
+from .addressing import is_loopback
 from .errors import AuthenticationError
 
 TOKEN_ENV = "D3ARROW_AUTH_TOKEN"
@@ -91,16 +91,6 @@ def check_challenge(token, data, client_nonce):
 
 def check_proof(token, data, client_nonce, server_nonce):
     return hmac.compare_digest(proof(token, b"client", server_nonce, client_nonce), bytes(data))
-
-
-def is_loopback(host):
-    """Whether binding ``host`` exposes a port to this machine only."""
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host, token):
