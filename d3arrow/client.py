@@ -270,17 +270,29 @@ class Client:
         targets = self._workers(workers)
         named = isinstance(data, dict)
         items = list(data.items()) if named else [(new_key(), v) for v in data]
-        per_worker = collections.defaultdict(dict)
-        for key, value in items:
-            per_worker[targets[next(self._round_robin) % len(targets)]][key] = serialize(value)
+        serialized = [(key, serialize(value)) for key, value in items]
         async with asyncio.timeout(timeout):
-            replies = await asyncio.gather(*(
-                self.pool.request(address, {"op": "update_data", "data": values})
-                for address, values in per_worker.items()))
-        for address, reply in zip(per_worker, replies):
-            for key in reply["keys"]:
-                self._where[key] = {address}
-            self._nbytes.update(reply["nbytes"])
+            while serialized:  # until every value found a live worker
+                targets = self._reachable(targets)
+                if not targets:
+                    raise CommClosedError("no worker to scatter to is reachable")
+                per_worker = collections.defaultdict(dict)
+                for key, value in serialized:
+                    per_worker[targets[next(self._round_robin) % len(targets)]][key] = value
+                replies = await asyncio.gather(*(
+                    self.pool.request(address, {"op": "update_data", "data": values})
+                    for address, values in per_worker.items()), return_exceptions=True)
+                serialized = []
+                for (address, values), reply in zip(per_worker.items(), replies):
+                    if isinstance(reply, (OSError, CommClosedError)):
+                        self._failed(address)
+                        serialized.extend(values.items())
+                        continue
+                    if isinstance(reply, BaseException):
+                        raise reply
+                    for key in reply["keys"]:
+                        self._where[key] = {address}
+                    self._nbytes.update(reply["nbytes"])
         remote = [RemoteData(key, self, owned=True) for key, _ in items]
         return {r.key: r for r in remote} if named else remote
 
@@ -483,9 +495,14 @@ class Client:
                     holders[address].add(key)
                 self._nbytes.pop(key, None)
                 self._inline.pop(key, None)
-            await asyncio.gather(*(
-                self._rpc(address).delete_data(keys=list(ks)) for address, ks in holders.items()),
-                return_exceptions=True)
+            addresses = self._reachable(holders)  # the unreachable took their copies along
+            replies = await asyncio.gather(*(
+                self._rpc(address).delete_data(keys=list(holders[address]))
+                for address in addresses), return_exceptions=True)
+        for address, reply in zip(addresses, replies):
+            if isinstance(reply, BaseException):
+                logger.warning("could not delete %d values on %s: %s", len(holders[address]),
+                               address, reply)
 
     # -- computing -----------------------------------------------------------------------------
 
@@ -537,6 +554,8 @@ class Client:
                         {k: self._recipes.get(k) for k in needed[i]})
                 outcomes.append(RemoteData(result["key"], self, owned=True, recipe=recipe))
             elif result["status"] == "missing-data":
+                for peer in result.get("unreachable", ()):  # the worker found them gone
+                    self._failed(peer)
                 outcomes.append(MissingDataError(result["keys"]))
             else:
                 outcomes.append(rebuild_error(result))
