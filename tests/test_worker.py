@@ -71,7 +71,8 @@ async def test_missing_input_is_reported_by_key(center, workers, pool):
     (w,) = workers
     reply = await pool.rpc(w.address).compute(
         function=serialize(len), **calls(task("r", KeyRef("ghost"), needed=["ghost"])))
-    assert reply["results"][0] == {"key": "r", "status": "missing-data", "keys": ["ghost"]}
+    assert reply["results"][0] == {"key": "r", "status": "missing-data", "keys": ["ghost"],
+                                   "unreachable": []}
     assert "r" not in w.data
 
 
