@@ -458,8 +458,9 @@ class Client:
     async def _compute_somewhere(self, function, calls):
         """Run ``calls`` on some live worker, trying the others if it is unreachable."""
         candidates = self._reachable(list(self.ncores))
-        for attempt in range(2):
-            for address in sorted(candidates, key=lambda _: next(self._round_robin)):
+        for _ in range(2):
+            start = next(self._round_robin) % max(1, len(candidates))  # spread the work
+            for address in candidates[start:] + candidates[:start]:
                 try:
                     outcomes, _ = await self._compute(address, function, calls)
                     return outcomes

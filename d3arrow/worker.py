@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .comm import connect
 from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Server, error_reply
 from .errors import CommClosedError
 from .protocol import allocate_buffers
@@ -65,8 +66,11 @@ class Worker(Server):
         self.pool = ConnectionPool(allocate=allocate, security=security)  # center and peers
         self.heartbeat_interval = HEARTBEAT_INTERVAL
         self._fetching = {}  # key -> task fetching it, so concurrent needs share one transfer
-        self._center_updates = collections.deque()
-        self._center_flush = None
+        self._updates_comm = None  # a connection to the center for add/remove_keys only
+        self._updates_pending = collections.deque()  # their answers, in order
+        self._updates_lock = asyncio.Lock()
+        self._updates_reader = None
+        self._registering = None
         self._heartbeat_task = None
         self._closing = False
         self._unreachable_peers = {}  # peer address -> time.monotonic() it failed us
@@ -102,9 +106,12 @@ class Worker(Server):
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
-        if self._center_flush is not None:
-            self._center_flush.cancel()
-            await asyncio.gather(self._center_flush, return_exceptions=True)
+        for task in (self._updates_reader, self._registering):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._updates_comm is not None:
+            self._updates_comm.abort()
         if report:
             try:
                 await asyncio.wait_for(self._center.unregister(address=self.address), 2)
@@ -135,52 +142,78 @@ class Worker(Server):
             try:
                 reply = await self._center.heartbeat(address=self.address)
                 if reply["status"] == "unknown-worker":
-                    logger.warning("center %s does not know this worker: registering again "
-                                   "with %d keys", self.center, len(self.data))
-                    await self._register()
+                    self._register_again()
                 failures = 0
             except (OSError, TimeoutError, CommClosedError) as e:
                 failures += 1
                 (logger.warning if failures == 1 else logger.info)(
                     "heartbeat to center %s failed (%d in a row): %s", self.center, failures, e)
 
-    async def _tell_center(self, op, keys, *, wait="applied"):
-        """Queue ``add_keys`` / ``remove_keys``; updates reach the center in this order.
+    async def _tell_center(self, op, keys, *, applied=False):
+        """Tell the center of keys added here or removed; it hears of them in call order.
 
-        ``wait``: ``"applied"`` returns once the center has applied everything queued so
-        far; ``"sent"`` once this update is on its way (written before our reply to the
-        caller, so the center hears of it first, without a round trip); ``None`` at once
-        (replicas need not be known at once).
+        Updates travel over one connection kept for them and are written at once: an update
+        made before our reply to a caller reaches the center first, with no round trip in
+        between. Their answers are read in order in the background. With ``applied``, wait
+        until the center has applied this update.
         """
+        keys = [k for k in keys if k in self.data] if op == "add_keys" else list(keys)
         if not keys:
             return
-        sent = asyncio.get_running_loop().create_future()
-        self._center_updates.append((op, list(keys), sent))
-        if self._center_flush is None or self._center_flush.done():
-            self._center_flush = asyncio.get_running_loop().create_task(self._flush_center())
-        if wait == "applied":
-            await asyncio.shield(self._center_flush)
-        elif wait == "sent":
-            await asyncio.shield(sent)
-
-    async def _flush_center(self):
-        while self._center_updates:
-            op, keys, sent = self._center_updates.popleft()
-            mark_sent = lambda: sent.done() or sent.set_result(None)  # noqa: E731
+        msg = {"op": op, "address": self.address, "keys": keys}
+        if op == "add_keys":
+            msg["nbytes"] = {k: self.nbytes[k] for k in keys}
+        try:
+            comm = self._updates_comm
+            if comm is None or comm.closed:
+                comm = await self._open_updates_link()
+            answered = asyncio.get_running_loop().create_future()
+            self._updates_pending.append(answered)
+            await comm.send(msg)
+        except (OSError, TimeoutError, CommClosedError) as e:
+            logger.warning("could not tell center %s of %d keys: %s", self.center, len(keys), e)
+            return
+        if applied:
             try:
-                msg = {"op": op, "address": self.address, "keys": keys}
-                if op == "add_keys":
-                    keys = msg["keys"] = [k for k in keys if k in self.data]  # deleted meanwhile
-                    msg["nbytes"] = {k: self.nbytes[k] for k in keys}
-                reply = await self.pool.request(self.center, msg, timeout=DEFAULT_TIMEOUT,
-                                                on_sent=mark_sent)
-                if reply["status"] == "unknown-worker" and not self._closing:
-                    await self._register()  # registers every key we hold
-            except (OSError, TimeoutError, CommClosedError) as e:
-                logger.warning("could not tell center %s of %d keys: %s", self.center,
-                               len(keys), e)
-            finally:
-                mark_sent()
+                await asyncio.wait_for(asyncio.shield(answered), DEFAULT_TIMEOUT)
+            except TimeoutError:
+                logger.warning("center %s did not apply an update within %s s", self.center,
+                               DEFAULT_TIMEOUT)
+
+    async def _open_updates_link(self):
+        async with self._updates_lock:
+            if self._updates_comm is None or self._updates_comm.closed:
+                comm = await connect(self.center, security=self.security)
+                self._updates_comm, self._updates_pending = comm, collections.deque()
+                self._updates_reader = asyncio.get_running_loop().create_task(
+                    self._read_update_answers(comm, self._updates_pending))
+            return self._updates_comm
+
+    async def _read_update_answers(self, comm, pending):
+        try:
+            while True:
+                answer = await comm.recv()
+                answered = pending.popleft()
+                if isinstance(answer, dict) and answer.get("status") == "unknown-worker":
+                    self._register_again()  # a restarted center: it gets every key we hold
+                elif not isinstance(answer, dict) or answer.get("status") != "OK":
+                    logger.warning("center %s refused an update: %s", self.center,
+                                   answer.get("message") if isinstance(answer, dict) else answer)
+                answered.done() or answered.set_result(answer)
+        except (CommClosedError, IndexError):
+            pass
+        finally:
+            comm.abort()
+            for answered in pending:  # not applied: re-registration will tell it all
+                answered.done() or answered.set_result(None)
+
+    def _register_again(self):
+        if self._closing or (self._registering is not None and not self._registering.done()):
+            return
+        logger.warning("center %s does not know this worker: registering again with %d keys",
+                       self.center, len(self.data))
+        self._registering = asyncio.get_running_loop().create_task(self._register())
+        self._registering.add_done_callback(_log_register_failure)
 
     def _store(self, key, value, ref_meta=None):
         self.data[key] = value
@@ -242,7 +275,7 @@ class Worker(Server):
         for key, value in data.items():
             self._store(key, *await self._receive(value))
         if report:
-            await self._tell_center("add_keys", list(data))
+            await self._tell_center("add_keys", list(data), applied=True)
         return {"keys": list(data), "nbytes": {k: self.nbytes[k] for k in data}}
 
     async def delete_data(self, *, keys, report=True):
@@ -252,7 +285,7 @@ class Worker(Server):
             del self.nbytes[key]
             self.shared.pop(key, None)
         if report:
-            await self._tell_center("remove_keys", deleted)
+            await self._tell_center("remove_keys", deleted, applied=True)
         return {"keys": deleted}
 
     async def undelivered(self, reply):
@@ -332,8 +365,8 @@ class Worker(Server):
                 elif type(value) is np.ndarray and value.nbytes <= INLINE_BYTES:
                     result["value"] = serialize(value)
                 results.append(result)
-        await self._tell_center("add_keys", [r["key"] for r in results if r["status"] == "OK"],
-                                wait="sent")
+        # written before our reply: the center hears of the results first
+        await self._tell_center("add_keys", [r["key"] for r in results if r["status"] == "OK"])
         return {"results": results, "seconds": sum(seconds for _, seconds in done)}
 
     def _execute(self, func, calls, call_kwargs, indices):
@@ -404,7 +437,7 @@ class Worker(Server):
                     self._store(key, value, ref_meta)
                     fetched.append(key)
                     remaining.discard(key)
-        await self._tell_center("add_keys", fetched, wait=None)  # replicas: no hurry
+        await self._tell_center("add_keys", fetched)
 
     async def _get_from_peer(self, peer, keys):
         """{key: (value, ref_meta)} for the keys ``peer`` could give us."""
@@ -431,3 +464,8 @@ def _open_store(capacity, shared):
             return _open_store(capacity, shared=False)
         logger.warning("no receive arena (%s): receiving into fresh memory", e)
         return None
+
+
+def _log_register_failure(task):
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("registering again with the center failed: %s", task.exception())

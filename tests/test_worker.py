@@ -48,7 +48,7 @@ async def test_compute_fetches_inputs_from_two_other_workers(center, workers, po
     (result,) = reply["results"]
     assert result["status"] == "OK" and result["nbytes"] == 8000 and result["type"] == "ndarray"
     np.testing.assert_array_equal(c.data["z"], np.full(1000, 5.0))
-    await c._center_flush  # replicas are reported in the background
+    # the replicas were reported to the center before c replied
     who_has = (await pool.rpc(center.address).who_has(keys=["x", "y", "z"]))["who_has"]
     assert sorted(who_has["x"]) == sorted([a.address, c.address])
     assert sorted(who_has["y"]) == sorted([b.address, c.address])
