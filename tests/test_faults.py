@@ -184,3 +184,22 @@ def test_a_peer_dying_mid_transfer_leaves_nothing_behind_on_the_receiver():
         assert wait_until(lambda: used() == baseline)
         assert pool.apply(abs, [-1], workers=[b]).get() == 1  # and it goes on serving
         assert os.path.exists(f"/proc/{cluster.worker_processes[1].pid}")
+
+
+def test_a_fetch_cut_off_by_its_peer_dying_is_finished_from_another_holder():
+    with LocalCluster(n_workers=3, ncores=1, shm=False) as cluster, \
+            Pool(cluster.center_address, shm=False) as pool:
+        a, b, c = cluster.worker_addresses
+        client = pool.client
+        big = pool.apply(lambda: np.arange(2**30 // 8, dtype=np.float64), workers=[a])
+        client.sync(client._rpc(c).fetch, keys=[big.key], who_has={big.key: [a]})  # a replica
+        used = lambda: client.sync(client._rpc(b).identity)["store"]["used"]  # noqa: E731
+        baseline = used()
+        fetching = client.submit(lambda: client._rpc(b).fetch(keys=[big.key],
+                                                               who_has={big.key: [a]}))
+        wait_until(lambda: used() > baseline, timeout=10, interval=0.002)
+        _kill(cluster, 0)  # a dies while b reads from it; b asks the center, then reads c
+        reply = fetching.result(timeout=60)
+        assert reply["status"] == "OK", reply
+        total = pool.apply(lambda v: float(v[::4096].sum()), [big], workers=[b])
+        assert total.get() == float(np.arange(2**30 // 8, dtype=np.float64)[::4096].sum())
