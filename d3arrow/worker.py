@@ -31,9 +31,9 @@ from .task import KeyRef, map_leaves
 logger = logging.getLogger(__name__)
 
 LARGE_BYTES = 2**20  # (de)serializing more than this moves off the event loop
-INLINE_BYTES = 1024
+INLINE_BYTES = 1024  # results this small travel back in the compute reply as well
 UNREACHABLE_SECONDS = 30.0  # a peer that failed us is reported as such this long
-MAX_BACKOFF_FACTOR = 4  # while the center is unreachable, retry at most 4 heartbeats apart  # results this small travel back in the compute reply as well
+MAX_BACKOFF_FACTOR = 4  # while the center is unreachable, retry at most 4 heartbeats apart
 
 
 class Worker(Server):

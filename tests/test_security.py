@@ -17,7 +17,6 @@ from cryptography.x509.oid import NameOID
 from conftest import gen_cluster
 from d3arrow import LocalCluster, Pool
 from d3arrow import security as security_module
-from d3arrow.center import Center
 from d3arrow.core import ConnectionPool
 from d3arrow.errors import AuthenticationError
 from d3arrow.eventloop import run
