@@ -177,11 +177,13 @@ class _FramedProtocol(asyncio.BufferedProtocol):
             messages = self._reader.buffer_updated(nbytes)
         except ProtocolError as e:  # the stream cannot be trusted any further
             logger.warning("closing connection from %s: %s", self.comm.peer_address, e)
-            if self._server_side:  # say why, in the one message the peer can still read
-                self.transport.writelines(dumps(_error_frame(e)))
             self._reader = None
             self.ready = _failed(asyncio.get_running_loop(), e)
-            self._hang_up()
+            if self._server_side:  # say why, in the one message the peer can still read
+                self.transport.writelines(dumps(_error_frame(e)))
+                self._hang_up()
+            else:
+                self.transport.abort()
             return
         if messages:
             self._inbox.extend(messages)
