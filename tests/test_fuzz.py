@@ -129,6 +129,9 @@ def _bad_message(rng):
         header = {"op": op, "keys": ["fuzz"], "data": {"fuzz": ext}, "function": ext,
                   "args": ext}
         return msgpack.packb(header, use_bin_type=True), [rng.randbytes(n)]
+    if kind == 5 and rng.random() < 0.3:  # a reply where a request should be
+        return msgpack.packb({"status": rng.choice(["OK", "error", "missing-data"]),
+                              "keys": [_junk(rng)]}, use_bin_type=True), []
     # valid-looking requests for keys nobody has
     return msgpack.packb({"op": rng.choice(["get_data", "who_has", "delete_data", "fetch"]),
                           "keys": [rng.randbytes(4).hex()]}, use_bin_type=True), []
@@ -161,15 +164,18 @@ async def _stress(address, rng, cases):
     reader, writer = await asyncio.open_connection(host, int(port))
     for _ in range(cases):
         if rng.random() < 0.8:  # on the long-lived connection: every message gets a reply
-            writer.write(_frame(*_bad_message(rng)))
-            length, n = PREFIX.unpack(await asyncio.wait_for(reader.readexactly(16), 10))
-            lengths = struct.unpack(f"<{n}Q", await reader.readexactly(8 * n))
-            reply = msgpack.unpackb(await reader.readexactly(length), raw=False,
-                                    strict_map_key=False,
-                                    ext_hook=lambda code, data: msgpack.ExtType(code, data))
-            await reader.readexactly(sum(lengths))
-            assert isinstance(reply, dict) and "status" in reply
-            answered += 1
+            # sometimes several at once before reading any reply (pipelined, out of turn)
+            batch = [_bad_message(rng) for _ in range(rng.choice([1, 1, 1, 3]))]
+            writer.write(b"".join(_frame(*message) for message in batch))
+            for _ in batch:
+                length, n = PREFIX.unpack(await asyncio.wait_for(reader.readexactly(16), 10))
+                lengths = struct.unpack(f"<{n}Q", await reader.readexactly(8 * n))
+                reply = msgpack.unpackb(await reader.readexactly(length), raw=False,
+                                        strict_map_key=False,
+                                        ext_hook=lambda code, data: msgpack.ExtType(code, data))
+                await reader.readexactly(sum(lengths))
+                assert isinstance(reply, dict) and "status" in reply
+            answered += len(batch)
         else:  # a connection of its own, which the server must close
             r, w = await asyncio.open_connection(host, int(port))
             w.write(_broken_stream(rng))
