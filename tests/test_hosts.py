@@ -9,6 +9,7 @@ iproute2; elsewhere the tests are skipped with the reason.
 import contextlib
 import os
 import random
+import re
 import select
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ class Hosts:
     """A bridge in this namespace (``.gateway``) and ``n`` namespaces on it (``.addresses``)."""
 
     def __init__(self, n):
-        tag = f"{os.getpid() % 10000}{random.randrange(100)}"
+        tag = os.getpid()  # names say whose they are: see _remove_stale
         self.subnet = f"10.{random.randrange(200, 250)}.{random.randrange(256)}"
         self.bridge = f"d3br{tag}"
         self.namespaces = [f"d3arrow-{tag}-{i}" for i in range(n)]
@@ -47,6 +48,7 @@ class Hosts:
         self._veths = []
 
     def __enter__(self):
+        _remove_stale()
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
@@ -75,6 +77,21 @@ class Hosts:
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
 
 
+def _remove_stale():
+    """Namespaces and bridges left by a test process that was killed before its cleanup."""
+    def dead(pid):
+        return not os.path.exists(f"/proc/{pid}")
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in (line.split()[0] for line in listed.splitlines() if line.strip()):
+        match = re.fullmatch(r"d3arrow-(\d+)-\d+", name)
+        if match and dead(match[1]):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    for name in re.findall(r"^\d+: (d3br\d+):", links, flags=re.M):
+        if dead(name[4:]):
+            subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=30)
+
+
 @pytest.fixture(scope="module")
 def hosts():
     try:
@@ -89,22 +106,30 @@ def _start(command, *, namespace=None, token=TOKEN):
     if token is not None:
         env[TOKEN_ENV] = token
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
-    return subprocess.Popen([*prefix, sys.executable, "-m", *command], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*prefix, sys.executable, "-m", *command], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.lines = b""
+    return process
 
 
 def _line(process, prefix, timeout=30):
-    """The rest of the first stdout line starting with ``prefix``."""
+    """The rest of the first stdout line starting with ``prefix`` (unbuffered reads)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        line, newline, rest = process.lines.partition(b"\n")
+        if newline:
+            process.lines = rest
+            if line.decode().startswith(prefix):
+                return line.decode()[len(prefix):].strip()
+            continue
         ready, _, _ = select.select([process.stdout], [], [], 0.5)
         if ready:
-            line = process.stdout.readline()
-            if not line:
+            chunk = os.read(process.stdout.fileno(), 4096)
+            if not chunk:
                 break
-            if line.startswith(prefix):
-                return line[len(prefix):].strip()
-    raise AssertionError(f"no {prefix!r} line; stderr: {process.stderr.read()[-500:]}")
+            process.lines += chunk
+    process.kill()
+    raise AssertionError(f"no {prefix!r} line; stderr: {process.stderr.read()[-500:]!r}")
 
 
 @contextlib.contextmanager
@@ -155,6 +180,6 @@ def test_on_another_host_a_server_without_the_token_is_refused(hosts):
                              namespace=hosts.namespaces[2], token="not the token")
         with _running(no_token, wrong_token):
             assert no_token.wait(timeout=30) == 1
-            assert "without an auth token" in no_token.stderr.read()
+            assert b"without an auth token" in no_token.stderr.read()
             assert wrong_token.wait(timeout=30) == 1
-            assert "tokens differ" in wrong_token.stderr.read()
+            assert b"tokens differ" in wrong_token.stderr.read()
