@@ -15,13 +15,12 @@ import itertools
 import logging
 import os
 import threading
-import time
 import uuid
 import weakref
 
 from .addressing import normalize_address
 from .cluster import LocalCluster
-from .core import DEFAULT_TIMEOUT, ConnectionPool, rebuild_error
+from .core import DEFAULT_TIMEOUT, ConnectionPool, RecentFailures, rebuild_error
 from .errors import CommClosedError, LostDataError, MissingDataError
 from .eventloop import LoopThread
 from .security import Security
@@ -170,7 +169,7 @@ class Client:
         self._inline = {}  # key -> small result that came back with its compute
         self._refcount = collections.Counter()
         self._recipes = weakref.WeakValueDictionary()  # key -> Recipe of results alive
-        self._unreachable = {}  # worker address -> time.monotonic() it failed us
+        self._unreachable = RecentFailures()
         self._deleted = set()  # keys deleted on purpose while RemoteData still name them
         self._watch_task = None
         self._lock = threading.Lock()
@@ -363,17 +362,13 @@ class Client:
 
     def _failed(self, address):
         """``address`` could not be reached: leave it out until the center drops it."""
-        self._unreachable[address] = time.monotonic()
+        self._unreachable.add(address)
         for holders in self._where.values():
             holders.discard(address)
 
     def _reachable(self, addresses):
         """``addresses`` less those that failed us lately (they may have died)."""
-        now = time.monotonic()
-        for address, when in list(self._unreachable.items()):
-            if now - when > UNREACHABLE_SECONDS:
-                del self._unreachable[address]
-        return [a for a in addresses if a not in self._unreachable]
+        return self._unreachable.without(addresses)
 
     async def _watch_workers(self):
         """Break off computations on workers the center has dropped (dead, or hung).
@@ -640,7 +635,6 @@ class Client:
 
 
 REFERENCES = (RemoteData, KeyRef)  # how arguments name values held by the workers
-UNREACHABLE_SECONDS = 30.0
 REMAKE_ATTEMPTS = 3
 WATCH_SECONDS = 1.0  # how often computations in flight are checked against the center
 

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import inspect
 import logging
+import time
 import traceback
 
 from .comm import CONNECT_TIMEOUT, Listener, connect
@@ -158,6 +159,30 @@ class Server:
         if grace:
             await self.drain(grace)
         await self.listener.stop()
+
+
+class RecentFailures:
+    """Addresses that failed us lately: they may have died, so leave them out for a while.
+
+    Forgotten after ``seconds``, by when the center has dropped a dead worker anyway.
+    """
+
+    def __init__(self, seconds=30.0):
+        self.seconds = seconds
+        self._when = {}  # address -> time.monotonic() it failed
+
+    def add(self, address):
+        self._when[address] = time.monotonic()
+
+    def recent(self):
+        now = time.monotonic()
+        self._when = {a: t for a, t in self._when.items() if now - t <= self.seconds}
+        return sorted(self._when)
+
+    def without(self, addresses):
+        """``addresses`` less the recent failures, in order."""
+        failed = set(self.recent())
+        return [a for a in addresses if a not in failed]
 
 
 class ConnectionPool:

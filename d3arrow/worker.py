@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .comm import connect
-from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Server, error_reply
+from .core import (DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, RecentFailures,
+                   Server, error_reply)
 from .errors import CommClosedError
 from .protocol import allocate_buffers
 from .security import NO_SECURITY
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 LARGE_BYTES = 2**20  # (de)serializing more than this moves off the event loop
 INLINE_BYTES = 1024  # results this small travel back in the compute reply as well
-UNREACHABLE_SECONDS = 30.0  # a peer that failed us is reported as such this long
 MAX_BACKOFF_FACTOR = 4  # while the center is unreachable, retry at most 4 heartbeats apart
 
 
@@ -73,7 +73,7 @@ class Worker(Server):
         self._registering = None
         self._heartbeat_task = None
         self._closing = False
-        self._unreachable_peers = {}  # peer address -> time.monotonic() it failed us
+        self._unreachable_peers = RecentFailures()  # told to callers with missing-data
         self.handlers = {
             "get_data": self.get_data,
             "update_data": self.update_data,
@@ -350,7 +350,7 @@ class Worker(Server):
             if i not in outcomes:
                 results.append({"key": key, "status": "missing-data",
                                 "keys": sorted(missing.intersection(needed[i])),
-                                "unreachable": self._recently_unreachable()})
+                                "unreachable": self._unreachable_peers.recent()})
             elif outcomes[i][0] == "error":
                 results.append({"key": key, **outcomes[i][1]})
             else:
@@ -442,16 +442,7 @@ class Worker(Server):
     async def _get_from_peer(self, peer, keys):
         """{key: (value, ref_meta)} for the keys ``peer`` could give us."""
         return await get_data(self.pool, peer, keys, host=self.store.host if self.store else None,
-                              receive=self._receive, on_failure=self._peer_failed)
-
-    def _peer_failed(self, peer):
-        self._unreachable_peers[peer] = time.monotonic()
-
-    def _recently_unreachable(self):
-        """Peers that failed us lately: the caller learns whose copies are likely gone."""
-        now = time.monotonic()
-        return sorted(p for p, when in self._unreachable_peers.items()
-                      if now - when < UNREACHABLE_SECONDS)
+                              receive=self._receive, on_failure=self._unreachable_peers.add)
 
 
 def _open_store(capacity, shared):
