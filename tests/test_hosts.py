@@ -106,8 +106,11 @@ def _start(command, *, namespace=None, token=TOKEN):
     if token is not None:
         env[TOKEN_ENV] = token
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
-    process = subprocess.Popen([*prefix, sys.executable, "-m", *command], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # like LocalCluster's children: they exit when our end of their stdin closes, so a
+    # test run killed midway (a timeout) leaves no server behind
+    process = subprocess.Popen([*prefix, sys.executable, "-m", *command, "--exit-on-stdin-eof"],
+                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
     process.lines = b""
     return process
 
@@ -129,6 +132,7 @@ def _line(process, prefix, timeout=30):
                 break
             process.lines += chunk
     process.kill()
+    process.wait()
     raise AssertionError(f"no {prefix!r} line; stderr: {process.stderr.read()[-500:]!r}")
 
 
@@ -142,8 +146,8 @@ def _running(*processes):
                 process.terminate()
         for process in processes:
             process.wait(timeout=15)
-            process.stdout.close()
-            process.stderr.close()
+            for stream in (process.stdin, process.stdout, process.stderr):
+                stream.close()
 
 
 def test_workers_on_two_hosts_trade_values_over_tcp_with_the_token(hosts):
