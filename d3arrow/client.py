@@ -593,7 +593,12 @@ class Client:
             keys = [k for k in self._released if k not in self._refcount]
             self._released.clear()
             self._release_scheduled = False
-        await self._delete(keys)
+        try:
+            await self._delete(keys)
+        except BaseException:  # cancelled by close, or failed: close frees them
+            with self._lock:
+                self._released.update(k for k in keys if k not in self._refcount)
+            raise
 
     # -- lifetime ------------------------------------------------------------------------------
 

@@ -166,6 +166,20 @@ def test_dropped_remote_data_is_freed_on_the_workers(pool):
     assert wait_until(lambda: not any(pool.client.who_has(keys).values()), interval=0.05)
 
 
+@pytest.mark.parametrize("pause", [0.0, 0.005, 0.01, 0.012, 0.015, 0.02, 0.03])
+def test_values_dropped_just_before_close_are_freed_too(cluster, pause):
+    # close may come while the freeing of just-dropped values is under way
+    with Pool(cluster.center_address) as other:
+        for _ in range(5):
+            with Pool(cluster.center_address) as closing:
+                mine = closing.map(lambda x: np.zeros(100) + x, range(10))
+                keys = [r.key for r in mine]
+                del mine
+                gc.collect()
+                time.sleep(pause)
+            assert not any(other.client.who_has(keys).values())
+
+
 def test_values_in_use_are_not_freed(pool):
     kept = pool.scatter([10, 20])
     derived = pool.map(lambda x: x + 1, kept)
