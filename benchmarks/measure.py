@@ -68,19 +68,28 @@ def median(values):
 
 # -- the figures of the comparison (each a median) --------------------------------------------
 
-def dependent_task_seconds(pool, source, target, nbytes, repeat):
+def dependent_task_seconds(pool, source, target, nbytes, repeat, *, same_input=False):
     """End to end: a task on ``target`` whose ``nbytes`` input lives on ``source``.
 
     The same measure as for dask: the input is made on the source (untimed), then the
-    timed call runs ``len`` on the target, which fetches the input first.
+    timed call runs ``len`` on the target, which fetches the input first. With
+    ``same_input``, one input serves every repeat (the target's copy is dropped in
+    between), as the raw-socket limit sends one buffer again and again.
     """
+    kept = make_on(pool, source, nbytes) if same_input else None
     seconds = []
     for i in range(repeat):
-        remote = make_on(pool, source, nbytes, seed=i)
+        remote = kept or make_on(pool, source, nbytes, seed=i)
         start = time.perf_counter()
         result = pool.apply(len, [remote], workers=[target])
         seconds.append(time.perf_counter() - start)
-        pool.delete([remote, result])
+        if same_input:
+            forget(pool, target, remote)
+            pool.delete([result])
+        else:
+            pool.delete([remote, result])
+    if kept is not None:
+        pool.delete([kept])
     return median(seconds)
 
 
@@ -153,8 +162,11 @@ def _inc(x):
     return x + 1
 
 
-def ratio_to_socket(measure_gbps, nbytes, repeat):
-    """Median over ``repeat`` pairs of (a throughput / the raw socket's, measured just before).
+SOCKET_SENDS = 3  # sends per measurement, both sides: the first of a series runs slowest here
+
+
+def ratios_to_socket(measure_gbps, nbytes, pairs):
+    """``pairs`` ratios of a throughput to the raw socket's, measured just before it.
 
     The loopback socket's own speed drifts 2x within minutes here, so a limit measured at
     the start of a long run says little about a transfer made minutes later.
@@ -162,13 +174,13 @@ def ratio_to_socket(measure_gbps, nbytes, repeat):
     from .limits import socket_throughput
 
     ratios = []
-    for _ in range(repeat):
-        socket = socket_throughput(nbytes, 3)
+    for _ in range(pairs):
+        socket = socket_throughput(nbytes, SOCKET_SENDS)
         ratios.append(measure_gbps() / socket)
-    return median(ratios)
+    return ratios
 
 
-def run(sizes, big, tiny, repeat):
+def run(sizes, big, tiny, repeat, pairs):
     """Every d3arrow figure of the comparison: ``{name: value}``."""
     figures = {}
     with cluster(shm=False) as (local, pool):
@@ -180,10 +192,15 @@ def run(sizes, big, tiny, repeat):
             figures[f"task_input_tcp_{nbytes}"] = nbytes / seconds / 1e9
         figures[f"scatter_{big}"] = big / scatter_seconds(pool, source, big, repeat) / 1e9
         # the two targets stated against the socket, each paired with a socket measurement
-        figures[f"task_input_tcp_{big}_per_socket"] = ratio_to_socket(
-            lambda: big / dependent_task_seconds(pool, source, target, big, 1) / 1e9, big, repeat)
-        figures[f"scatter_{big}_per_socket"] = ratio_to_socket(
-            lambda: big / scatter_seconds(pool, source, big, 1) / 1e9, big, repeat)
+        # made the same way: the median of 3 sends of one buffer over one connection
+        for name, gbps in [
+                (f"task_input_tcp_{big}", lambda: big / dependent_task_seconds(
+                    pool, source, target, big, SOCKET_SENDS, same_input=True) / 1e9),
+                (f"scatter_{big}", lambda: big / scatter_seconds(
+                    pool, source, big, SOCKET_SENDS) / 1e9)]:
+            ratios = ratios_to_socket(gbps, big, pairs)
+            figures[f"{name}_per_socket"] = median(ratios)
+            figures[f"{name}_per_socket_pairs"] = ratios
         figures[f"gather_tcp_{big}"] = big / gather_seconds(pool, source, big, repeat) / 1e9
         figures["tiny_tasks_per_s"] = tiny_tasks_per_second(pool, tiny, repeat)
         figures["round_trip_ms"] = round_trip_seconds(pool, 200) * 1e3

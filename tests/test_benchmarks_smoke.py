@@ -17,6 +17,9 @@ def test_compare_quick_writes_every_figure(tmp_path):
     results = json.loads(out.read_text())
     figures = results["systems"]["d3arrow"]
     assert figures["tiny_tasks_per_s"] > 0 and figures["round_trip_ms"] > 0
-    assert all(value > 0 for key, value in figures.items() if key.startswith("task_input"))
+    assert all(value > 0 for key, value in figures.items()
+               if key.startswith("task_input") and not key.endswith("_pairs"))
+    pairs = figures[f"task_input_tcp_{results['config']['big']}_per_socket_pairs"]
+    assert len(pairs) == results["config"]["pairs"] and all(r > 0 for r in pairs)
     assert results["limits"]["socket"] > 0 and results["limits"]["memcpy"] > 0
     assert "targets:" in done.stdout and "d3arrow/limit" in done.stdout
