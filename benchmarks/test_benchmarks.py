@@ -20,6 +20,11 @@ def socket_limit():
     return limits.socket_throughput(256 * MiB, 3)
 
 
+def _median(benchmark):
+    """The median seconds of the rounds; nan under --benchmark-disable (one plain call)."""
+    return benchmark.stats.stats.median if benchmark.stats is not None else float("nan")
+
+
 def transfer(benchmark, pair, nbytes, rounds):
     local, pool = pair
     source, target = local.worker_addresses
@@ -32,7 +37,7 @@ def transfer(benchmark, pair, nbytes, rounds):
     benchmark.pedantic(fetch, setup=setup, rounds=rounds)
     pool.delete([remote])
     benchmark.extra_info.update(bytes=nbytes, workers=2,
-                                gbps=nbytes / benchmark.stats.stats.median / 1e9)
+                                gbps=nbytes / _median(benchmark) / 1e9)
 
 
 @pytest.mark.parametrize("nbytes", SIZES, ids=lambda n: f"{n // MiB}MiB")
@@ -60,7 +65,7 @@ def test_scatter_256MiB(benchmark, tcp, socket_limit):
         local.worker_addresses[0]])), setup=setup, rounds=5)
     pool.delete(remotes)
     benchmark.extra_info.update(bytes=array.nbytes, socket_limit_gbps=socket_limit,
-                                gbps=array.nbytes / benchmark.stats.stats.median / 1e9)
+                                gbps=array.nbytes / _median(benchmark) / 1e9)
 
 
 @pytest.mark.parametrize("mode", ["tcp", "shm"])
@@ -69,7 +74,7 @@ def test_gather_256MiB(benchmark, request, mode):
     remote = make_on(pool, local.worker_addresses[0], 256 * MiB)
     benchmark.pedantic(remote.get, rounds=5)
     benchmark.extra_info.update(bytes=256 * MiB,
-                                gbps=256 * MiB / benchmark.stats.stats.median / 1e9)
+                                gbps=256 * MiB / _median(benchmark) / 1e9)
 
 
 def test_map_10000_tiny_tasks(benchmark, tcp):
@@ -77,7 +82,7 @@ def test_map_10000_tiny_tasks(benchmark, tcp):
     pool.map(_inc, range(1000))
     benchmark.pedantic(pool.map, args=(_inc, range(10_000)), rounds=3)
     benchmark.extra_info.update(tasks=10_000, workers=2,
-                                tasks_per_second=10_000 / benchmark.stats.stats.median)
+                                tasks_per_second=10_000 / _median(benchmark))
 
 
 def test_apply_round_trip(benchmark, tcp):
