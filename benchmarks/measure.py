@@ -79,7 +79,7 @@ def dependent_task_seconds(pool, source, target, nbytes, repeat, *, same_input=F
     kept = make_on(pool, source, nbytes) if same_input else None
     seconds = []
     for i in range(repeat):
-        remote = kept or make_on(pool, source, nbytes, seed=i)
+        remote = kept if same_input else make_on(pool, source, nbytes, seed=i)
         start = time.perf_counter()
         result = pool.apply(len, [remote], workers=[target])
         seconds.append(time.perf_counter() - start)

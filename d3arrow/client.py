@@ -20,7 +20,8 @@ import weakref
 
 from .addressing import normalize_address
 from .cluster import LocalCluster
-from .core import DEFAULT_TIMEOUT, ConnectionPool, RecentFailures, rebuild_error
+from .core import (DEFAULT_TIMEOUT, ConnectionPool, RecentFailures, log_failure,
+                   rebuild_error)
 from .errors import CommClosedError, LostDataError, MissingDataError
 from .eventloop import LoopThread
 from .security import Security
@@ -585,7 +586,7 @@ class Client:
 
     def _start_release(self):
         self._release_task = asyncio.get_running_loop().create_task(self._release())
-        self._release_task.add_done_callback(_log_failure)
+        self._release_task.add_done_callback(log_failure("freeing released values"))
 
     async def _release(self):
         await asyncio.sleep(0.01)  # let a burst of releases collect into one message per worker
@@ -642,8 +643,3 @@ class Client:
 REFERENCES = (RemoteData, KeyRef)  # how arguments name values held by the workers
 REMAKE_ATTEMPTS = 3
 WATCH_SECONDS = 1.0  # how often computations in flight are checked against the center
-
-
-def _log_failure(task):
-    if not task.cancelled() and task.exception() is not None:
-        logger.warning("freeing released values failed: %s", task.exception())

@@ -161,6 +161,14 @@ class Server:
         await self.listener.stop()
 
 
+def log_failure(what):
+    """A done-callback for a background task that nobody awaits: log why it failed."""
+    def callback(task):
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("%s failed: %s", what, task.exception())
+    return callback
+
+
 class RecentFailures:
     """Addresses that failed us lately: they may have died, so leave them out for a while.
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .comm import connect
 from .core import (DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, RecentFailures,
-                   Server, error_reply)
+                   Server, error_reply, log_failure)
 from .errors import CommClosedError
 from .protocol import allocate_buffers
 from .security import NO_SECURITY
@@ -213,7 +213,7 @@ class Worker(Server):
         logger.warning("center %s does not know this worker: registering again with %d keys",
                        self.center, len(self.data))
         self._registering = asyncio.get_running_loop().create_task(self._register())
-        self._registering.add_done_callback(_log_register_failure)
+        self._registering.add_done_callback(log_failure("registering again with the center"))
 
     def _store(self, key, value, ref_meta=None):
         self.data[key] = value
@@ -455,8 +455,3 @@ def _open_store(capacity, shared):
             return _open_store(capacity, shared=False)
         logger.warning("no receive arena (%s): receiving into fresh memory", e)
         return None
-
-
-def _log_register_failure(task):
-    if not task.cancelled() and task.exception() is not None:
-        logger.warning("registering again with the center failed: %s", task.exception())
