@@ -10,8 +10,11 @@ from .errors import (
     AuthenticationError,
     CommClosedError,
     D3ArrowError,
+    KilledWorkerError,
     LostDataError,
     MissingDataError,
+    NotACenterError,
+    PeerUnresponsiveError,
     ProtocolError,
     RemoteError,
 )
@@ -20,6 +23,7 @@ from .pool import Pool
 __version__ = "0.1.0"
 
 __all__ = [
-    "AuthenticationError", "Client", "CommClosedError", "D3ArrowError", "LocalCluster", "LostDataError",
+    "AuthenticationError", "Client", "CommClosedError", "D3ArrowError", "KilledWorkerError",
+    "LocalCluster", "LostDataError", "NotACenterError", "PeerUnresponsiveError",
     "MissingDataError", "Pool", "ProtocolError", "RemoteData", "RemoteError", "__version__",
 ]

@@ -30,7 +30,7 @@ class Center(Server):
     _last_seen : {address: float}, ``time.monotonic()`` of the last message from the worker
 
     Ops: register, unregister, heartbeat, add_keys, remove_keys, who_has, has_what, ncores,
-    nbytes, workers.
+    nbytes, workers, identity.
 
     A worker that sends nothing for ``heartbeat_timeout`` seconds is dropped with its keys.
     """
@@ -58,11 +58,14 @@ class Center(Server):
             "ncores": self.ncores,
             "nbytes": self.nbytes,
             "workers": self.workers,
+            "identity": self.identity,
         }
 
     async def start(self, host="127.0.0.1", port=0):
         await self.listen(host, port)
         self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+        logger.info("center listening at %s (workers drop out after %.1f s of silence)",
+                    self.address, self.heartbeat_timeout)
         return self.address
 
     async def close(self, *, grace=0.0):
@@ -72,9 +75,23 @@ class Center(Server):
         await super().close(grace=grace)
 
     async def _monitor(self):
+        """Drop workers silent for ``heartbeat_timeout``, not counting the center's own stalls.
+
+        A center that was stopped (SIGSTOP, a paused VM, a swapped-out process) heard nothing
+        while it did not run: that silence is its own, so every worker's clock is moved on by
+        the time the loop woke up late.
+        """
+        period = min(self.heartbeat_interval, self.heartbeat_timeout / 4)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(min(self.heartbeat_interval, self.heartbeat_timeout / 4))
-            deadline = time.monotonic() - self.heartbeat_timeout
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            lag, last = now - last - period, now
+            if lag > period:
+                logger.warning("the center did not run for %.1f s: not counting that against "
+                               "its workers' heartbeats", lag)
+                self._last_seen = {a: seen + lag for a, seen in self._last_seen.items()}
+            deadline = now - self.heartbeat_timeout
             for address, seen in list(self._last_seen.items()):
                 if seen < deadline:
                     logger.warning("worker %s sent no heartbeat for %.1f s: dropping it and "
@@ -125,6 +142,9 @@ class Center(Server):
 
     def unregister(self, *, address):
         known = address in self._ncores
+        if known:
+            logger.info("worker %s left with its %d keys", address,
+                        len(self._has_what.get(address, ())))
         self._remove_worker(address)
         return {"status": "OK" if known else "unknown-worker"}
 
@@ -172,6 +192,9 @@ class Center(Server):
             return {"nbytes": self._nbytes}
         _check_keys(keys)
         return {"nbytes": {k: self._nbytes[k] for k in keys if k in self._nbytes}}
+
+    def identity(self):
+        return {"role": "center", "address": self.address, "nworkers": len(self._ncores)}
 
     def workers(self):
         now = time.monotonic()

@@ -11,20 +11,23 @@ collected, as dask frees futures.
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import os
-import threading
 import uuid
 import weakref
 
 from .addressing import normalize_address
-from .cluster import LocalCluster
+from .cluster import LocalCluster, token_for
 from .core import (DEFAULT_TIMEOUT, ConnectionPool, RecentFailures, log_failure,
-                   rebuild_error)
-from .errors import CommClosedError, LostDataError, MissingDataError
+                   rebuild_error, time_limit)
+from .comm import CONNECT_TIMEOUT
+from .errors import (CommClosedError, KilledWorkerError, LostDataError, MissingDataError,
+                     NotACenterError, PeerUnresponsiveError, ProtocolError, RemoteError,
+                     RemoteExit)
 from .eventloop import LoopThread
-from .security import Security
+from .security import TOKEN_ENV, Security
 from .serialize import serialize
 from .store import get_data, host_id, load
 from .task import KeyRef, find_leaves, map_leaves
@@ -92,7 +95,7 @@ class RemoteData:
         return self._client.gather([self], timeout=timeout)[0]
 
     def __repr__(self):
-        return f"RemoteData<center={self.center}, key={self.key[:10]}...>"
+        return f"RemoteData<center={self.center}, key={self.key}>"
 
     def __eq__(self, other):
         return isinstance(other, RemoteData) and other.key == self.key
@@ -101,8 +104,10 @@ class RemoteData:
         return hash(self.key)
 
     def __reduce__(self):
-        raise TypeError("RemoteData is bound to its client; pass it as an argument of "
-                        "Pool.map / Pool.apply, or send its .key")
+        raise TypeError("a RemoteData cannot be pickled: it is bound to its client. In the "
+                        "arguments of Pool.map / Pool.apply it is replaced by its value (also "
+                        "inside lists, tuples, sets and dict values), but not as a dict key "
+                        "or inside other objects: send its .key there")
 
     def __del__(self):
         if self._owned:
@@ -140,21 +145,26 @@ class Client:
     shm : bool, default True
         Read values held by workers on this host as views of their shared memory (and, with
         no address, give the LocalCluster's workers a shared store).
-    auth_token : str, optional
-        The cluster's token (default ``$D3ARROW_AUTH_TOKEN``): needed where the servers
-        were started with one.
+    auth_token : str or False, optional
+        The cluster's token (default ``$D3ARROW_AUTH_TOKEN``, else the token of a
+        LocalCluster this process started at that address): needed where the servers
+        were started with one. ``False``: connect without one.
     tls_cert, tls_key, tls_ca : str, optional
         PEM files to connect over TLS: ``tls_ca`` verifies the servers, ``tls_cert`` and
         ``tls_key`` are this client's certificate where the servers require one.
+    allowed_failures : int, default 2
+        A call in hand each time a worker died is tried again on another worker at most
+        this many times, then given up (``KilledWorkerError``), as dask's
+        ``allowed-failures``: a call that kills its process cannot take the cluster down.
     **cluster_kwargs
         Passed to :class:`LocalCluster` when no address is given.
     """
 
     def __init__(self, address=None, *, timeout=DEFAULT_TIMEOUT, shm=True, auth_token=None,
-                 tls_cert=None, tls_key=None, tls_ca=None, **cluster_kwargs):
+                 tls_cert=None, tls_key=None, tls_ca=None, allowed_failures=2,
+                 **cluster_kwargs):
         self.cluster = None
         self.host = host_id() if shm else None
-        security = Security.from_options(auth_token, tls_cert, tls_key, tls_ca)
         if address is None:
             self.cluster = LocalCluster(shm=shm, auth_token=auth_token, tls_cert=tls_cert,
                                         tls_key=tls_key, tls_ca=tls_ca, **cluster_kwargs)
@@ -162,8 +172,18 @@ class Client:
         elif cluster_kwargs:
             raise TypeError(f"unexpected arguments {sorted(cluster_kwargs)} with an address")
         self.center = normalize_address(address)
+        if auth_token is None and not os.environ.get(TOKEN_ENV):
+            auth_token = token_for(self.center)  # a private LocalCluster of this process
+        security = Security.from_options(auth_token or None, tls_cert, tls_key, tls_ca)
+        if auth_token is False:  # explicitly none, whatever the environment says
+            security = dataclasses.replace(security, token=None)
         self.timeout = timeout
-        self.pool = ConnectionPool(security=security)
+        if type(allowed_failures) is not int or allowed_failures < 0:
+            raise ValueError(f"allowed_failures must be an integer >= 0, not "
+                             f"{allowed_failures!r}")
+        self.allowed_failures = allowed_failures
+        self.pool = ConnectionPool(security=security,
+                                   connect_timeout=min(timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT))
         self.ncores = {}
         self._where = {}  # key -> {address}, what this client knows of placement
         self._nbytes = {}
@@ -173,21 +193,33 @@ class Client:
         self._unreachable = RecentFailures()
         self._deleted = set()  # keys deleted on purpose while RemoteData still name them
         self._watch_task = None
-        self._lock = threading.Lock()
-        self._released = set()
-        self._release_scheduled = False
+        self._dropped = collections.deque()  # keys whose RemoteData went, for the loop
+        self._drops_scheduled = False
+        self._released = set()  # keys no RemoteData names any more, to free on the workers
         self._release_task = None
         self._round_robin = itertools.count()
         self._loop = LoopThread()
         self.closed = False
+        try:
+            self.sync(self._check_center)
+        except BaseException:
+            self.close()
+            raise
 
     # -- running coroutines --------------------------------------------------------------------
 
     def sync(self, coro_function, *args, timeout=None, **kwargs):
-        """Run ``coro_function(*args, **kwargs)`` on the client's loop and wait for it."""
+        """Run ``coro_function(*args, **kwargs)`` on the client's loop and wait for it.
+
+        ``timeout`` bounds it there (the coroutine is cancelled, TimeoutError raised).
+        """
         if self.closed:
             raise RuntimeError("this client is closed")
-        return self._loop.run(coro_function(*args, **kwargs), timeout)
+        what = coro_function.__name__.lstrip("_")
+        try:
+            return self._loop.run(_limited(coro_function(*args, **kwargs), timeout, what))
+        except RemoteExit as e:
+            raise e.exc  # its __cause__ is the remote traceback
 
     def submit(self, coro_function, *args, **kwargs):
         if self.closed:
@@ -196,6 +228,24 @@ class Client:
 
     def _rpc(self, address):
         return self.pool.rpc(address, timeout=self.timeout)
+
+    async def _check_center(self):
+        """Fail at once, naming what answered, when the address is not a d3arrow center."""
+        try:
+            reply = await self._rpc(self.center).identity()
+        except ProtocolError as e:
+            raise NotACenterError(f"{self.center} is not a d3arrow center: {e}") from None
+        except PeerUnresponsiveError:
+            raise NotACenterError(
+                f"{self.center} accepted a connection but did not answer within "
+                f"{self.timeout:g} s: it is not a d3arrow center (or it is hung)") from None
+        except (RemoteError, ValueError) as e:
+            raise NotACenterError(f"{self.center} is not a d3arrow center: it answered "
+                                  f"{e}") from None
+        role = reply.get("role")
+        if role != "center":
+            raise NotACenterError(f"{self.center} is a d3arrow {role or 'server'}, not a center: "
+                                  f"give the address its workers registered with")
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -239,6 +289,9 @@ class Client:
             if not self.ncores:
                 raise RuntimeError(f"no workers are registered with the center {self.center}")
             return list(self.ncores)
+        if isinstance(workers, str) or not workers:
+            raise ValueError(f"workers={workers!r}: give a list of worker addresses "
+                             f"('host:port'), or None for any worker")
         chosen = [normalize_address(w) for w in workers]
         unknown = [w for w in chosen if w not in self.ncores]
         if unknown:
@@ -264,35 +317,35 @@ class Client:
         """
         return self.sync(self._scatter, data, workers=workers, timeout=timeout)
 
-    async def _scatter(self, data, *, workers=None, timeout=None):
+    async def _scatter(self, data, *, workers=None):
         if not self.ncores:
             await self._sync_ncores()
         targets = self._workers(workers)
         named = isinstance(data, dict)
         items = list(data.items()) if named else [(new_key(), v) for v in data]
         serialized = [(key, serialize(value)) for key, value in items]
-        async with asyncio.timeout(timeout):
-            while serialized:  # until every value found a live worker
-                targets = self._reachable(targets)
-                if not targets:
-                    raise CommClosedError("no worker to scatter to is reachable")
-                per_worker = collections.defaultdict(dict)
-                for key, value in serialized:
-                    per_worker[targets[next(self._round_robin) % len(targets)]][key] = value
-                replies = await asyncio.gather(*(
-                    self.pool.request(address, {"op": "update_data", "data": values})
-                    for address, values in per_worker.items()), return_exceptions=True)
-                serialized = []
-                for (address, values), reply in zip(per_worker.items(), replies):
-                    if isinstance(reply, (OSError, CommClosedError)):
-                        self._failed(address)
-                        serialized.extend(values.items())
-                        continue
-                    if isinstance(reply, BaseException):
-                        raise reply
-                    for key in reply["keys"]:
-                        self._where[key] = {address}
-                    self._nbytes.update(reply["nbytes"])
+        while serialized:  # until every value found a live worker
+            targets = self._reachable(targets)
+            if not targets:
+                raise CommClosedError("no worker to scatter to is reachable")
+            per_worker = collections.defaultdict(dict)
+            for key, value in serialized:
+                per_worker[targets[next(self._round_robin) % len(targets)]][key] = value
+            replies = await asyncio.gather(*(
+                self.pool.request(address, {"op": "update_data", "data": values},
+                                  timeout=self.timeout)
+                for address, values in per_worker.items()), return_exceptions=True)
+            serialized = []
+            for (address, values), reply in zip(per_worker.items(), replies):
+                if isinstance(reply, CommClosedError):
+                    self._failed(address)
+                    serialized.extend(values.items())
+                    continue
+                if isinstance(reply, BaseException):
+                    raise reply
+                for key in reply["keys"]:
+                    self._where[key] = {address}
+                self._nbytes.update(reply["nbytes"])
         remote = [RemoteData(key, self, owned=True) for key, _ in items]
         return {r.key: r for r in remote} if named else remote
 
@@ -312,20 +365,26 @@ class Client:
         MissingDataError
             Some keys are held by no live worker; the error names them.
         """
-        return self.sync(self._gather, items, timeout=timeout)
+        if isinstance(items, (str, RemoteData)):
+            raise TypeError(f"gather takes a list of RemoteData or keys, not one "
+                            f"{type(items).__name__}: gather([{items!r}])")
+        return self.sync(self._gather, list(items), timeout=timeout)
 
-    async def _gather(self, items, *, timeout=None):
+    async def _gather(self, items):
         keys = [item.key if isinstance(item, RemoteData) else item for item in items]
+        deleted = [k for k in keys if k in self._deleted]
+        if deleted:
+            raise MissingDataError(deleted, reason="deleted (Client.delete / Pool.delete) "
+                                                   "while this RemoteData still names it")
         # small results came back with their computation: rebuild them, fetch the rest
         values = {key: self._inline[key] for key in keys if key in self._inline}
         remote = set(keys) - values.keys()
         if remote:
-            async with asyncio.timeout(timeout):
-                try:
-                    values.update(await self._fetch(remote))
-                except MissingDataError as e:  # every copy lost: make them again, once
-                    await self._remake(e.keys)
-                    values.update(await self._fetch(remote - values.keys()))
+            try:
+                values.update(await self._fetch(remote))
+            except MissingDataError as e:  # every copy lost: make them again, once
+                await self._remake(e.keys)
+                values.update(await self._fetch(remote - values.keys()))
         return [values[key] for key in keys]
 
     async def _fetch(self, keys):
@@ -388,10 +447,22 @@ class Client:
                 logger.info("cannot check on workers with the center: %s", e)
                 continue
             for address in busy - registered.keys():
-                logger.warning("worker %s was dropped by the center: giving up on its "
-                               "computations", address)
+                if await self._answers(address):  # the center forgot it only for a while
+                    logger.info("worker %s is not registered with the center but answers: "
+                                "still waiting on it", address)
+                    continue
+                logger.warning("worker %s was dropped by the center and does not answer: "
+                               "giving up on its computations", address)
                 self._failed(address)
                 self.pool.abort(address)
+
+    async def _answers(self, address):
+        """Whether the worker at ``address`` answers a request within a watch period."""
+        try:
+            await self.pool.request(address, {"op": "identity"}, timeout=WATCH_SECONDS * 2)
+            return True
+        except (CommClosedError, OSError):
+            return False
 
     # -- lineage: making lost results again ----------------------------------------------------
 
@@ -452,16 +523,30 @@ class Client:
         raise MissingDataError(sorted(recipes))
 
     async def _compute_somewhere(self, function, calls):
-        """Run ``calls`` on some live worker, trying the others if it is unreachable."""
+        """Run ``calls`` on some live worker, trying the others if it is unreachable.
+
+        Calls in hand when ``allowed_failures + 1`` workers died are given up.
+        """
         candidates = self._reachable(list(self.ncores))
+        died = []
         for _ in range(2):
             start = next(self._round_robin) % max(1, len(candidates))  # spread the work
             for address in candidates[start:] + candidates[:start]:
+                sent = []
                 try:
-                    outcomes, _ = await self._compute(address, function, calls)
+                    outcomes, _ = await self._compute(address, function, calls,
+                                                      on_sent=lambda: sent.append(True))
                     return outcomes
-                except (OSError, CommClosedError):
+                except CommClosedError:
                     self._failed(address)
+                    if sent:
+                        died.append(address)
+                    if len(died) > self.allowed_failures:
+                        raise KilledWorkerError(
+                            f"remaking {', '.join(k for k, _, _ in calls)} from its lineage: "
+                            f"the call was in hand each time a worker died; it killed "
+                            f"{len(died)} workers ({', '.join(died)}), with allowed_failures="
+                            f"{self.allowed_failures} no other worker is handed it") from None
             await self._sync_ncores()
             candidates = self._reachable(list(self.ncores))
         raise CommClosedError("no live worker could compute the lost values again")
@@ -476,26 +561,24 @@ class Client:
         keys = [item.key if isinstance(item, RemoteData) else item for item in items]
         return self.sync(self._delete, keys, timeout=timeout)
 
-    async def _delete(self, keys, *, timeout=None):
+    async def _delete(self, keys):
         keys = set(keys)
         if not keys:
             return
-        with self._lock:
-            self._deleted.update(k for k in keys if k in self._refcount)
+        self._deleted.update(k for k in keys if k in self._refcount)
         for key in keys:
             self._recipes.pop(key, None)
-        async with asyncio.timeout(timeout):
-            who_has = await self._who_has(keys)
-            holders = collections.defaultdict(set)
-            for key in keys:
-                for address in set(who_has.get(key, ())) | self._where.pop(key, set()):
-                    holders[address].add(key)
-                self._nbytes.pop(key, None)
-                self._inline.pop(key, None)
-            addresses = self._reachable(holders)  # the unreachable took their copies along
-            replies = await asyncio.gather(*(
-                self._rpc(address).delete_data(keys=list(holders[address]))
-                for address in addresses), return_exceptions=True)
+        who_has = await self._who_has(keys)
+        holders = collections.defaultdict(set)
+        for key in keys:
+            for address in set(who_has.get(key, ())) | self._where.pop(key, set()):
+                holders[address].add(key)
+            self._nbytes.pop(key, None)
+            self._inline.pop(key, None)
+        addresses = self._reachable(holders)  # the unreachable took their copies along
+        replies = await asyncio.gather(*(
+            self._rpc(address).delete_data(keys=list(holders[address]))
+            for address in addresses), return_exceptions=True)
         for address, reply in zip(addresses, replies):
             if isinstance(reply, BaseException):
                 logger.warning("could not delete %d values on %s: %s", len(holders[address]),
@@ -503,7 +586,7 @@ class Client:
 
     # -- computing -----------------------------------------------------------------------------
 
-    async def _compute(self, address, function, calls):
+    async def _compute(self, address, function, calls, *, on_sent=None):
         """Run ``function`` (Serialized) on ``address`` for each ``(key, args, kwargs)``.
 
         Returns ``(outcomes, seconds)``: per call a RemoteData or the exception to raise for
@@ -534,7 +617,7 @@ class Client:
             msg.update(needed=needed, who_has=hints)
         if self._watch_task is None or self._watch_task.done():
             self._watch_task = asyncio.get_running_loop().create_task(self._watch_workers())
-        reply = await self.pool.request(address, msg)
+        reply = await self.pool.request(address, msg, on_sent=on_sent)
         outcomes = []
         for i, result in enumerate(reply["results"]):
             if result["status"] == "OK":
@@ -568,38 +651,46 @@ class Client:
     # -- freeing values no longer referenced --------------------------------------------------
 
     def _incref(self, key):
-        with self._lock:
-            self._refcount[key] += 1
+        """Called on the loop thread, where every RemoteData of ours is made."""
+        self._refcount[key] += 1
 
     def _decref(self, key):
-        with self._lock:
-            self._refcount[key] -= 1
-            if self._refcount[key] > 0:
-                return
-            del self._refcount[key]
-            self._deleted.discard(key)
-            self._released.add(key)
-            if self._release_scheduled or self.closed:
-                return
-            self._release_scheduled = True
-        self._loop.call_soon(self._start_release)
+        """From any thread, also from inside a garbage collection: never blocks, no lock.
 
-    def _start_release(self):
-        self._release_task = asyncio.get_running_loop().create_task(self._release())
-        self._release_task.add_done_callback(log_failure("freeing released values"))
+        The key is handed to the loop, which does the counting.
+        """
+        self._dropped.append(key)  # atomic
+        if not self._drops_scheduled and not self.closed:
+            self._drops_scheduled = True
+            try:
+                self._loop.call_soon(self._apply_drops)
+            except RuntimeError:  # the loop is closed: the cluster goes away anyway
+                pass
+
+    def _apply_drops(self):
+        self._drops_scheduled = False  # before taking them: a later drop schedules again
+        while self._dropped:
+            key = self._dropped.popleft()
+            self._refcount[key] -= 1
+            if self._refcount[key] <= 0:
+                del self._refcount[key]
+                self._deleted.discard(key)
+                self._released.add(key)
+        if self._released and not self.closed and (
+                self._release_task is None or self._release_task.done()):
+            self._release_task = asyncio.get_running_loop().create_task(self._release())
+            self._release_task.add_done_callback(log_failure("freeing released values"))
 
     async def _release(self):
-        await asyncio.sleep(0.01)  # let a burst of releases collect into one message per worker
-        with self._lock:
+        while self._released:
+            await asyncio.sleep(0.01)  # let a burst of releases collect into one message
             keys = [k for k in self._released if k not in self._refcount]
             self._released.clear()
-            self._release_scheduled = False
-        try:
-            await self._delete(keys)
-        except BaseException:  # cancelled by close, or failed: close frees them
-            with self._lock:
+            try:
+                await self._delete(keys)
+            except BaseException:  # cancelled by close, or failed: close frees them
                 self._released.update(k for k in keys if k not in self._refcount)
-            raise
+                raise
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -618,15 +709,14 @@ class Client:
                 self.cluster.close()
 
     async def _close(self):
+        self._apply_drops()
         for task in (self._release_task, self._watch_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         try:
             if self.cluster is None:  # an owned cluster is about to go away with its values
-                with self._lock:
-                    keys = set(self._refcount) | self._released
-                await self._delete(keys)
+                await self._delete(set(self._refcount) | self._released)
         finally:
             self.pool.close()
 
@@ -638,6 +728,11 @@ class Client:
 
     def __repr__(self):
         return f"<Client center={self.center} workers={len(self.ncores)}>"
+
+
+async def _limited(coro, timeout, what):
+    async with time_limit(timeout, what):
+        return await coro
 
 
 REFERENCES = (RemoteData, KeyRef)  # how arguments name values held by the workers

@@ -5,8 +5,10 @@ The processes are the real CLIs (``python -m d3arrow.cli.center`` / ``...worker`
 whole cluster goes away with its owner even when the owner is killed.
 """
 
+import dataclasses
 import logging
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -43,9 +45,13 @@ class LocalCluster:
         Bytes of shared memory per worker (default: a quarter of the machine's memory).
     log_level : str, default 'WARNING'
         Logging level of the child processes (they log to this process's stderr).
-    auth_token : str, optional
-        Every connection must prove it knows this token (default ``$D3ARROW_AUTH_TOKEN``);
-        handed to the children in their environment, not on their command line.
+    auth_token : str or False, optional
+        Every connection must prove it knows this token; handed to the children in their
+        environment, not on their command line. Default: ``$D3ARROW_AUTH_TOKEN``, else a
+        random one, so the cluster is private: a :class:`~d3arrow.Client` or
+        :class:`~d3arrow.Pool` of this process finds it by the center's address, any
+        other process must be given it (:attr:`auth_token`). ``False``: no token, anyone
+        on this machine may connect (and run code as this user).
     tls_cert, tls_key, tls_ca : str, optional
         PEM files: every process serves and connects over TLS (mutual with a CA).
 
@@ -55,6 +61,8 @@ class LocalCluster:
         ``'host:port'`` of the center.
     worker_addresses : list of str
         ``'host:port'`` of each worker, in start order.
+    auth_token : str or None
+        The cluster's token.
 
     Examples
     --------
@@ -66,7 +74,12 @@ class LocalCluster:
                  heartbeat_timeout=None, shm=True, shm_size=None, log_level="WARNING",
                  startup_timeout=STARTUP_TIMEOUT, auth_token=None, tls_cert=None,
                  tls_key=None, tls_ca=None):
-        self.security = Security.from_options(auth_token, tls_cert, tls_key, tls_ca)
+        if auth_token is None:
+            auth_token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+        self.auth_token = auth_token or None
+        self.security = Security.from_options(self.auth_token or None, tls_cert, tls_key, tls_ca)
+        if self.auth_token is None:
+            self.security = dataclasses.replace(self.security, token=None)  # not $TOKEN_ENV
         if ncores is None:
             ncores = max(1, (os.cpu_count() or 1) // max(1, n_workers))
         self.n_workers = n_workers
@@ -90,6 +103,8 @@ class LocalCluster:
             self.center_process = self._spawn("center", center_args)
             self.center_address = _read_address(self.center_process, "Started center at ",
                                                 deadline)
+            if self.auth_token is not None:
+                _tokens[self.center_address] = self.auth_token
             started = [self._spawn_worker(ncores) for _ in range(n_workers)]
             for process in started:
                 self._await_worker(process, deadline)
@@ -112,6 +127,8 @@ class LocalCluster:
         address = _read_address(process, "Start worker at ", deadline)
         _read_address(process, "Register with center at ", deadline)
         self.worker_addresses.append(address)
+        if self.auth_token is not None:
+            _tokens[address] = self.auth_token
         return address
 
     def _spawn(self, role, args):
@@ -131,6 +148,8 @@ class LocalCluster:
     def close(self):
         """Stop every process (SIGTERM, then SIGKILL after a grace period). Idempotent."""
         _stop_processes(self.processes)
+        for address in [self.center_address, *self.worker_addresses]:
+            _tokens.pop(address, None)
 
     def __enter__(self):
         return self
@@ -141,6 +160,14 @@ class LocalCluster:
     def __repr__(self):
         return (f"<LocalCluster center={self.center_address} "
                 f"workers={len(self.worker_addresses)}>")
+
+
+_tokens = {}  # address of a center or worker -> token, of the clusters this process started
+
+
+def token_for(address):
+    """The token of a LocalCluster this process started with a server at ``address``."""
+    return _tokens.get(address)
 
 
 def _tls_arguments(security):

@@ -11,11 +11,12 @@ import asyncio
 import collections
 import logging
 import socket
+import time
 import weakref
 
 from . import security
 from .addressing import format_address, parse_address
-from .errors import AuthenticationError, CommClosedError, ProtocolError
+from .errors import AuthenticationError, CommClosedError, PeerUnresponsiveError, ProtocolError
 from .protocol import MessageReader, allocate_buffers, dumps
 from .security import NO_SECURITY
 
@@ -52,6 +53,8 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         self.transport = None
         self.closed = asyncio.get_running_loop().create_future()
         self.comm = None
+        self.failure = None  # why we hung up, when the peer's bytes made no sense
+        self.last_heard = time.monotonic()  # the peer's last bytes (or drain) arrived then
 
     def connection_made(self, transport):
         self.transport = transport
@@ -164,6 +167,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         return self._reader.get_buffer()
 
     def buffer_updated(self, nbytes):
+        self.last_heard = time.monotonic()
         if self._handshake is not None:
             buffer, filled, step = self._handshake
             filled += nbytes
@@ -178,6 +182,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         except ProtocolError as e:  # the stream cannot be trusted any further
             logger.warning("closing connection from %s: %s", self.comm.peer_address, e)
             self._reader = None
+            self.failure = ProtocolError(f"refused what {self.comm.peer_address} sent: {e}")
             self.ready = _failed(asyncio.get_running_loop(), e)
             if self._server_side:  # say why, in the one message the peer can still read
                 self.transport.writelines(dumps(_error_frame(e)))
@@ -214,6 +219,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         self._paused_writing = True
 
     def resume_writing(self):
+        self.last_heard = time.monotonic()
         self._paused_writing = False
         self._wake(self._drain_waiter)
 
@@ -257,30 +263,67 @@ class Comm:
     def closed(self):
         return self._protocol.closed.done()
 
-    async def send(self, msg):
-        """Write one message; return once the transport's buffer is below its high-water mark."""
+    async def send(self, msg, *, silence=None):
+        """Write one message; return once the transport's buffer is below its high-water mark.
+
+        With ``silence``, give up (PeerUnresponsiveError) when the peer takes none of our
+        bytes for that many seconds.
+        """
         frames = dumps(msg)
         if self.closed or self._transport.is_closing():
-            raise CommClosedError(f"connection to {self.peer_address} is closed")
+            raise self._closed_error("is closed")
         self._transport.writelines(frames)
         protocol = self._protocol
+        start = time.monotonic()
         while protocol._paused_writing and not self.closed:
-            await protocol.wait("_drain_waiter")
+            await self._wait("_drain_waiter", start, silence, "took none of our bytes")
         if self.closed:
-            raise CommClosedError(f"connection to {self.peer_address} closed while sending")
+            raise self._closed_error("closed while sending")
 
-    async def recv(self):
-        """The next message: a header dict, or a ProtocolError for an undecodable header."""
+    async def recv(self, *, silence=None):
+        """The next message: a header dict, or a ProtocolError for an undecodable header.
+
+        With ``silence``, give up (PeerUnresponsiveError) when the peer sends nothing for
+        that many seconds: a large reply that keeps arriving is never cut off.
+        """
         protocol = self._protocol
+        start = time.monotonic()
         while not protocol._inbox:
             if self.closed:
-                raise CommClosedError(f"connection to {self.peer_address} closed")
-            await protocol.wait("_waiter")
+                raise self._closed_error("closed")
+            await self._wait("_waiter", start, silence, "sent nothing")
         msg = protocol._inbox.popleft()
         if protocol._paused_reading and len(protocol._inbox) < MAX_QUEUED_MESSAGES // 2:
             protocol._paused_reading = False
             self._transport.resume_reading()
         return msg
+
+    async def _wait(self, name, start, silence, what):
+        """Wait for the protocol's waiter ``name``; raise once the peer was silent too long."""
+        protocol = self._protocol
+        if silence is None:
+            await protocol.wait(name)
+            return
+        quiet = time.monotonic() - max(start, protocol.last_heard)
+        if quiet >= silence:
+            self.abort()
+            raise PeerUnresponsiveError(
+                f"{self.peer_address} {what} for {silence:g} s: it is frozen, hung or too busy")
+        try:
+            async with asyncio.timeout(silence - quiet):
+                await protocol.wait(name)
+        except TimeoutError:
+            pass  # the loop around us checks again how long the peer has been quiet
+
+    def early_reply(self):
+        """A message the peer sent before hanging up on us (its reason, say), or None."""
+        return self._protocol._inbox.popleft() if self._protocol._inbox else None
+
+    def _closed_error(self, how):
+        """The peer's nonsense if that is why we hung up, else the connection closing."""
+        if self._protocol.failure is not None:
+            return self._protocol.failure
+        return CommClosedError(f"connection to {self.peer_address} {how}")
 
     def abort(self):
         self._transport.abort()
@@ -356,7 +399,7 @@ class Listener:
     async def _serve(self, comm):
         try:
             await self._handle_comm(comm)
-        except CommClosedError:
+        except (CommClosedError, ProtocolError):  # gone, or hung up on (logged then)
             pass
         except Exception:
             logger.exception("error handling connection from %s", comm.peer_address)

@@ -10,8 +10,10 @@ the exception itself; the connection stays open. The caller re-raises it with
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import logging
+import os
 import time
 import traceback
 
@@ -19,7 +21,7 @@ from .comm import CONNECT_TIMEOUT, Listener, connect
 from .protocol import allocate_buffers
 from .security import NO_SECURITY
 from . import errors
-from .errors import CommClosedError, ProtocolError, RemoteError, RemoteTraceback
+from .errors import CommClosedError, PeerUnresponsiveError, ProtocolError, RemoteError, RemoteExit, RemoteTraceback
 from .serialize import Serialized, deserialize, serialize
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 30.0  # seconds, for control requests that do no user computation
 DRAIN_POLL_SECONDS = 0.02
 HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats (the center may say otherwise)
+PEER_TIMEOUT_ENV = "D3ARROW_PEER_TIMEOUT"
+
+
+def peer_timeout():
+    """Seconds a worker waits on a silent peer before it tries another holder (default 10:
+    a peer silent that long is as good as dead, like a worker that missed its heartbeats)."""
+    return float(os.environ.get(PEER_TIMEOUT_ENV) or 10.0)
 
 
 def error_reply(exc):
@@ -55,9 +64,13 @@ def rebuild_error(reply):
             exc = None
     if not isinstance(exc, BaseException):
         exc = _our_error(reply)
-    if not isinstance(exc, BaseException):
+    if not isinstance(exc, BaseException) or isinstance(exc, CommClosedError):
+        # the peer's own transport trouble (say, it could not reach the center) is not
+        # ours with the peer: only a CommClosedError raised here may blame the peer
         exc = RemoteError(reply.get("type", "Exception"), reply.get("message", ""), remote_tb)
     exc.__cause__ = RemoteTraceback(remote_tb)
+    if not isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt: see RemoteExit
+        return RemoteExit(exc)
     return exc
 
 
@@ -132,7 +145,9 @@ class Server:
             reply = handler(**msg)
             if inspect.isawaitable(reply):
                 reply = await reply
-        except Exception as e:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # also SystemExit from user code: the caller's error
             logger.debug("%s failed", op, exc_info=True)
             return error_reply(e)
         if reply is None:
@@ -159,6 +174,19 @@ class Server:
         if grace:
             await self.drain(grace)
         await self.listener.stop()
+
+
+@contextlib.asynccontextmanager
+async def time_limit(seconds, what):
+    """``asyncio.timeout(seconds)`` whose TimeoutError says what was not done in time."""
+    limit = asyncio.timeout(seconds)
+    try:
+        async with limit:
+            yield
+    except TimeoutError:
+        if limit.expired():
+            raise TimeoutError(f"{what} not done within {seconds:g} s") from None
+        raise
 
 
 def log_failure(what):
@@ -235,24 +263,28 @@ class ConnectionPool:
     async def request(self, address, msg, *, timeout=None, on_sent=None):
         """Send ``msg`` to ``address`` and return the reply header (errors raised).
 
-        ``on_sent()`` is called once the message is written, before the reply arrives.
+        ``timeout`` bounds the peer's silence, not the whole request: a peer that takes or
+        sends no bytes for that long raises PeerUnresponsiveError, while a large reply that
+        keeps arriving is never cut off. ``on_sent()`` is called once the message is
+        written, before the reply arrives. Failures of the transport to this peer raise
+        CommClosedError (and only they do); errors the peer reports raise as their own type.
         """
         comm = await self.acquire(address)
         try:
-            await comm.send(msg)
+            await comm.send(msg, silence=timeout)
             if on_sent is not None:
                 on_sent()
-            if timeout is None:
-                reply = await comm.recv()
-            else:
-                async with asyncio.timeout(timeout):
-                    reply = await comm.recv()
+            reply = await comm.recv(silence=timeout)
         except BaseException as e:
             comm.abort()  # its state is unknown: a late reply must not reach the next request
             self._busy.pop(comm, None)
-            if isinstance(e, TimeoutError):
-                raise TimeoutError(
-                    f"no reply from {address} to {msg.get('op')!r} within {timeout} s") from None
+            early = comm.early_reply() if isinstance(e, CommClosedError) else None
+            if isinstance(early, dict) and early.get("status") == "error":
+                raise rebuild_error(early) from None  # it refused our message, and said why
+            if isinstance(e, PeerUnresponsiveError):
+                raise PeerUnresponsiveError(f"{e} (a request {msg.get('op')!r})") from None
+            if isinstance(e, OSError) and not isinstance(e, CommClosedError):
+                raise CommClosedError(f"connection to {address} failed: {e}") from e
             raise
         self.release(address, comm)
         if isinstance(reply, ProtocolError):

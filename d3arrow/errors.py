@@ -10,7 +10,16 @@ class D3ArrowError(Exception):
 
 
 class CommClosedError(D3ArrowError, ConnectionError):
-    """The connection closed (the peer died, or was closed) before a reply arrived."""
+    """The connection to *this* peer failed: it closed, refused us, or went silent.
+
+    Raised only by the local transport, never rebuilt from a remote reply: an error a peer
+    *reports* (say, it could not reach the center) arrives as its own type or a
+    :class:`RemoteError`, so only this type means "the peer we talked to is gone".
+    """
+
+
+class PeerUnresponsiveError(CommClosedError, TimeoutError):
+    """The peer accepted the request but sent nothing for too long (frozen, or hung)."""
 
 
 class ProtocolError(D3ArrowError):
@@ -48,9 +57,11 @@ class RemoteTraceback(Exception):
 class MissingDataError(D3ArrowError, KeyError):
     """No live worker holds the named keys."""
 
-    def __init__(self, keys):
+    def __init__(self, keys, *, reason=None):
         self.keys = list(keys)
-        super().__init__(f"no worker holds key(s) {', '.join(map(repr, self.keys))}")
+        names = ", ".join(map(repr, self.keys))
+        super().__init__(f"key(s) {names} {reason}" if reason
+                         else f"no worker holds key(s) {names}")
 
     def __str__(self):
         return self.args[0]
@@ -58,6 +69,30 @@ class MissingDataError(D3ArrowError, KeyError):
 
 class LostDataError(MissingDataError):
     """A value was held only by workers that died, and it cannot be recomputed."""
+
+
+class KilledWorkerError(D3ArrowError):
+    """A call (or a value) was in hand each time a worker died: it is taken to kill them.
+
+    Like dask's ``allowed-failures``: it was tried on ``allowed_failures + 1`` workers, and
+    is handed to no other.
+    """
+
+
+class NotACenterError(D3ArrowError, ConnectionError):
+    """The address given as a center answered as something else (or not at all)."""
+
+
+class RemoteExit(D3ArrowError):
+    """Carries a SystemExit or KeyboardInterrupt that user code raised on a worker.
+
+    Raised inside the client's event loop in their place (asyncio lets those two stop the
+    loop); the blocking call that waits for the result raises the original.
+    """
+
+    def __init__(self, exc):
+        super().__init__(f"{type(exc).__name__} raised remotely")
+        self.exc = exc
 
 
 class AuthenticationError(D3ArrowError, PermissionError):

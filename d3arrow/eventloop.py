@@ -44,11 +44,11 @@ class LoopThread:
         future = self.submit(coro)
         try:
             return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError(f"not done within {timeout} s (given up)") from None
         except BaseException:
-            future.cancel()
+            if not future.done():  # our wait ran out (the coroutine's own TimeoutError passes)
+                future.cancel()
+                if timeout is not None:
+                    raise TimeoutError(f"not done within {timeout} s (given up)") from None
             raise
 
     def call_soon(self, callback, *args):

@@ -17,7 +17,7 @@ import cloudpickle
 
 from .addressing import address_tuple
 from .client import REMAKE_ATTEMPTS, Client, RemoteData, new_key
-from .errors import CommClosedError, MissingDataError
+from .errors import CommClosedError, KilledWorkerError, MissingDataError, RemoteExit
 from .serialize import serialize
 from .task import find_leaves
 
@@ -112,7 +112,7 @@ class Pool:
     async def _map(self, func, seq, *, workers=None):
         function = _serialize_function(func)
         calls = [(new_key(), (item,), None) for item in seq]
-        return await self._run(function, calls, workers)
+        return await self._run(function, calls, workers, name=_name(func))
 
     def apply(self, func, args=(), kwargs=None, *, workers=None, timeout=None):
         """Run ``func(*args, **kwargs)`` on the worker holding most of its input bytes.
@@ -131,12 +131,12 @@ class Pool:
     async def _apply(self, func, args, kwargs, *, workers=None):
         function = _serialize_function(func)
         (result,) = await self._run(function, [(new_key(), tuple(args), kwargs or None)],
-                                    workers)
+                                    workers, name=_name(func))
         return result
 
     def gather(self, remote_data, *, timeout=None):
         """Fetch the values of a list of RemoteData (or a single one)."""
-        if isinstance(remote_data, RemoteData):
+        if isinstance(remote_data, (RemoteData, str)):  # one value (by reference or key)
             return self.client.gather([remote_data], timeout=timeout)[0]
         return self.client.gather(list(remote_data), timeout=timeout)
 
@@ -167,19 +167,21 @@ class Pool:
 
     # -- scheduling ----------------------------------------------------------------------------
 
-    async def _run(self, function, calls, workers):
+    async def _run(self, function, calls, workers, *, name):
         """Place each call, run them all, return their RemoteData in order (or raise).
 
         A call whose input was lost with its workers runs again once the input has been
-        made again from its lineage.
+        made again from its lineage. A call in hand each time a worker died is given up
+        after ``allowed_failures + 1`` deaths (KilledWorkerError).
         """
         client = self.client
         if not client.ncores:
             await client._sync_ncores()
         outcomes = [None] * len(calls)
         pending = list(range(len(calls)))
+        deaths = Deaths(client.allowed_failures, name)
         for attempt in range(REMAKE_ATTEMPTS + 1):
-            await self._run_some(function, calls, pending, outcomes, workers)
+            await self._run_some(function, calls, pending, outcomes, workers, deaths)
             pending = [i for i in pending if type(outcomes[i]) is MissingDataError]
             if not pending or attempt == REMAKE_ATTEMPTS:
                 break
@@ -194,7 +196,7 @@ class Pool:
                 raise outcome
         return outcomes
 
-    async def _run_some(self, function, calls, indices, outcomes, workers):
+    async def _run_some(self, function, calls, indices, outcomes, workers, deaths):
         client = self.client
         live = client._reachable(client._workers(workers)) or client._workers(workers)
         queues = {address: collections.deque() for address in live}
@@ -205,10 +207,10 @@ class Pool:
         while any(queues.values()):
             if len(indices) == 1:  # one slot is enough: no tasks to create, no loop turns
                 (address,) = (a for a in queues if queues[a])
-                await self._slot(address, function, calls, queues, outcomes, pace)
+                await self._slot(address, function, calls, queues, outcomes, pace, deaths)
             else:
                 await asyncio.gather(*(
-                    self._slot(address, function, calls, queues, outcomes, pace)
+                    self._slot(address, function, calls, queues, outcomes, pace, deaths)
                     for address in list(queues) for _ in range(client.ncores.get(address, 1))))
             if not queues:
                 raise CommClosedError("every worker this computation could use has died")
@@ -227,26 +229,70 @@ class Pool:
             return min((a for a in held if held[a] == most), key=load)
         return min(live, key=load)
 
-    async def _slot(self, address, function, calls, queues, outcomes, pace):
+    async def _slot(self, address, function, calls, queues, outcomes, pace, deaths):
         while address in queues:
             batch = _take_batch(address, queues, self.client.ncores, pace.batch_size())
             if not batch:
                 return
+            if len(batch) > 1 and deaths.suspects.intersection(batch):
+                queues[address].extendleft(reversed(batch[1:]))  # suspects travel alone
+                batch = batch[:1]
+            sent = []
             try:
-                results, seconds = await self.client._compute(address, function,
-                                                              [calls[i] for i in batch])
+                results, seconds = await self.client._compute(
+                    address, function, [calls[i] for i in batch],
+                    on_sent=lambda: sent.append(True))
                 pace.record(len(batch), seconds)
-            except (OSError, CommClosedError) as e:
-                logger.warning("worker %s failed (%s): moving %d calls elsewhere",
-                               address, e, len(batch))
+            except CommClosedError as e:
                 self.client._failed(address)
+                retry = batch
+                if sent:  # it died (or froze) with these calls in hand
+                    for index, error in deaths.record(batch, address).items():
+                        outcomes[index] = error
+                    retry = [i for i in batch if outcomes[i] is None]
+                logger.warning("worker %s failed (%s): moving %d calls elsewhere",
+                               address, e, len(retry))
                 orphans = queues.pop(address, collections.deque())
                 if queues:
                     survivor = min(queues, key=lambda a: len(queues[a]))
-                    queues[survivor].extend([*batch, *orphans])
+                    queues[survivor].extend([*retry, *orphans])
                 return
             for index, outcome in zip(batch, results):
                 outcomes[index] = outcome
+
+
+class Deaths:
+    """Calls in hand when their worker died, counted like dask's ``allowed-failures``.
+
+    Every call of a request whose worker died gets a death; from then on it travels alone,
+    so an innocent call that shared a batch with a killer clears itself. A call with more
+    than ``allowed`` deaths is taken to kill workers and given up.
+    """
+
+    def __init__(self, allowed, name):
+        self.allowed = allowed
+        self.name = name
+        self.count = collections.Counter()
+        self.workers = collections.defaultdict(list)
+        self.suspects = set()
+
+    def record(self, indices, address):
+        """Count a death for each call; ``{index: KilledWorkerError}`` for those given up."""
+        given_up = {}
+        for index in indices:
+            self.count[index] += 1
+            self.workers[index].append(address)
+            self.suspects.add(index)
+            if self.count[index] > self.allowed:
+                given_up[index] = KilledWorkerError(
+                    f"a call of {self.name} was in hand each time a worker died: it killed "
+                    f"{self.count[index]} workers ({', '.join(self.workers[index])}); with "
+                    f"allowed_failures={self.allowed} no other worker is handed it")
+        return given_up
+
+
+def _name(func):
+    return getattr(func, "__qualname__", None) or repr(func)
 
 
 class _Pace:
@@ -350,6 +396,8 @@ class AsyncResult:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"result not ready within {timeout} s") from None
+        except RemoteExit as e:
+            raise e.exc  # its __cause__ is the remote traceback
 
     def wait(self, timeout=None):
         concurrent.futures.wait([self._future], timeout)

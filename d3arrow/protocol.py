@@ -153,7 +153,8 @@ class MessageReader:
             header_len, n = PREFIX.unpack(self._target)
             if not 0 < header_len <= self._max_header:
                 raise ProtocolError(f"message header of {header_len} bytes announced "
-                                    f"(limit {self._max_header})")
+                                    f"(limit {self._max_header}); the stream began "
+                                    f"{bytes(self._target)!r}")
             if n > MAX_PAYLOADS:
                 raise ProtocolError(f"{n} payloads announced (limit {MAX_PAYLOADS})")
             self._n = n

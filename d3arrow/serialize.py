@@ -8,7 +8,8 @@ payloads. Each payload is sent as a list of pieces and received as one contiguou
   The receiver lays both in one buffer and ``pa.ipc.read_tensor`` rebuilds a read-only view.
 * pyarrow Tables and RecordBatches travel as an Arrow IPC stream.
 * ints, floats, strings, bytes, booleans and None travel as themselves inside the msgpack
-  header: no payload, no pickle.
+  header: no payload, no pickle. Strings and bytes over 64 KiB travel as a payload instead
+  (headers are for control, and are limited in size).
 * anything else goes through cloudpickle protocol 5 with out-of-band buffers, so arrays
   nested inside Python objects are not copied either.
 """
@@ -22,6 +23,7 @@ import pyarrow as pa
 
 PICKLE_PROTOCOL = 5
 _PLAIN = (int, float, str, bytes, bool, type(None))  # exact types msgpack keeps as they are
+PLAIN_HEADER_BYTES = 64 * 2**10  # longer str / bytes travel as payloads, not in the header
 PAGE = 4096
 ALIGNED_COPY_BYTES = 2**20  # from this size on, serialize_into aligns the copy to the source
 
@@ -62,6 +64,10 @@ def serialize(value):
         The value cannot be pickled; the message names its type and the reason.
     """
     if is_plain(value):
+        if type(value) is bytes and len(value) > PLAIN_HEADER_BYTES:
+            return Serialized({"kind": "bytes"}, [[value]])
+        if type(value) is str and len(value) > PLAIN_HEADER_BYTES:
+            return Serialized({"kind": "str"}, [[value.encode("utf-8", "surrogatepass")]])
         return Serialized({"kind": "plain", "value": value}, [])
     if type(value) is np.ndarray and _tensor_compatible(value):
         return _serialize_tensor(value)
@@ -77,6 +83,10 @@ def deserialize(serialized):
     kind = meta.get("kind")
     if kind == "plain":
         return meta["value"]
+    if kind == "bytes":
+        return buffers[0].to_pybytes()
+    if kind == "str":
+        return str(memoryview(buffers[0]), "utf-8", "surrogatepass")
     if kind == "tensor":
         return pa.ipc.read_tensor(pa.BufferReader(buffers[0])).to_numpy()
     if kind == "arrow":

@@ -16,6 +16,7 @@ Abstract sockets vanish with their process and are scoped to a network namespace
 processes in different namespaces never mistake each other for co-located.
 """
 
+import asyncio
 import itertools
 import logging
 import mmap
@@ -42,6 +43,7 @@ _RECORD = struct.Struct("<BQ")  # op or status, then an id
 _PIN, _RELEASE, _HELLO = 1, 2, 3
 _OK, _GONE = 1, 0
 SESSION_TIMEOUT = 10.0
+ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX = 0.01, 1.0  # seconds, while accept() fails
 _IN_PLACE_KINDS = ("tensor", "arrow")  # one-buffer forms a reader can use where they lie
 
 
@@ -202,8 +204,8 @@ class SharedStore:
             The store has no room for it.
         """
         if not is_shareable(value):
-            raise TypeError(f"cannot share a {type(value).__name__}: only numpy arrays of "
-                            "int/uint/float dtypes and Arrow tables / record batches")
+            raise TypeError(f"cannot share {_describe(value)}: only numpy arrays of int/uint/"
+                            "float dtypes in native byte order and Arrow tables / record batches")
         if not self.shared:
             raise TypeError("this store is private (shared=False)")
         meta, buffer, block_id = self._write(value)
@@ -237,7 +239,8 @@ class SharedStore:
         return pin_id
 
     def info(self):
-        return {"shared": self.shared, "capacity": self.arena.capacity, "used": self.arena.used,
+        return {"shared": self.shared, "socket": self.socket_name if self.shared else None,
+                "capacity": self.arena.capacity, "used": self.arena.used,
                 "reserved": self.arena.reserved, "fallbacks": self.fallbacks,
                 "fallback_bytes": self.fallback_bytes,
                 "readers": len(self._pins), "pins": sum(map(len, self._pins.values()))}
@@ -266,13 +269,27 @@ class SharedStore:
         selector.register(self._listener, selectors.EVENT_READ, "accept")
         selector.register(self._wakeup_r, selectors.EVENT_READ, "stop")
         pending = {}
+        backoff = ACCEPT_BACKOFF_MIN
         try:
             while True:
                 for key, _ in selector.select():
                     if key.data == "stop":
                         return
                     if key.data == "accept":
-                        conn, _ = self._listener.accept()
+                        try:
+                            conn, _ = self._listener.accept()
+                        except OSError as e:  # EMFILE, ENOMEM: wait for some to close
+                            backoff = min(2 * backoff, ACCEPT_BACKOFF_MAX)
+                            logger.warning("store %s cannot accept a session (%s): retrying "
+                                           "in %.2f s", self.socket_name, e, backoff)
+                            self._wakeup_r.settimeout(backoff)  # sleep, but wake for close
+                            try:
+                                if self._wakeup_r.recv(1):
+                                    return
+                            except (TimeoutError, BlockingIOError):
+                                pass
+                            continue
+                        backoff = ACCEPT_BACKOFF_MIN
                         try:
                             if not _same_user(conn):  # abstract sockets have no permissions
                                 raise OSError("a reader of another user")
@@ -401,6 +418,8 @@ async def get_data(pool, address, keys, *, host, receive, timeout=None, on_failu
         received, gone = {}, []
         for key, value in reply["data"].items():
             try:
+                if value.meta.get("kind") == "shm":  # connecting may block: not on the loop
+                    await _sessions.open_off_loop(value.meta["socket"])
                 received[key] = await receive(value, address)
             except SharedDataGone as e:
                 logger.info("shared memory of %r unavailable (%s): asking for bytes", key, e)
@@ -409,7 +428,7 @@ async def get_data(pool, address, keys, *, host, receive, timeout=None, on_failu
             reply = await rpc.get_data(keys=gone)
             for key, value in reply["data"].items():
                 received[key] = await receive(value, address)
-    except (OSError, CommClosedError) as e:
+    except CommClosedError as e:
         logger.warning("could not get %d keys from %s: %s", len(keys), address, e)
         if on_failure is not None:
             on_failure(address)
@@ -519,6 +538,16 @@ class _Sessions:
             for name in gone:
                 self._sessions.pop(name).close()
 
+    async def open_off_loop(self, socket_name):
+        """Open the session with an owner, if need be, in a thread: SharedDataGone if not."""
+        session = self._sessions.get(socket_name)
+        if session is not None and session.alive:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._get, socket_name)
+        except OSError as e:
+            raise SharedDataGone(f"shared store {socket_name} cannot be reached: {e}") from None
+
     def _get(self, socket_name):
         with self._lock:
             session = self._sessions.get(socket_name)
@@ -537,6 +566,15 @@ class _Pin:
 
 
 _sessions = _Sessions()
+
+
+def _describe(value):
+    if isinstance(value, np.ndarray):
+        if value.dtype.byteorder not in "=|":
+            return (f"an array of non-native byte order ({value.dtype.str}): convert it with "
+                    f".astype({value.dtype.newbyteorder('=').str!r}) first")
+        return f"an array of dtype {value.dtype}"
+    return f"a {type(value).__name__}"
 
 
 def _nbytes(value):

@@ -21,7 +21,7 @@ import numpy as np
 
 from .comm import connect
 from .core import (DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, RecentFailures,
-                   Server, error_reply, log_failure)
+                   Server, error_reply, log_failure, peer_timeout)
 from .errors import CommClosedError
 from .protocol import allocate_buffers
 from .security import NO_SECURITY
@@ -65,6 +65,7 @@ class Worker(Server):
         self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix="d3arrow-compute")
         self.pool = ConnectionPool(allocate=allocate, security=security)  # center and peers
         self.heartbeat_interval = HEARTBEAT_INTERVAL
+        self.peer_timeout = peer_timeout()  # a peer silent this long is skipped
         self._fetching = {}  # key -> task fetching it, so concurrent needs share one transfer
         self._updates_comm = None  # a connection to the center for add/remove_keys only
         self._updates_pending = collections.deque()  # their answers, in order
@@ -96,6 +97,9 @@ class Worker(Server):
     async def register_with_center(self):
         """Register (with any keys already held) and start heartbeating."""
         await self._register()
+        logger.info("worker %s (%d cores, store %s) registered with center %s", self.address,
+                    self.ncores, "shared" if self.store and self.store.shared else "private",
+                    self.center)
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def close(self, *, report=True, grace=0.0):
@@ -300,8 +304,8 @@ class Worker(Server):
         return {"keys": list(self.data)}
 
     def identity(self):
-        return {"address": self.address, "name": self.name, "ncores": self.ncores,
-                "center": self.center, "nkeys": len(self.data),
+        return {"role": "worker", "address": self.address, "name": self.name,
+                "ncores": self.ncores, "center": self.center, "nkeys": len(self.data),
                 "host": self.store.host if self.store else None,
                 "store": self.store.info() if self.store else None}
 
@@ -334,7 +338,9 @@ class Worker(Server):
             func = await self._load(function)
             calls = await self._load(args)
             call_kwargs = await self._load(kwargs) if kwargs is not None else [None] * len(keys)
-        except Exception as e:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # what unpickling ran was user code too
             return {"results": [{"key": key, **error_reply(e)} for key in keys], "seconds": 0.0}
         runnable = [i for i, ks in enumerate(needed) if not missing.intersection(ks)]
         # one trip to the thread pool per core, not per call: small calls stay cheap
@@ -379,7 +385,7 @@ class Worker(Server):
                 args = map_leaves(calls[i], KeyRef, substitute)
                 kwargs = map_leaves(call_kwargs[i], KeyRef, substitute) or {}
                 outcomes.append((i, ("OK", *self._share(func(*args, **kwargs)))))
-            except Exception as e:
+            except BaseException as e:  # SystemExit too: an error of this call, not ours
                 outcomes.append((i, ("error", error_reply(e))))
         return outcomes, time.perf_counter() - start
 
@@ -442,7 +448,8 @@ class Worker(Server):
     async def _get_from_peer(self, peer, keys):
         """{key: (value, ref_meta)} for the keys ``peer`` could give us."""
         return await get_data(self.pool, peer, keys, host=self.store.host if self.store else None,
-                              receive=self._receive, on_failure=self._unreachable_peers.add)
+                              receive=self._receive, timeout=self.peer_timeout,
+                              on_failure=self._unreachable_peers.add)
 
 
 def _open_store(capacity, shared):

@@ -79,7 +79,7 @@ def test_the_token_is_not_on_any_command_line(cluster):
 
 
 def test_a_client_with_a_token_tells_an_open_server_apart():
-    with LocalCluster(n_workers=1, ncores=1) as open_cluster:
+    with LocalCluster(n_workers=1, ncores=1, auth_token=False) as open_cluster:
         with pytest.raises(AuthenticationError, match="without an auth token"):
             Pool(open_cluster.center_address, auth_token=TOKEN)
 

@@ -1,4 +1,4 @@
-"""``d3arrow-center``: run the metadata server."""
+"""d3arrow-center: run the metadata server (which worker holds which key, who is alive)."""
 
 import argparse
 import sys

@@ -1,4 +1,4 @@
-"""``d3arrow demo``: the seed's Pool session on a local cluster, then a 256 MB peer transfer."""
+"""d3arrow demo: the seed's Pool session on a local cluster, then a 256 MB peer transfer."""
 
 import argparse
 import statistics

@@ -1,12 +1,15 @@
-"""``d3arrow``: the umbrella command (``d3arrow demo``, ``d3arrow center``, ``d3arrow worker``)."""
+"""d3arrow: the umbrella command (d3arrow demo, d3arrow center, d3arrow worker)."""
 
 import argparse
 import sys
+
+from .serving import add_version_argument
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="d3arrow", description=__doc__)
+    add_version_argument(parser)
     parser.add_argument("command", choices=["demo", "center", "worker"],
                         help="demo: run the seed's Pool example on a local cluster; "
                              "center / worker: same as d3arrow-center / d3arrow-worker")

@@ -2,16 +2,36 @@
 
 import argparse
 import asyncio
+import getpass
 import logging
 import os
 import signal
+import sys
 
+from .. import __version__
 from ..security import TOKEN_ENV, Security
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(text):
+    """An argparse type: a logging level's name, in any case."""
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level: choose from "
+                                         f"{', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+def add_version_argument(parser):
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
 def add_common_arguments(parser):
-    parser.add_argument("--log-level", default="WARNING",
-                        help="logging level for messages on stderr (default WARNING)")
+    add_version_argument(parser)
+    parser.add_argument("--log-level", type=log_level, default="WARNING",
+                        help="DEBUG, INFO (start, registration, workers joining and leaving, "
+                             "failures and retries), WARNING (default), ERROR or CRITICAL")
     # A LocalCluster keeps a pipe on each child's stdin: when the parent dies, the pipe
     # closes and the child exits instead of lingering.
     parser.add_argument("--exit-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
@@ -29,13 +49,19 @@ def add_common_arguments(parser):
 
 def security_from_args(parser, args):
     try:
-        return Security.from_options(args.auth_token, args.tls_cert, args.tls_key, args.tls_ca)
+        security = Security.from_options(args.auth_token, args.tls_cert, args.tls_key,
+                                         args.tls_ca)
     except ValueError as e:
         parser.error(str(e))
+    if security.token is None and not args.exit_on_stdin_eof:
+        print(f"{parser.prog}: warning: no auth token: any user of this machine who can reach "
+              f"the port can run code as {getpass.getuser()} (set ${TOKEN_ENV})",
+              file=sys.stderr, flush=True)
+    return security
 
 
 def configure_logging(level):
-    logging.basicConfig(level=level.upper(),
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 

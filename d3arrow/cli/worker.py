@@ -1,4 +1,4 @@
-"""``d3arrow-worker CENTER_ADDR``: run a worker that registers with the center."""
+"""d3arrow-worker CENTER: run a worker that registers with the center at CENTER (host:port)."""
 
 import argparse
 import sys
@@ -58,13 +58,19 @@ async def _serve(args, center, security):
 def parse_size(text):
     """'1073741824', '1G', '512M', '64k' -> bytes."""
     units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    given = text
     text = text.strip().lower().removesuffix("b").removesuffix("i")
     try:
         if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
+            size = int(float(text[:-1]) * units[text[-1]])
+        else:
+            size = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4G, 512M)") from None
+        raise argparse.ArgumentTypeError(f"not a size: {given!r} (try 4G, 512M)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{given!r}: a store needs a positive size (or "
+                                         f"--no-shm for none)")
+    return size
 
 
 if __name__ == "__main__":

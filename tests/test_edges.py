@@ -1,0 +1,371 @@
+"""Promises kept at the edges: user code that ends its process, frozen peers and centers,
+errors a worker reports, vanished clients, names two clients share.
+
+Each test runs its own cluster of real processes, since it breaks it.
+"""
+
+import gc
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import cloudpickle
+import numpy as np
+import psutil
+import pytest
+
+from conftest import wait_until
+from d3arrow import (KilledWorkerError, LocalCluster, MissingDataError, NotACenterError, Pool,
+                     ProtocolError, __version__)
+from d3arrow.core import PEER_TIMEOUT_ENV
+from d3arrow.store import SharedStore
+
+pytestmark = pytest.mark.timeout(120)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+
+
+def _big(seed):
+    """An array large enough to stay on its worker (not inlined into replies)."""
+    return np.random.default_rng(seed).random(50_000)
+
+
+def _alive(cluster):
+    return [p.poll() is None for p in cluster.worker_processes]
+
+
+# -- user code that ends its process ----------------------------------------------------------
+
+def test_sys_exit_and_keyboard_interrupt_in_user_code_are_errors_of_that_call():
+    def exits_on_seven(i):
+        if i == 7:
+            sys.exit(2)
+        return i
+
+    def interrupted():
+        raise KeyboardInterrupt("from user code")
+
+    with LocalCluster(n_workers=4, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        with pytest.raises(SystemExit) as info:
+            pool.map(exits_on_seven, range(40))
+        assert info.value.code == 2
+        assert "exits_on_seven" in str(info.value.__cause__)  # the remote traceback
+        with pytest.raises(KeyboardInterrupt, match="from user code"):
+            pool.apply(interrupted)
+        assert _alive(cluster) == [True] * 4
+        assert len(pool.client.sync_ncores()) == 4
+        assert pool.gather(pool.map(abs, range(-8, 0))) == list(range(8, 0, -1))
+
+
+def test_a_call_that_kills_its_worker_is_given_up_after_allowed_failures():
+    def kills_on_seven(i):
+        if i == 7:
+            os._exit(1)
+        return i * 10
+
+    with LocalCluster(n_workers=4, ncores=1, heartbeat_interval=0.2,
+                      heartbeat_timeout=2) as cluster, Pool(cluster.center_address) as pool:
+        with pytest.raises(KilledWorkerError, match=r"kills_on_seven.*killed 3 workers"):
+            pool.map(kills_on_seven, range(40))
+        assert wait_until(lambda: sorted(_alive(cluster)) == [False, False, False, True])
+        time.sleep(0.5)
+        assert sorted(_alive(cluster)) == [False, False, False, True]  # N+1 = 3, no more
+        survivor = cluster.worker_addresses[_alive(cluster).index(True)]
+        assert pool.apply(abs, [-5]).get() == 5
+        assert wait_until(lambda: list(pool.client.sync_ncores()) == [survivor])
+        assert pool.gather(pool.map(kills_on_seven, range(7))) == [i * 10 for i in range(7)]
+
+
+def test_a_lineage_recomputation_that_kills_its_worker_is_given_up(tmp_path):
+    flag = str(tmp_path / "kill")
+
+    def made_then_kills(seed):
+        if os.path.exists(flag):
+            os._exit(1)
+        return _big(seed)
+
+    with LocalCluster(n_workers=3, ncores=1, heartbeat_interval=0.2,
+                      heartbeat_timeout=2) as cluster, \
+            Pool(cluster.center_address, allowed_failures=1) as pool:
+        x = pool.apply(made_then_kills, [1], workers=[cluster.worker_addresses[0]])
+        cluster.worker_processes[0].kill()
+        cluster.worker_processes[0].wait(timeout=10)
+        open(flag, "w").close()
+        with pytest.raises(KilledWorkerError, match="killed 2 workers"):
+            x.get(timeout=60)  # remade from lineage: each try kills a worker
+        assert wait_until(lambda: _alive(cluster) == [False, False, False])
+
+
+# -- an error a worker reports is not the worker dying ----------------------------------------
+
+def test_an_os_error_raised_by_user_code_is_that_calls_error_not_a_dead_worker():
+    def database(i):
+        if i == 3:
+            raise ConnectionRefusedError("the database refused us")
+        return i
+
+    with LocalCluster(n_workers=2, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        with pytest.raises(ConnectionRefusedError, match="the database refused us"):
+            pool.map(database, range(8))
+        assert pool.client._unreachable.recent() == []  # nobody blamed
+        assert pool.gather(pool.map(database, [0, 1, 2])) == [0, 1, 2]
+
+
+# -- frozen peers and a frozen center ---------------------------------------------------------
+
+@pytest.fixture
+def frozen_friendly_cluster(monkeypatch):
+    """Two workers; the center would take a minute to drop one, peers give up after 1.5 s."""
+    monkeypatch.setenv(PEER_TIMEOUT_ENV, "1.5")
+    with LocalCluster(n_workers=2, ncores=1, heartbeat_interval=0.5,
+                      heartbeat_timeout=60) as cluster:
+        yield cluster
+
+
+def test_a_task_whose_input_lives_on_a_frozen_worker_finishes_without_it(frozen_friendly_cluster):
+    cluster = frozen_friendly_cluster
+    a, b = cluster.worker_addresses
+    frozen = cluster.worker_processes[0]
+    with Pool(cluster.center_address, timeout=2) as pool, \
+            Pool(cluster.center_address, timeout=2) as earlier:
+        x = pool.apply(_big, [1], workers=[a])
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError, match="gather not done within 0.5 s"):
+                x.get(timeout=0.5)  # a timeout= shorter than the silence bound is kept
+            n = pool.apply(len, [x], workers=[b])  # b gives up on a, x is made again on b
+            assert n.get(timeout=30) == 50_000
+            assert pool.client.where(x.key) == {b}
+            scattered = earlier.scatter([_big(i) for i in range(4)], timeout=30)
+            assert {w for r in scattered for w in earlier.client.where(r.key)} == {b}
+            np.testing.assert_array_equal(scattered[0].get(), _big(0))
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+
+
+def test_a_center_that_was_frozen_does_not_drop_its_live_workers():
+    with LocalCluster(n_workers=2, ncores=1, heartbeat_interval=0.2,
+                      heartbeat_timeout=1.5) as cluster, Pool(cluster.center_address) as pool:
+        results = {}
+        mapping = threading.Thread(target=lambda: results.update(values=pool.gather(
+            pool.map(lambda i: time.sleep(0.1) or i * 2, range(30)))))
+        mapping.start()
+        cluster.center_process.send_signal(signal.SIGSTOP)
+        time.sleep(3)  # twice the heartbeat timeout
+        cluster.center_process.send_signal(signal.SIGCONT)
+        mapping.join(timeout=60)
+        assert results["values"] == [i * 2 for i in range(30)]
+        time.sleep(1)  # a center that dropped them would have done so by now
+        assert sorted(pool.client.sync_ncores()) == sorted(cluster.worker_addresses)
+        assert pool.client._unreachable.recent() == []
+
+
+# -- the client itself -----------------------------------------------------------------------
+
+def test_garbage_collections_at_any_moment_never_deadlock_the_client():
+    """RemoteData in reference cycles are freed by the cyclic collector, which may run in
+    any thread at any allocation: also while the client counts references."""
+    with LocalCluster(n_workers=1, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        outcome = {}
+
+        def churn():
+            old = gc.get_threshold()
+            gc.set_threshold(1, 1, 1)  # a collection at nearly every allocation
+            try:
+                for _ in range(20):
+                    values = pool.scatter(list(range(50)))
+                    for value in values[::2]:  # half of them in cycles, for the collector
+                        cycle = [value]
+                        cycle.append(cycle)
+                    del values, value, cycle
+                    pool.client.sync(_collect_on_the_loop)  # and on the loop thread too
+                outcome["done"] = True
+            finally:
+                gc.set_threshold(*old)
+
+        thread = threading.Thread(target=churn, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        assert outcome.get("done"), "the client deadlocked"
+        gc.collect()
+        assert wait_until(lambda: not any(pool.client.has_what().values()))  # all freed
+
+
+async def _collect_on_the_loop():
+    gc.collect()
+
+
+# -- a Pool pointed at something else ---------------------------------------------------------
+
+@pytest.fixture
+def http_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def silent_socket():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # the kernel completes connections nobody ever reads
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_a_pool_pointed_at_a_web_server_names_it(http_server):
+    # an HTTP server waits for a line end our framing never sends: it is silent to us
+    with pytest.raises(NotACenterError, match=f"{http_server} .*not a d3arrow center"):
+        Pool(http_server, timeout=2)
+
+
+def test_a_pool_pointed_at_a_server_that_answers_garbage_names_what_it_said():
+    def answer_garbage(listener):
+        conn, _ = listener.accept()
+        conn.recv(1024)
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        time.sleep(1)
+        conn.close()
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        threading.Thread(target=answer_garbage, args=(listener,), daemon=True).start()
+        with pytest.raises(NotACenterError, match=f"{address} is not a d3arrow center.*SSH-2.0"):
+            Pool(address, timeout=3)
+
+
+def test_a_pool_pointed_at_a_silent_socket_gives_up_at_its_timeout(silent_socket):
+    start = time.monotonic()
+    with pytest.raises(NotACenterError, match=f"{silent_socket} accepted a connection but did "
+                                              f"not answer within 1.5 s"):
+        Pool(silent_socket, timeout=1.5)
+    assert time.monotonic() - start < 10  # not the 30 s default
+
+
+def test_a_pool_pointed_at_a_worker_says_it_is_a_worker():
+    with LocalCluster(n_workers=1, ncores=1) as cluster:
+        (worker,) = cluster.worker_addresses
+        with pytest.raises(NotACenterError, match=f"{worker} is a d3arrow worker, not a center"):
+            Pool(worker, timeout=3)
+
+
+# -- hostile peers ------------------------------------------------------------------------------
+
+def test_a_flood_of_store_sessions_at_the_fd_limit_is_survived():
+    with LocalCluster(n_workers=1, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        (worker,) = cluster.worker_addresses
+        psutil.Process(cluster.worker_processes[0].pid).rlimit(psutil.RLIMIT_NOFILE, (256, 256))
+        socket_name = pool.store_info()[worker]["socket"]
+        flood = []
+        try:
+            for _ in range(400):  # more than the worker has descriptors for
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                flood.append(conn)
+                conn.settimeout(5)
+                try:
+                    conn.connect("\0" + socket_name)
+                except OSError:  # the backlog is full: the flood did its work
+                    break
+            time.sleep(0.5)  # the worker meets EMFILE in accept
+        finally:
+            for conn in flood:
+                conn.close()
+        x = pool.apply(_big, [7])
+        np.testing.assert_array_equal(x.get(timeout=30), _big(7))
+        # read through a session of its store (not as bytes), the flood's sessions gone
+        assert wait_until(lambda: pool.store_info()[worker]["readers"] == 1)
+
+
+# -- large plain values, and values a receiver refuses ----------------------------------------
+
+def test_bytes_and_str_over_the_header_limit_travel_like_arrays(pool):
+    data = os.urandom(2**20) * 80  # 80 MiB: over the 64 MiB control header limit
+    text = "d3arrow ✓ " * (9 * 2**20)  # 90 M characters
+    remote_bytes, remote_text = pool.scatter([data, text])
+    assert pool.gather([remote_bytes, remote_text]) == [data, text]
+    assert pool.apply(len, [remote_text]).get() == len(text)
+    assert pool.client._unreachable.recent() == []
+
+
+def test_a_value_over_the_receivers_limit_is_refused_by_name_and_nobody_is_blamed(monkeypatch):
+    monkeypatch.setenv("D3ARROW_MAX_MESSAGE_BYTES", str(32 * 2**20))  # workers' and ours
+    with LocalCluster(n_workers=1, ncores=1, shm=False) as cluster, \
+            Pool(cluster.center_address, shm=False) as pool:
+        too_big = np.zeros(40 * 2**20 // 8)
+        with pytest.raises(ProtocolError, match=r"41943\d+ payload bytes announced \(limit "
+                                                r"33554432\)"):
+            pool.scatter([too_big])
+        made_there = pool.apply(np.zeros, [40 * 2**20 // 8])
+        with pytest.raises(ProtocolError, match=r"refused what .* sent: .*\(limit 33554432\)"):
+            made_there.get()
+        assert pool.client._unreachable.recent() == []  # the worker is not taken for dead
+        assert pool.gather(pool.scatter([1, 2])) == [1, 2]
+        assert pool.apply(len, [made_there]).get() == 40 * 2**20 // 8
+
+
+# -- errors a user reads ----------------------------------------------------------------------
+
+def test_misuse_gets_errors_that_say_what_is_wrong(pool):
+    with pytest.raises(ValueError, match=r"workers=\[\]: give a list of worker addresses"):
+        pool.map(abs, [1], workers=[])
+    (x,) = pool.scatter([np.arange(10)])
+    with pytest.raises(TypeError, match="not as a dict key"):
+        pool.apply(len, [{x: 1}])
+    a, b = pool.scatter([1, 2])
+    assert repr(a) != repr(b) and a.key in repr(a)
+    pool.delete([a])
+    with pytest.raises(MissingDataError, match=f"{a.key}.* deleted"):
+        a.get()
+    with pytest.raises(TypeError, match="gather takes a list"):
+        pool.client.gather(b.key)
+    assert pool.gather(b.key) == 2  # one key, one value: not its characters
+    with pytest.raises(TypeError, match=r"non-native byte order \(>i8\).*astype\('<i8'\)"):
+        SharedStore(2**20).put(np.arange(10, dtype=">i8"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shm-size", "0"], "a store needs a positive size"),
+    (["--shm-size", "-1"], "a store needs a positive size"),
+    (["--log-level", "verbose"], "'verbose' is not a log level"),
+])
+def test_bad_worker_options_are_refused_by_name(args, message):
+    done = subprocess.run([sys.executable, "-m", "d3arrow.cli.worker", "127.0.0.1:1", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_clis_tell_their_version_and_plain_help():
+    for module in ("main", "center", "worker"):
+        base = [sys.executable, "-m", f"d3arrow.cli.{module}"]
+        version = subprocess.run([*base, "--version"], capture_output=True, text=True,
+                                 timeout=60)
+        assert version.returncode == 0 and __version__ in version.stdout
+        helped = subprocess.run([*base, "--help"], capture_output=True, text=True, timeout=60)
+        assert helped.returncode == 0 and "``" not in helped.stdout
+
+
+def test_log_level_info_tells_start_registration_and_leaving():
+    center = subprocess.Popen([sys.executable, "-m", "d3arrow.cli.center", "--port", "0",
+                               "--log-level", "info"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        address = center.stdout.readline().split()[-1]
+        worker = subprocess.run([sys.executable, "-m", "d3arrow.cli.worker", address,
+                                 "--log-level", "INFO", "--exit-on-stdin-eof"],
+                                input="", capture_output=True, text=True, timeout=60)
+        assert "registered with center" in worker.stderr
+    finally:
+        center.terminate()
+        _, log = center.communicate(timeout=30)
+    assert "center listening at" in log
+    assert "registered worker" in log and "left with its 0 keys" in log
