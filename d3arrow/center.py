@@ -10,6 +10,7 @@ import time
 
 from .addressing import normalize_address
 from .core import HEARTBEAT_INTERVAL, Server
+from .keys import owner_of
 from .security import NO_SECURITY
 
 logger = logging.getLogger(__name__)
@@ -28,11 +29,20 @@ class Center(Server):
     _names : {address: str}
     _nbytes : {key: int}
     _last_seen : {address: float}, ``time.monotonic()`` of the last message from the worker
+    _clients : {owner: float}, clients alive and when they were last heard of
+    _owned : {owner: {key}}, keys held by workers, by the client that made them
+    _orphaned : {owner: float}, since when an owner holding keys has had no live client
+    _published : {name: key}, values kept beyond the life of their client
+    _to_release : {address: {key}}, orphans each worker hears of with its next heartbeat
 
     Ops: register, unregister, heartbeat, add_keys, remove_keys, who_has, has_what, ncores,
-    nbytes, workers, identity.
+    nbytes, workers, identity, register_client, client_heartbeat, unregister_client,
+    publish, unpublish, published.
 
     A worker that sends nothing for ``heartbeat_timeout`` seconds is dropped with its keys.
+    Values belong to the client that made them (see :mod:`d3arrow.keys`): once a client has
+    been silent for ``heartbeat_timeout`` (killed, or gone without closing), the workers
+    free its values, published ones excepted.
     """
 
     def __init__(self, *, heartbeat_interval=HEARTBEAT_INTERVAL,
@@ -44,6 +54,11 @@ class Center(Server):
         self._names = {}
         self._nbytes = {}
         self._last_seen = {}
+        self._clients = {}
+        self._owned = {}
+        self._orphaned = {}
+        self._published = {}
+        self._to_release = {}
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self._monitor_task = None
@@ -59,6 +74,12 @@ class Center(Server):
             "nbytes": self.nbytes,
             "workers": self.workers,
             "identity": self.identity,
+            "register_client": self.register_client,
+            "client_heartbeat": self.client_heartbeat,
+            "unregister_client": self.unregister_client,
+            "publish": self.publish,
+            "unpublish": self.unpublish,
+            "published": self.published,
         }
 
     async def start(self, host="127.0.0.1", port=0):
@@ -91,7 +112,10 @@ class Center(Server):
                 logger.warning("the center did not run for %.1f s: not counting that against "
                                "its workers' heartbeats", lag)
                 self._last_seen = {a: seen + lag for a, seen in self._last_seen.items()}
+                self._clients = {c: seen + lag for c, seen in self._clients.items()}
+                self._orphaned = {c: since + lag for c, since in self._orphaned.items()}
             deadline = now - self.heartbeat_timeout
+            self._check_clients(now, deadline)
             for address, seen in list(self._last_seen.items()):
                 if seen < deadline:
                     logger.warning("worker %s sent no heartbeat for %.1f s: dropping it and "
@@ -99,7 +123,39 @@ class Center(Server):
                                    len(self._has_what.get(address, ())))
                     self._remove_worker(address)
 
+    def _check_clients(self, now, deadline):
+        """Forget silent clients; free the values of owners without a client for too long."""
+        for owner, seen in list(self._clients.items()):
+            if seen < deadline:
+                logger.info("client %s sent no heartbeat for %.1f s: freeing its values",
+                            owner, self.heartbeat_timeout)
+                del self._clients[owner]
+                self._orphaned[owner] = deadline  # its silence already counts
+        for owner in self._owned.keys() - self._clients.keys() - self._orphaned.keys():
+            self._orphaned[owner] = now  # keys of a client we never knew (say, we restarted)
+        for owner, since in list(self._orphaned.items()):
+            if since < deadline:
+                self._release_owner(owner)
+
+    def _release_owner(self, owner):
+        """Have the workers free the values of an owner whose client is gone.
+
+        Published values stay (and are freed when unpublished).
+        """
+        self._orphaned.pop(owner, None)
+        owned = self._owned.pop(owner, set())
+        kept = owned.intersection(self._published.values())
+        if kept:
+            self._owned[owner] = kept
+        freed = owned - kept
+        for key in freed:
+            for address in self._who_has.get(key, ()):
+                self._to_release.setdefault(address, set()).add(key)
+        if freed:
+            logger.info("freeing %d values of client %s, which is gone", len(freed), owner)
+
     def _remove_worker(self, address):
+        self._to_release.pop(address, None)
         self._discard(address, list(self._has_what.pop(address, ())))
         self._ncores.pop(address, None)
         self._names.pop(address, None)
@@ -115,6 +171,11 @@ class Center(Server):
                 if not holders:
                     del self._who_has[key]
                     self._nbytes.pop(key, None)
+                    owned = self._owned.get(owner_of(key))
+                    if owned is not None:
+                        owned.discard(key)
+                        if not owned:
+                            del self._owned[owner_of(key)]
 
     def _touch(self, address):
         if address not in self._ncores:
@@ -149,7 +210,10 @@ class Center(Server):
         return {"status": "OK" if known else "unknown-worker"}
 
     def heartbeat(self, *, address):
-        return {"status": "OK" if self._touch(address) else "unknown-worker"}
+        if not self._touch(address):
+            return {"status": "unknown-worker"}
+        release = self._to_release.pop(address, None)
+        return {"release": sorted(release)} if release else {}
 
     def add_keys(self, *, address, keys, nbytes=None):
         _check_keys(keys, nbytes)
@@ -159,6 +223,9 @@ class Center(Server):
         for key in keys:
             held.add(key)
             self._who_has.setdefault(key, set()).add(address)
+            owner = owner_of(key)
+            if owner is not None:
+                self._owned.setdefault(owner, set()).add(key)
         if nbytes:
             self._nbytes.update(nbytes)
         return {"status": "OK"}
@@ -193,6 +260,57 @@ class Center(Server):
         _check_keys(keys)
         return {"nbytes": {k: self._nbytes[k] for k in keys if k in self._nbytes}}
 
+    # -- clients -----------------------------------------------------------------------------
+
+    def register_client(self, *, client):
+        _check_owner(client)
+        if client not in self._clients:
+            logger.info("client %s connected", client)
+        self._clients[client] = time.monotonic()
+        self._orphaned.pop(client, None)
+        return {"heartbeat_interval": self.heartbeat_interval}
+
+    def client_heartbeat(self, *, client):
+        if client not in self._clients:
+            return {"status": "unknown-client"}
+        self._clients[client] = time.monotonic()
+        return {}
+
+    def unregister_client(self, *, client):
+        """A client that closed: whatever of its values it could not free is freed now."""
+        if self._clients.pop(client, None) is not None:
+            logger.info("client %s closed", client)
+        if client in self._owned:
+            self._release_owner(client)
+
+    def publish(self, *, name, key):
+        if not isinstance(name, str) or not isinstance(key, str):
+            raise ValueError(f"publish takes a name and a key (strings), not {name!r}, {key!r}")
+        if key not in self._who_has:
+            raise ValueError(f"no worker holds {key!r}: there is nothing to publish")
+        if self._published.get(name, key) != key:
+            raise ValueError(f"the name {name!r} is published already (for another value): "
+                             "unpublish it first")
+        self._published[name] = key
+        return {}
+
+    def unpublish(self, *, name):
+        key = self._published.pop(name, None)
+        if key is None:
+            return {"status": "unknown-name"}
+        owner = owner_of(key)
+        if owner is not None and owner not in self._clients:  # nobody else will free it
+            self._owned.setdefault(owner, set()).add(key)
+            self._release_owner(owner)
+        return {"key": key}
+
+    def published(self, *, name=None):
+        if name is None:
+            return {"published": self._published}
+        if name not in self._published:
+            return {"status": "unknown-name"}
+        return {"key": self._published[name]}
+
     def identity(self):
         return {"role": "center", "address": self.address, "nworkers": len(self._ncores)}
 
@@ -203,6 +321,11 @@ class Center(Server):
                       "nkeys": len(self._has_what[address]),
                       "last_seen": now - self._last_seen[address]}
             for address, n in self._ncores.items()}}
+
+
+def _check_owner(owner):
+    if not (isinstance(owner, str) and owner_of(owner + "-") == owner):
+        raise ValueError(f"a client names itself by 16 hex digits, not {_short(owner)}")
 
 
 def _check_keys(keys, nbytes=None):

@@ -15,41 +15,24 @@ import dataclasses
 import itertools
 import logging
 import os
-import uuid
 import weakref
 
 from .addressing import normalize_address
 from .cluster import LocalCluster, token_for
+from .comm import CONNECT_TIMEOUT
 from .core import (DEFAULT_TIMEOUT, ConnectionPool, RecentFailures, log_failure,
                    rebuild_error, time_limit)
-from .comm import CONNECT_TIMEOUT
 from .errors import (CommClosedError, KilledWorkerError, LostDataError, MissingDataError,
                      NotACenterError, PeerUnresponsiveError, ProtocolError, RemoteError,
                      RemoteExit)
 from .eventloop import LoopThread
+from .keys import KeyMaker, new_owner
 from .security import TOKEN_ENV, Security
 from .serialize import serialize
 from .store import get_data, host_id, load
 from .task import KeyRef, find_leaves, map_leaves
 
 logger = logging.getLogger(__name__)
-
-
-_KEY_PREFIX = uuid.uuid4().hex[:16]  # per process; re-drawn in a forked child
-_key_counter = itertools.count()
-
-
-def new_key():
-    """A key no other process will make: this process's random prefix and a counter."""
-    return f"{_KEY_PREFIX}-{next(_key_counter)}"
-
-
-def _new_prefix():
-    global _KEY_PREFIX
-    _KEY_PREFIX = uuid.uuid4().hex[:16]
-
-
-os.register_at_fork(after_in_child=_new_prefix)
 
 
 class RemoteData:
@@ -178,6 +161,11 @@ class Client:
         if auth_token is False:  # explicitly none, whatever the environment says
             security = dataclasses.replace(security, token=None)
         self.timeout = timeout
+        self.owner = new_owner()  # our keys start with it: see d3arrow.keys
+        self.keys = KeyMaker(self.owner)
+        self._names = {}  # name a user gave -> our key for it
+        self._kept = set()  # keys published: not freed with their RemoteData or on close
+        self._heartbeat_task = None
         if type(allowed_failures) is not int or allowed_failures < 0:
             raise ValueError(f"allowed_failures must be an integer >= 0, not "
                              f"{allowed_failures!r}")
@@ -246,6 +234,21 @@ class Client:
         if role != "center":
             raise NotACenterError(f"{self.center} is a d3arrow {role or 'server'}, not a center: "
                                   f"give the address its workers registered with")
+        interval = (await self._rpc(self.center).register_client(client=self.owner))[
+            "heartbeat_interval"]
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat(interval))
+
+    async def _heartbeat(self, interval):
+        """Tell the center we are alive: our values are freed once we stop (killed, or gone
+        without closing). A center that forgot us (it restarted) hears of us again."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reply = await self._rpc(self.center).client_heartbeat(client=self.owner)
+                if reply["status"] == "unknown-client":
+                    await self._rpc(self.center).register_client(client=self.owner)
+            except (CommClosedError, OSError) as e:
+                logger.info("heartbeat to center %s failed: %s", self.center, e)
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -307,13 +310,15 @@ class Client:
         Parameters
         ----------
         data : list or dict
-            Values; a dict keeps its keys, a list gets new unique keys.
+            Values; a list gets new unique keys. A dict's keys are names of this client's
+            own: ``gather(['x'])`` and ``delete(['x'])`` find them, another client's ``'x'``
+            is another value.
         workers : list of addresses, optional
             Restrict placement to these workers.
 
         Returns
         -------
-        list of RemoteData, or dict {key: RemoteData} for a dict
+        list of RemoteData, or dict {name: RemoteData} for a dict
         """
         return self.sync(self._scatter, data, workers=workers, timeout=timeout)
 
@@ -322,7 +327,11 @@ class Client:
             await self._sync_ncores()
         targets = self._workers(workers)
         named = isinstance(data, dict)
-        items = list(data.items()) if named else [(new_key(), v) for v in data]
+        if named:  # names are ours alone: another client's "x" is another value
+            keys = {name: self.keys.named(name) for name in data}
+            items = [(keys[name], value) for name, value in data.items()]
+        else:
+            items = [(self.keys.new(), value) for value in data]
         serialized = [(key, serialize(value)) for key, value in items]
         while serialized:  # until every value found a live worker
             targets = self._reachable(targets)
@@ -347,7 +356,10 @@ class Client:
                     self._where[key] = {address}
                 self._nbytes.update(reply["nbytes"])
         remote = [RemoteData(key, self, owned=True) for key, _ in items]
-        return {r.key: r for r in remote} if named else remote
+        if named:
+            self._names.update(keys)
+            return dict(zip(data, remote))
+        return remote
 
     def gather(self, items, *, timeout=None):
         """Fetch values from the workers.
@@ -370,8 +382,14 @@ class Client:
                             f"{type(items).__name__}: gather([{items!r}])")
         return self.sync(self._gather, list(items), timeout=timeout)
 
+    def _key_of(self, item):
+        """The key a RemoteData, a name we scattered, or a key names."""
+        if isinstance(item, RemoteData):
+            return item.key
+        return self._names.get(item, item)
+
     async def _gather(self, items):
-        keys = [item.key if isinstance(item, RemoteData) else item for item in items]
+        keys = [self._key_of(item) for item in items]
         deleted = [k for k in keys if k in self._deleted]
         if deleted:
             raise MissingDataError(deleted, reason="deleted (Client.delete / Pool.delete) "
@@ -558,7 +576,9 @@ class Client:
 
     def delete(self, items, *, timeout=None):
         """Delete values from every worker that holds them."""
-        keys = [item.key if isinstance(item, RemoteData) else item for item in items]
+        keys = [self._key_of(item) for item in items]
+        for name in [n for n, k in self._names.items() if k in keys]:
+            del self._names[name]
         return self.sync(self._delete, keys, timeout=timeout)
 
     async def _delete(self, keys):
@@ -568,7 +588,12 @@ class Client:
         self._deleted.update(k for k in keys if k in self._refcount)
         for key in keys:
             self._recipes.pop(key, None)
-        who_has = await self._who_has(keys)
+        try:
+            who_has = await self._who_has(keys)
+        except (CommClosedError, OSError) as e:  # what we placed ourselves we know anyway
+            logger.warning("center %s unreachable (%s): deleting %d values where this client "
+                           "placed them", self.center, e, len(keys))
+            who_has = {}
         holders = collections.defaultdict(set)
         for key in keys:
             for address in set(who_has.get(key, ())) | self._where.pop(key, set()):
@@ -641,6 +666,37 @@ class Client:
                 outcomes.append(rebuild_error(result))
         return outcomes, reply["seconds"]
 
+    # -- published values: beyond the life of their client ------------------------------------
+
+    def publish(self, name, item, *, timeout=None):
+        """Keep a value beyond this client's life, findable by ``name`` from any client."""
+        return self.sync(self._publish, name, self._key_of(item), timeout=timeout)
+
+    async def _publish(self, name, key):
+        await self._rpc(self.center).publish(name=name, key=key)
+        self._kept.add(key)
+
+    def published(self, name, *, timeout=None):
+        """The RemoteData published as ``name`` (KeyError if none is)."""
+        return self.sync(self._published_as, name, timeout=timeout)
+
+    async def _published_as(self, name):
+        reply = await self._rpc(self.center).published(name=name)
+        if reply["status"] == "unknown-name":
+            raise KeyError(f"nothing is published as {name!r}")
+        return RemoteData(reply["key"], self)
+
+    def unpublish(self, name, *, timeout=None):
+        """Stop keeping the value published as ``name``: it is freed unless a live client
+        still holds it."""
+        return self.sync(self._unpublish, name, timeout=timeout)
+
+    async def _unpublish(self, name):
+        reply = await self._rpc(self.center).unpublish(name=name)
+        if reply["status"] == "unknown-name":
+            raise KeyError(f"nothing is published as {name!r}")
+        self._kept.discard(reply["key"])
+
     def where(self, key):
         """Addresses this client believes hold ``key`` (may be stale)."""
         return set(self._reachable(self._where.get(key, ())))
@@ -684,7 +740,7 @@ class Client:
     async def _release(self):
         while self._released:
             await asyncio.sleep(0.01)  # let a burst of releases collect into one message
-            keys = [k for k in self._released if k not in self._refcount]
+            keys = [k for k in self._released if k not in self._refcount and k not in self._kept]
             self._released.clear()
             try:
                 await self._delete(keys)
@@ -710,13 +766,18 @@ class Client:
 
     async def _close(self):
         self._apply_drops()
-        for task in (self._release_task, self._watch_task):
+        for task in (self._release_task, self._watch_task, self._heartbeat_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         try:
             if self.cluster is None:  # an owned cluster is about to go away with its values
-                await self._delete(set(self._refcount) | self._released)
+                await self._delete((set(self._refcount) | self._released) - self._kept)
+                try:  # the center frees what we could not find
+                    await self._rpc(self.center).unregister_client(client=self.owner)
+                except (CommClosedError, OSError) as e:
+                    logger.info("could not tell center %s this client closed: %s",
+                                self.center, e)
         finally:
             self.pool.close()
 

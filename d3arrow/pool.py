@@ -16,7 +16,7 @@ import sys
 import cloudpickle
 
 from .addressing import address_tuple
-from .client import REMAKE_ATTEMPTS, Client, RemoteData, new_key
+from .client import REMAKE_ATTEMPTS, Client, RemoteData
 from .errors import CommClosedError, KilledWorkerError, MissingDataError, RemoteExit
 from .serialize import serialize
 from .task import find_leaves
@@ -111,7 +111,7 @@ class Pool:
 
     async def _map(self, func, seq, *, workers=None):
         function = _serialize_function(func)
-        calls = [(new_key(), (item,), None) for item in seq]
+        calls = [(self.client.keys.new(), (item,), None) for item in seq]
         return await self._run(function, calls, workers, name=_name(func))
 
     def apply(self, func, args=(), kwargs=None, *, workers=None, timeout=None):
@@ -130,7 +130,8 @@ class Pool:
 
     async def _apply(self, func, args, kwargs, *, workers=None):
         function = _serialize_function(func)
-        (result,) = await self._run(function, [(new_key(), tuple(args), kwargs or None)],
+        (result,) = await self._run(function, [(self.client.keys.new(), tuple(args),
+                                                 kwargs or None)],
                                     workers, name=_name(func))
         return result
 
@@ -140,9 +141,32 @@ class Pool:
             return self.client.gather([remote_data], timeout=timeout)[0]
         return self.client.gather(list(remote_data), timeout=timeout)
 
-    def scatter(self, seq, *, workers=None, timeout=None):
-        """Send values to the workers; return a list of RemoteData."""
-        return self.client.scatter(list(seq), workers=workers, timeout=timeout)
+    def scatter(self, data, *, workers=None, timeout=None):
+        """Send values to the workers, as :meth:`Client.scatter`.
+
+        A list (or any iterable) gives a list of RemoteData; a dict ``{name: value}`` gives
+        ``{name: RemoteData}``, the names this pool's own (see :meth:`publish` to share).
+        """
+        if not isinstance(data, dict):
+            data = list(data)
+        return self.client.scatter(data, workers=workers, timeout=timeout)
+
+    def publish(self, name, remote_data, *, timeout=None):
+        """Keep a value beyond this pool's life, under a name any client can look up.
+
+        Values belong to the client that made them: they are freed when it closes, or
+        when it is gone (killed, or ended without closing) for longer than the center's
+        heartbeat timeout. A published value stays until :meth:`unpublish`.
+        """
+        self.client.publish(name, remote_data, timeout=timeout)
+
+    def published(self, name, *, timeout=None):
+        """The RemoteData published as ``name`` (by this or any client); KeyError if none."""
+        return self.client.published(name, timeout=timeout)
+
+    def unpublish(self, name, *, timeout=None):
+        """Stop keeping the value published as ``name``."""
+        self.client.unpublish(name, timeout=timeout)
 
     def delete(self, remote_data, *, timeout=None):
         """Free these values on every worker that holds them."""

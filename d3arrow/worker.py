@@ -147,6 +147,9 @@ class Worker(Server):
                 reply = await self._center.heartbeat(address=self.address)
                 if reply["status"] == "unknown-worker":
                     self._register_again()
+                elif reply.get("release"):  # values of clients that are gone
+                    logger.info("freeing %d values whose client is gone", len(reply["release"]))
+                    await self.delete_data(keys=reply["release"])
                 failures = 0
             except (OSError, TimeoutError, CommClosedError) as e:
                 failures += 1

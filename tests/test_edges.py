@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -22,7 +23,9 @@ import pytest
 from conftest import wait_until
 from d3arrow import (KilledWorkerError, LocalCluster, MissingDataError, NotACenterError, Pool,
                      ProtocolError, __version__)
-from d3arrow.core import PEER_TIMEOUT_ENV
+from d3arrow.core import PEER_TIMEOUT_ENV, ConnectionPool
+from d3arrow.eventloop import run
+from d3arrow.security import Security
 from d3arrow.store import SharedStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -369,3 +372,77 @@ def test_log_level_info_tells_start_registration_and_leaving():
         _, log = center.communicate(timeout=30)
     assert "center listening at" in log
     assert "registered worker" in log and "left with its 0 keys" in log
+
+
+# -- names, and values of clients that are gone ------------------------------------------------
+
+def _keys_on(cluster, address):
+    """The keys a worker holds, asked directly (the center may be down)."""
+    async def ask():
+        pool = ConnectionPool(security=Security.from_options(cluster.auth_token))
+        try:
+            return (await pool.rpc(address, timeout=5).keys())["keys"]
+        finally:
+            pool.close()
+    return run(ask())
+
+
+def test_two_clients_naming_a_value_alike_each_keep_their_own():
+    with LocalCluster(n_workers=2, ncores=1) as cluster, \
+            Pool(cluster.center_address) as a, Pool(cluster.center_address) as b:
+        ours = a.scatter({"x": np.arange(10)})
+        assert list(ours) == ["x"]  # Pool.scatter(dict) sends the values, keyed by name
+        b.scatter({"x": np.ones(10)})
+        np.testing.assert_array_equal(a.gather("x"), np.arange(10))
+        np.testing.assert_array_equal(b.gather("x"), np.ones(10))
+        b.close()
+        np.testing.assert_array_equal(ours["x"].get(), np.arange(10))  # not lost with b
+        assert a.apply(lambda v: int(v.sum()), [ours["x"]]).get() == 45
+
+
+@pytest.mark.parametrize("ending", ["returns without close", "is killed"])
+def test_the_values_of_a_client_that_is_gone_are_freed_but_published_ones(ending):
+    with LocalCluster(n_workers=2, ncores=1, heartbeat_interval=0.2,
+                      heartbeat_timeout=1.5) as cluster, \
+            Pool(cluster.center_address) as watcher:
+        end = "os.kill(os.getpid(), signal.SIGKILL)" if ending == "is killed" else ""
+        script = textwrap.dedent(f"""
+            import os, signal, sys
+            import numpy as np
+            from d3arrow import Pool
+            pool = Pool({cluster.center_address!r}, auth_token={cluster.auth_token!r})
+            results = pool.map(lambda i: np.full(1000, i), range(10))
+            named = pool.scatter({{"x": np.arange(5)}})
+            survivor = pool.scatter(["kept for later"])[0]
+            pool.publish("survivor", survivor)
+            print(" ".join(r.key for r in [*results, *named.values()]), flush=True)
+            {end}
+            """)
+        child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                               timeout=60)
+        keys = child.stdout.split()
+        assert len(keys) == 11, child.stderr
+        assert wait_until(lambda: not any(watcher.client.who_has(keys).values()), timeout=20)
+        assert all(_keys_on(cluster, a) == [published_key(watcher)]
+                   for a in cluster.worker_addresses if _keys_on(cluster, a))
+        assert watcher.published("survivor").get() == "kept for later"
+        key = published_key(watcher)
+        watcher.unpublish("survivor")
+        assert wait_until(lambda: not watcher.client.who_has([key])[key], timeout=20)
+
+
+def published_key(pool):
+    return pool.published("survivor").key
+
+
+def test_close_while_the_center_is_down_still_frees_the_values():
+    with LocalCluster(n_workers=2, ncores=1) as cluster:
+        pool = Pool(cluster.center_address)
+        scattered = pool.scatter([np.arange(1000) + i for i in range(10)])
+        results = pool.map(lambda i: np.full(1000, i), range(10))
+        assert sum(len(_keys_on(cluster, a)) for a in cluster.worker_addresses) == 20
+        cluster.center_process.kill()
+        cluster.center_process.wait(timeout=10)
+        pool.close()
+        assert [_keys_on(cluster, a) for a in cluster.worker_addresses] == [[], []]
+        del scattered, results

@@ -136,7 +136,8 @@ def test_workers_come_back_to_a_restarted_center_with_their_keys():
         time.sleep(1.0)  # the workers notice, and back off
         restarted = subprocess.Popen(
             [sys.executable, "-m", "d3arrow.cli.center", "--port", port,
-             "--heartbeat-interval", "0.2"], stdout=subprocess.DEVNULL)
+             "--heartbeat-interval", "0.2"], stdout=subprocess.DEVNULL,
+            env={**os.environ, "D3ARROW_AUTH_TOKEN": cluster.auth_token})
         try:
             def whole_again():
                 try:

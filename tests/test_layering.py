@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d3arrow"
 
 # Lowest first. A module may import modules of lower layers only.
 LAYERS = [
-    {"errors", "addressing", "task", "arena"},
+    {"errors", "addressing", "task", "arena", "keys"},
     {"serialize", "security"},
     {"protocol", "store"},
     {"comm", "eventloop"},
@@ -28,6 +28,11 @@ def concept(path):
     return "cli" if relative.parts[0] == "cli" else relative.stem
 
 
+def _is_module(parts):
+    place = PACKAGE.joinpath(*parts)
+    return place.is_dir() or place.with_suffix(".py").exists()
+
+
 def internal_imports(path):
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
@@ -35,8 +40,9 @@ def internal_imports(path):
             base = list(path.relative_to(PACKAGE).parts[:-1])[: len(path.relative_to(PACKAGE).parts) - node.level]
             if node.module:
                 targets = [base + node.module.split(".")]
-            else:  # from . import name: the names are modules
-                targets = [base + [alias.name] for alias in node.names]
+            else:  # from . import name: a module, or a name of the package itself
+                targets = [base + [alias.name] if _is_module(base + [alias.name])
+                           else base or ["__init__"] for alias in node.names]
             for target in targets:
                 yield "cli" if target[0] == "cli" else target[0]
         elif isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -51,7 +51,7 @@ def test_a_client_without_the_right_token_is_refused_and_runs_nothing(cluster, t
     monkeypatch.delenv(security_module.TOKEN_ENV, raising=False)
     before = _cluster_keys(cluster)
     with pytest.raises(AuthenticationError, match="token"):
-        Pool(cluster.center_address, auth_token=token)
+        Pool(cluster.center_address, auth_token=token or False)  # False: none at all
 
     async def compute_on_a_worker():
         pool = ConnectionPool(security=Security.from_options(token))

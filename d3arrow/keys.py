@@ -1,0 +1,44 @@
+"""Keys, and who owns the value a key names, read from the key itself.
+
+Every client has an owner id (16 hex digits). The keys it makes start with it: ``OWNER-N``
+for results and unnamed scattered values, ``OWNER/NAME`` for values a user named. So two
+clients never share a key by accident, and any process (the center, a worker) can tell
+whose a value is without being told: when its owner is gone, the value can be freed.
+Keys of another form (written by hand to a worker) have no owner and are never freed
+automatically.
+"""
+
+import itertools
+import string
+import uuid
+
+OWNER_CHARS = 16
+_HEX = frozenset(string.hexdigits)
+
+
+def new_owner():
+    return uuid.uuid4().hex[:OWNER_CHARS]
+
+
+class KeyMaker:
+    """Makes the keys of one owner: a counter for results, the user's names scoped."""
+
+    def __init__(self, owner):
+        self.owner = owner
+        self._counter = itertools.count()
+
+    def new(self):
+        return f"{self.owner}-{next(self._counter)}"
+
+    def named(self, name):
+        if not isinstance(name, str):
+            raise TypeError(f"a value's name is a str, not {type(name).__name__} {name!r}")
+        return f"{self.owner}/{name}"
+
+
+def owner_of(key):
+    """The owner id a key starts with, or None for a key of no owner."""
+    if (len(key) > OWNER_CHARS and key[OWNER_CHARS] in "-/"
+            and _HEX.issuperset(key[:OWNER_CHARS])):
+        return key[:OWNER_CHARS]
+    return None
