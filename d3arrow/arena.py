@@ -33,6 +33,7 @@ ALIGNMENT = 64
 CHUNK = 64 * 2**20  # reserve and fault in this much at a time
 PREFAULT_AHEAD = 256 * 2**20  # at most this much faulted in beyond the highest allocation
 MADV_POPULATE_WRITE = 23
+MADV_REMOVE = 9  # free a range of shared pages and their backing store
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -167,6 +168,32 @@ class Arena:
                 self._free[i - 1] = (offset, size)
             else:
                 self._free.insert(i, (offset, size))
+            if offset + size == self.capacity:  # the top is free: memory may go back
+                self._high = offset
+                if self._reserved > self._keep_reserved() + CHUNK and self.fd >= 0:
+                    self._prefault_wanted.set()  # the prefault thread trims
+
+    def _keep_reserved(self):
+        """How far memory stays reserved: the highest allocation and some room ahead."""
+        ahead = min(PREFAULT_AHEAD, max(CHUNK, self._high // 4))
+        return min(self.capacity, _round_up(self._high + ahead, CHUNK))
+
+    def _trim(self):
+        """Give back the reserved memory far above every allocation (a value deleted, a
+        message cut off): reserving it again costs a page fault per page, keeping it a
+        machine's memory held for nothing."""
+        with self._reserve_lock:
+            with self._lock:
+                keep = self._keep_reserved()
+                end = self._reserved
+                if end <= keep + CHUNK:
+                    return
+                self._reserved = keep  # allocations beyond it now wait for the lock above
+            if _libc.madvise(self.address + keep, end - keep, MADV_REMOVE) != 0:
+                logger.info("could not give back %d bytes of shared memory: errno %d",
+                            end - keep, ctypes.get_errno())
+                with self._lock:
+                    self._reserved = max(self._reserved, end)
 
     def _ensure_reserved(self, end):
         if end <= self._reserved or self.fd < 0:
@@ -196,10 +223,9 @@ class Arena:
             # ahead by a quarter of what is in use (a chunk at least): a store that stays
             # small costs little, one that grows is kept ahead, and its footprint beyond
             # what it holds stays bounded
-            ahead = min(PREFAULT_AHEAD, max(CHUNK, self._high // 4))
-            target = min(self.capacity, self._high + ahead)
+            self._trim()
             try:
-                self._ensure_reserved(target)
+                self._ensure_reserved(self._keep_reserved())
             except OSError as e:
                 logger.warning("could not fault in shared memory ahead of use: %s", e)
 

@@ -165,6 +165,7 @@ class Client:
         self.keys = KeyMaker(self.owner)
         self._names = {}  # name a user gave -> our key for it
         self._kept = set()  # keys published: not freed with their RemoteData or on close
+        self._deaths = collections.defaultdict(list)  # key -> workers that died sending it
         self._heartbeat_task = None
         if type(allowed_failures) is not int or allowed_failures < 0:
             raise ValueError(f"allowed_failures must be an integer >= 0, not "
@@ -397,12 +398,26 @@ class Client:
         # small results came back with their computation: rebuild them, fetch the rest
         values = {key: self._inline[key] for key in keys if key in self._inline}
         remote = set(keys) - values.keys()
-        if remote:
+        remade = False
+        while remote - values.keys():
+            deaths = sum(len(self._deaths.get(k, ())) for k in remote)
             try:
-                values.update(await self._fetch(remote))
-            except MissingDataError as e:  # every copy lost: make them again, once
-                await self._remake(e.keys)
                 values.update(await self._fetch(remote - values.keys()))
+            except MissingDataError as e:  # every copy lost: make them again
+                killers = [k for k in e.keys
+                           if len(self._deaths.get(k, ())) > self.allowed_failures]
+                if killers:
+                    died = self._deaths[killers[0]]
+                    raise KilledWorkerError(
+                        f"{killers[0]} was in hand each time a worker died sending it: it "
+                        f"killed {len(died)} workers ({', '.join(died)}); with "
+                        f"allowed_failures={self.allowed_failures} it is not made "
+                        f"again") from None
+                # once, or again while holders die sending (bounded by allowed_failures)
+                if remade and sum(len(self._deaths.get(k, ())) for k in remote) == deaths:
+                    raise
+                remade = True
+                await self._remake(e.keys)
         return [values[key] for key in keys]
 
     async def _fetch(self, keys):
@@ -415,10 +430,10 @@ class Client:
             plan = collections.defaultdict(list)
             for key in keys - values.keys():
                 holders = self._reachable(self._where.get(key, ()))
-                if holders:
-                    plan[holders[0]].append(key)
+                if holders:  # a value whose holder died sending it travels alone
+                    plan[holders[0], key if self._deaths.get(key) else None].append(key)
             replies = await asyncio.gather(*(
-                self._get_data(address, ks) for address, ks in plan.items()))
+                self._get_data(address, ks) for (address, _), ks in plan.items()))
             for reply in replies:
                 values.update(reply)
             missing = keys - values.keys()
@@ -435,8 +450,12 @@ class Client:
         async def receive(value, peer):
             return load(value, peer=peer)
 
+        def died(address, keys):
+            for key in keys:
+                self._deaths[key].append(address)
+
         return await get_data(self.pool, address, keys, host=self.host, receive=receive,
-                              timeout=self.timeout, on_failure=self._failed)
+                              timeout=self.timeout, on_failure=self._failed, on_death=died)
 
     def _failed(self, address):
         """``address`` could not be reached: leave it out until the center drops it."""

@@ -10,6 +10,7 @@ high-water mark, so bytes in flight stay bounded.
 import asyncio
 import collections
 import logging
+import os
 import socket
 import time
 import weakref
@@ -26,6 +27,13 @@ CONNECT_TIMEOUT = 10.0
 MAX_QUEUED_MESSAGES = 16  # received but not yet taken by recv(): stop reading beyond this
 SCRATCH_AFTER_REFUSAL = 4096
 HANG_UP_SECONDS = 2.0  # after our last words, how long the peer has to hang up itself
+STALL_ENV = "D3ARROW_STALL_TIMEOUT"
+
+
+def stall_timeout():
+    """Seconds a server lets a connection sit mid-message (or before its first message)
+    without a byte before closing it (default 30): a stalled peer holds no memory for long."""
+    return float(os.environ.get(STALL_ENV) or 30.0)
 
 
 class _FramedProtocol(asyncio.BufferedProtocol):
@@ -55,6 +63,8 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         self.comm = None
         self.failure = None  # why we hung up, when the peer's bytes made no sense
         self.last_heard = time.monotonic()  # the peer's last bytes (or drain) arrived then
+        self._stall_timer = None
+        self._heard_a_message = False
 
     def connection_made(self, transport):
         self.transport = transport
@@ -62,6 +72,9 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.comm = Comm(self)
+        if self._server_side:
+            self._stall_seconds = stall_timeout()
+            self._check_stall()
         if self._token is None:
             self._become_ready()
         elif self._server_side:
@@ -149,6 +162,29 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         else:
             self.transport.close()
 
+    def _check_stall(self):
+        """Server side: close a connection stalled mid-message, or silent from the start.
+
+        Between whole messages a connection may idle (clients pool them); a partial
+        message holds memory, and a stalled one would hold it for good.
+        """
+        if self.transport.is_closing():
+            return
+        quiet = time.monotonic() - self.last_heard
+        partial = (not self._heard_a_message
+                   or (self._reader is not None and not self._reader.between_messages))
+        if self._paused_reading:  # we stopped reading, not the peer sending
+            partial, self.last_heard = False, time.monotonic()
+        if partial and quiet >= self._stall_seconds:
+            logger.warning("closing connection from %s: %s for %.0f s", self.comm.peer_address,
+                           "stalled mid-message" if self._heard_a_message else
+                           "no message", quiet)
+            self.transport.abort()
+            return
+        self._stall_timer = asyncio.get_running_loop().call_later(
+            max(self._stall_seconds - quiet, 0.05) if partial else self._stall_seconds,
+            self._check_stall)
+
     def _become_ready(self):
         self._handshake = None
         if self._handshake_timer is not None:
@@ -191,6 +227,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
                 self.transport.abort()
             return
         if messages:
+            self._heard_a_message = True
             self._inbox.extend(messages)
             if len(self._inbox) >= MAX_QUEUED_MESSAGES and not self._paused_reading:
                 self._paused_reading = True
@@ -204,6 +241,8 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         self._reader = None  # a message cut off mid-way: its buffers go now, not at next GC
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
         if not self.ready.done():
             self._handshake = None
             self.ready.set_exception(CommClosedError(

@@ -117,6 +117,11 @@ class MessageReader:
         self._direct = False
         self._start_message()
 
+    @property
+    def between_messages(self):
+        """Whether no message is partly received."""
+        return self._stage == "prefix" and self._filled == 0
+
     def get_buffer(self):
         remaining = len(self._target) - self._filled
         self._direct = remaining >= SCRATCH_BYTES
@@ -159,15 +164,24 @@ class MessageReader:
                 raise ProtocolError(f"{n} payloads announced (limit {MAX_PAYLOADS})")
             self._n = n
             self._stage = "head"
-            self._set_target(bytearray(8 * n + header_len))
+            self._head_parts, self._head_left = [], 8 * n + header_len
+            self._next_head_part()
         elif self._stage == "head":
+            self._head_parts.append(self._target.obj)
+            self._head_left -= len(self._target)
+            if self._head_left:
+                self._next_head_part()
+                return
             n = self._n
-            lengths = struct.unpack_from(f"<{n}Q", self._target)
+            parts = self._head_parts
+            head = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+            self._head_parts = None
+            lengths = struct.unpack_from(f"<{n}Q", head)
             total = sum(lengths)
             if total > self._max_payload:
                 raise ProtocolError(f"{total} payload bytes announced (limit {self._max_payload})")
             try:
-                self._header, self._values = loads_header(self._target[8 * n:], n)
+                self._header, self._values = loads_header(head[8 * n:], n)
             except ProtocolError as e:
                 self._header, self._values = e, []
             self._buffers = self._allocate(self._values, lengths)
@@ -175,6 +189,14 @@ class MessageReader:
             self._next_payload(done)
         else:
             self._next_payload(done)
+
+    def _next_head_part(self):
+        """Take memory for the header as its bytes come: an announced size costs nothing.
+
+        Parts double in size, so joining them copies the header about once more.
+        """
+        received = sum(map(len, self._head_parts))
+        self._set_target(bytearray(min(self._head_left, max(SCRATCH_BYTES, received))))
 
     def _next_payload(self, done):
         self._index += 1

@@ -403,18 +403,24 @@ def session_token(peer):
     return _sessions.token(peer)
 
 
-async def get_data(pool, address, keys, *, host, receive, timeout=None, on_failure=None):
+async def get_data(pool, address, keys, *, host, receive, timeout=None, on_failure=None,
+                   on_death=None):
     """``{key: received}`` from the worker at ``address``, through shared memory if it can.
 
     Asks with our ``host`` (and our session with its store, if any), so a co-located worker
     answers with references; ``receive(serialized, address)`` turns each answer into what
     the caller keeps. A reference whose memory's owner is gone is asked for again as bytes.
     A worker that cannot be reached gives nothing (logged, and ``on_failure(address)``):
-    callers try other holders.
+    callers try other holders. One that died with our request in hand is also told to
+    ``on_death(address, keys)``: a value may kill its holder as it is serialized.
     """
     rpc = pool.rpc(address, timeout=timeout)
+    sent = []
     try:
-        reply = await rpc.get_data(keys=keys, host=host, session=session_token(address))
+        reply = await pool.request(
+            address, {"op": "get_data", "keys": keys, "host": host,
+                      "session": session_token(address)},
+            timeout=timeout, on_sent=lambda: sent.append(True))
         received, gone = {}, []
         for key, value in reply["data"].items():
             try:
@@ -432,6 +438,8 @@ async def get_data(pool, address, keys, *, host, receive, timeout=None, on_failu
         logger.warning("could not get %d keys from %s: %s", len(keys), address, e)
         if on_failure is not None:
             on_failure(address)
+        if sent and on_death is not None:
+            on_death(address, keys)
         return {}
     return received
 

@@ -9,6 +9,7 @@ import http.server
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import threading
 import time
 
 import cloudpickle
+import msgpack
 import numpy as np
 import psutil
 import pytest
@@ -23,8 +25,10 @@ import pytest
 from conftest import wait_until
 from d3arrow import (KilledWorkerError, LocalCluster, MissingDataError, NotACenterError, Pool,
                      ProtocolError, __version__)
+from d3arrow.comm import STALL_ENV
 from d3arrow.core import PEER_TIMEOUT_ENV, ConnectionPool
 from d3arrow.eventloop import run
+from d3arrow.protocol import MAX_HEADER_BYTES, PREFIX, SERIALIZED_EXT
 from d3arrow.security import Security
 from d3arrow.store import SharedStore
 
@@ -446,3 +450,68 @@ def test_close_while_the_center_is_down_still_frees_the_values():
         pool.close()
         assert [_keys_on(cluster, a) for a in cluster.worker_addresses] == [[], []]
         del scattered, results
+
+
+def _stalled(address, frame):
+    """A connection that sends the start of a message, then nothing."""
+    host, port = address.rsplit(":", 1)
+    conn = socket.create_connection((host, int(port)), timeout=10)
+    conn.sendall(frame)
+    return conn
+
+
+def _closed_by_peer(conn):
+    try:
+        return conn.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_stalled_frames_hold_no_memory_and_are_closed(monkeypatch):
+    monkeypatch.setenv(STALL_ENV, "3")  # the servers' (and ours)
+    with LocalCluster(n_workers=1, ncores=1, auth_token=False) as cluster, \
+            Pool(cluster.center_address) as pool:
+        (worker,) = cluster.worker_addresses
+        center = psutil.Process(cluster.center_process.pid)
+        rss_before = center.memory_info().rss
+        huge_header = PREFIX.pack(MAX_HEADER_BYTES, 0)  # 64 MiB announced, never sent
+        headers = [_stalled(cluster.center_address, huge_header) for _ in range(16)]
+        # a 1 GiB tensor announced to the worker's store, twice, never sent either
+        value = msgpack.ExtType(SERIALIZED_EXT, msgpack.packb([{"kind": "tensor"}, 0, 1]))
+        head = msgpack.packb({"op": "update_data", "data": {"x": value}})
+        tensor = PREFIX.pack(len(head), 1) + struct.pack("<Q", 2**30) + head
+        reserved_before = pool.store_info()[worker]["reserved"]
+        tensors = [_stalled(worker, tensor) for _ in range(2)]
+        try:
+            assert wait_until(lambda: pool.store_info()[worker]["reserved"]
+                              >= reserved_before + 2 * 2**30)  # the store took the space
+            assert center.memory_info().rss - rss_before < 16 * 2**20  # taken as bytes come
+            assert pool.center == cluster.center_address and pool.gather(pool.map(abs, [-1]))
+            for conn in headers + tensors:  # closed by the servers once stalled for 3 s
+                conn.settimeout(15)
+                assert _closed_by_peer(conn)
+            assert wait_until(lambda: pool.store_info()[worker]["reserved"]
+                              <= reserved_before + 64 * 2**20, timeout=10)  # given back
+            assert pool.store_info()[worker]["used"] == 0
+        finally:
+            for conn in headers + tensors:
+                conn.close()
+
+
+class _Bomb:
+    """Kills the process that pickles it: its holder, when a client asks for it."""
+
+    def __reduce__(self):
+        os._exit(1)
+
+
+def test_a_value_that_kills_its_holder_when_sent_is_given_up():
+    with LocalCluster(n_workers=3, ncores=1, heartbeat_interval=0.2,
+                      heartbeat_timeout=2) as cluster, \
+            Pool(cluster.center_address, allowed_failures=1) as pool:
+        bomb = pool.apply(_Bomb)
+        fine = pool.apply(_big, [3])
+        with pytest.raises(KilledWorkerError, match=f"{bomb.key} .*killed 2 workers"):
+            bomb.get(timeout=60)  # made again from its lineage once, then given up
+        assert wait_until(lambda: sorted(_alive(cluster)) == [False, False, True])
+        np.testing.assert_array_equal(fine.get(timeout=60), _big(3))
