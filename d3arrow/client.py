@@ -192,7 +192,7 @@ class Client:
         try:
             self.sync(self._check_center)
         except BaseException:
-            self.close()
+            self.close(free=False)  # nothing of ours is out there to free
             raise
 
     # -- running coroutines --------------------------------------------------------------------
@@ -769,12 +769,13 @@ class Client:
 
     # -- lifetime ------------------------------------------------------------------------------
 
-    def close(self):
+    def close(self, *, free=True):
         """Free the values this client made, close connections, stop an owned cluster."""
         if self.closed:
             return
         try:
-            self._loop.run(self._close(), timeout=self.timeout)
+            self._loop.run(self._close() if free else self._close_connections(),
+                           timeout=self.timeout)
         except Exception as e:
             logger.warning("could not free this client's values on close: %s", e)
         finally:
@@ -782,6 +783,9 @@ class Client:
             self._loop.stop()
             if self.cluster is not None:
                 self.cluster.close()
+
+    async def _close_connections(self):
+        self.pool.close()
 
     async def _close(self):
         self._apply_drops()

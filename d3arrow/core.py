@@ -17,7 +17,7 @@ import os
 import time
 import traceback
 
-from .comm import CONNECT_TIMEOUT, Listener, connect
+from .comm import CONNECT_TIMEOUT, Listener, connect, stall_timeout
 from .protocol import allocate_buffers
 from .security import NO_SECURITY
 from . import errors
@@ -107,6 +107,7 @@ class Server:
         self.draining = False
         self._waiting = set()  # connections waiting for their next request
         self._in_flight = 0  # requests being handled
+        self._reply_silence = stall_timeout()
 
     async def listen(self, host="127.0.0.1", port=0):
         self.address = await self.listener.start(host, port)
@@ -122,8 +123,8 @@ class Server:
             self._in_flight += 1
             try:
                 reply = await self.handle_message(msg)
-                try:
-                    await comm.send(reply)
+                try:  # a requester that stops reading our reply is gone too
+                    await comm.send(reply, silence=self._reply_silence)
                 except CommClosedError:
                     await self.undelivered(reply)
                     raise

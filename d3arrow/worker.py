@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .comm import connect
+from .comm import CONNECT_TIMEOUT, connect
 from .core import (DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, RecentFailures,
                    Server, error_reply, log_failure, peer_timeout)
 from .errors import CommClosedError
@@ -63,9 +63,10 @@ class Worker(Server):
         self.nbytes = {}
         self.shared = {}
         self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix="d3arrow-compute")
-        self.pool = ConnectionPool(allocate=allocate, security=security)  # center and peers
-        self.heartbeat_interval = HEARTBEAT_INTERVAL
         self.peer_timeout = peer_timeout()  # a peer silent this long is skipped
+        self.pool = ConnectionPool(allocate=allocate, security=security,  # center and peers
+                                   connect_timeout=min(self.peer_timeout, CONNECT_TIMEOUT))
+        self.heartbeat_interval = HEARTBEAT_INTERVAL
         self._fetching = {}  # key -> task fetching it, so concurrent needs share one transfer
         self._updates_comm = None  # a connection to the center for add/remove_keys only
         self._updates_pending = collections.deque()  # their answers, in order
@@ -176,7 +177,7 @@ class Worker(Server):
                 comm = await self._open_updates_link()
             answered = asyncio.get_running_loop().create_future()
             self._updates_pending.append(answered)
-            await comm.send(msg)
+            await comm.send(msg, silence=DEFAULT_TIMEOUT)
         except (OSError, TimeoutError, CommClosedError) as e:
             logger.warning("could not tell center %s of %d keys: %s", self.center, len(keys), e)
             return

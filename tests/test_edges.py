@@ -515,3 +515,18 @@ def test_a_value_that_kills_its_holder_when_sent_is_given_up():
             bomb.get(timeout=60)  # made again from its lineage once, then given up
         assert wait_until(lambda: sorted(_alive(cluster)) == [False, False, True])
         np.testing.assert_array_equal(fine.get(timeout=60), _big(3))
+
+
+def test_a_map_whose_stolen_calls_need_a_frozen_workers_values_finishes(monkeypatch):
+    monkeypatch.setenv(PEER_TIMEOUT_ENV, "1.5")
+    with LocalCluster(n_workers=2, ncores=1, heartbeat_interval=0.2,
+                      heartbeat_timeout=3) as cluster, Pool(cluster.center_address) as pool:
+        a, _ = cluster.worker_addresses
+        inputs = pool.map(_big, range(8), workers=[a])
+        frozen = cluster.worker_processes[0]
+        frozen.send_signal(signal.SIGSTOP)
+        try:  # the calls queue on a; b steals some and fetches from a, which says nothing
+            lengths = pool.map(lambda v: len(v) + int(v[0] * 0), inputs, timeout=60)
+            assert pool.gather(lengths, timeout=60) == [50_000] * 8
+        finally:
+            frozen.send_signal(signal.SIGCONT)
