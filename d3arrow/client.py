@@ -408,11 +408,8 @@ class Client:
                            if len(self._deaths.get(k, ())) > self.allowed_failures]
                 if killers:
                     died = self._deaths[killers[0]]
-                    raise KilledWorkerError(
-                        f"{killers[0]} was in hand each time a worker died sending it: it "
-                        f"killed {len(died)} workers ({', '.join(died)}); with "
-                        f"allowed_failures={self.allowed_failures} it is not made "
-                        f"again") from None
+                    raise KilledWorkerError.after(f"{killers[0]} (a value being sent)", died,
+                                                  self.allowed_failures) from None
                 # once, or again while holders die sending (bounded by allowed_failures)
                 if remade and sum(len(self._deaths.get(k, ())) for k in remote) == deaths:
                     raise
@@ -579,11 +576,9 @@ class Client:
                     if sent:
                         died.append(address)
                     if len(died) > self.allowed_failures:
-                        raise KilledWorkerError(
-                            f"remaking {', '.join(k for k, _, _ in calls)} from its lineage: "
-                            f"the call was in hand each time a worker died; it killed "
-                            f"{len(died)} workers ({', '.join(died)}), with allowed_failures="
-                            f"{self.allowed_failures} no other worker is handed it") from None
+                        raise KilledWorkerError.after(
+                            f"remaking {', '.join(k for k, _, _ in calls)} from its lineage",
+                            died, self.allowed_failures) from None
             await self._sync_ncores()
             candidates = self._reachable(list(self.ncores))
         raise CommClosedError("no live worker could compute the lost values again")

@@ -78,6 +78,13 @@ class KilledWorkerError(D3ArrowError):
     is handed to no other.
     """
 
+    @classmethod
+    def after(cls, what, workers, allowed_failures):
+        """The error for ``what`` (a call, a value) that killed each of ``workers``."""
+        return cls(f"{what} was in hand each time a worker died: it killed {len(workers)} "
+                   f"workers ({', '.join(workers)}); with allowed_failures={allowed_failures} "
+                   f"no other worker is handed it")
+
 
 class NotACenterError(D3ArrowError, ConnectionError):
     """The address given as a center answered as something else (or not at all)."""

@@ -296,22 +296,18 @@ class Deaths:
     def __init__(self, allowed, name):
         self.allowed = allowed
         self.name = name
-        self.count = collections.Counter()
-        self.workers = collections.defaultdict(list)
+        self.workers = collections.defaultdict(list)  # call -> workers that died with it
         self.suspects = set()
 
     def record(self, indices, address):
         """Count a death for each call; ``{index: KilledWorkerError}`` for those given up."""
         given_up = {}
         for index in indices:
-            self.count[index] += 1
             self.workers[index].append(address)
             self.suspects.add(index)
-            if self.count[index] > self.allowed:
-                given_up[index] = KilledWorkerError(
-                    f"a call of {self.name} was in hand each time a worker died: it killed "
-                    f"{self.count[index]} workers ({', '.join(self.workers[index])}); with "
-                    f"allowed_failures={self.allowed} no other worker is handed it")
+            if len(self.workers[index]) > self.allowed:
+                given_up[index] = KilledWorkerError.after(
+                    f"a call of {self.name}", self.workers[index], self.allowed)
         return given_up
 
 

@@ -4,6 +4,7 @@ errors a worker reports, vanished clients, names two clients share.
 Each test runs its own cluster of real processes, since it breaks it.
 """
 
+import collections
 import gc
 import http.server
 import os
@@ -24,7 +25,7 @@ import pytest
 
 from conftest import wait_until
 from d3arrow import (KilledWorkerError, LocalCluster, MissingDataError, NotACenterError, Pool,
-                     ProtocolError, __version__)
+                     ProtocolError, RemoteError, __version__)
 from d3arrow.comm import STALL_ENV
 from d3arrow.core import PEER_TIMEOUT_ENV, ConnectionPool
 from d3arrow.eventloop import run
@@ -109,6 +110,21 @@ def test_a_lineage_recomputation_that_kills_its_worker_is_given_up(tmp_path):
 
 # -- an error a worker reports is not the worker dying ----------------------------------------
 
+def test_a_worker_that_cannot_reach_the_center_is_not_blamed_for_it():
+    with LocalCluster(n_workers=2, ncores=1, heartbeat_timeout=60) as cluster, \
+            Pool(cluster.center_address) as pool:
+        a, b = cluster.worker_addresses
+        (x,) = pool.scatter([_big(1)], workers=[a])
+        for process in (cluster.worker_processes[0], cluster.center_process):
+            process.kill()
+            process.wait(timeout=10)
+        # b finds a gone and asks the center, which is gone too: b reports that
+        with pytest.raises(RemoteError, match="cannot connect to"):
+            pool.apply(len, [x], workers=[b])
+        assert b not in pool.client._unreachable.recent()  # b did nothing wrong
+        assert pool.apply(abs, [-3], workers=[b]).get() == 3
+
+
 def test_an_os_error_raised_by_user_code_is_that_calls_error_not_a_dead_worker():
     def database(i):
         if i == 3:
@@ -173,26 +189,29 @@ def test_a_center_that_was_frozen_does_not_drop_its_live_workers():
 
 # -- the client itself -----------------------------------------------------------------------
 
-def test_garbage_collections_at_any_moment_never_deadlock_the_client():
+class _CollectingCounter(collections.Counter):
+    """Reference counts that force a garbage collection whenever one is counted."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        gc.collect()
+
+
+def test_garbage_collections_while_references_are_counted_never_deadlock_the_client():
     """RemoteData in reference cycles are freed by the cyclic collector, which may run in
-    any thread at any allocation: also while the client counts references."""
+    any thread at any allocation: here, at the very moment the client counts a reference."""
     with LocalCluster(n_workers=1, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        pool.client._refcount = _CollectingCounter(pool.client._refcount)
         outcome = {}
 
         def churn():
-            old = gc.get_threshold()
-            gc.set_threshold(1, 1, 1)  # a collection at nearly every allocation
-            try:
-                for _ in range(20):
-                    values = pool.scatter(list(range(50)))
-                    for value in values[::2]:  # half of them in cycles, for the collector
-                        cycle = [value]
-                        cycle.append(cycle)
-                    del values, value, cycle
-                    pool.client.sync(_collect_on_the_loop)  # and on the loop thread too
-                outcome["done"] = True
-            finally:
-                gc.set_threshold(*old)
+            for _ in range(10):
+                values = pool.scatter(list(range(20)))
+                for value in values[::2]:  # half of them in cycles, for the collector
+                    cycle = [value]
+                    cycle.append(cycle)
+                del values, value, cycle
+            outcome["done"] = True
 
         thread = threading.Thread(target=churn, daemon=True)
         thread.start()
@@ -200,10 +219,6 @@ def test_garbage_collections_at_any_moment_never_deadlock_the_client():
         assert outcome.get("done"), "the client deadlocked"
         gc.collect()
         assert wait_until(lambda: not any(pool.client.has_what().values()))  # all freed
-
-
-async def _collect_on_the_loop():
-    gc.collect()
 
 
 # -- a Pool pointed at something else ---------------------------------------------------------
