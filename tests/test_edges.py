@@ -389,6 +389,7 @@ def test_log_level_info_tells_start_registration_and_leaving():
     finally:
         center.terminate()
         _, log = center.communicate(timeout=30)
+    assert "warning: no auth token: any user of this machine" in log
     assert "center listening at" in log
     assert "registered worker" in log and "left with its 0 keys" in log
 
@@ -545,3 +546,38 @@ def test_a_map_whose_stolen_calls_need_a_frozen_workers_values_finishes(monkeypa
             assert pool.gather(lengths, timeout=60) == [50_000] * 8
         finally:
             frozen.send_signal(signal.SIGCONT)
+
+
+def test_a_client_does_not_abandon_a_busy_worker_a_restarted_center_forgot():
+    with LocalCluster(n_workers=2, ncores=1, heartbeat_interval=1.0) as cluster, \
+            Pool(cluster.center_address) as pool:
+        a, _ = cluster.worker_addresses
+        pending = pool.apply_async(lambda: time.sleep(8) or 7, workers=[a])
+        time.sleep(0.5)  # the call runs on a
+        port = cluster.center_address.rsplit(":", 1)[1]
+        cluster.center_process.kill()
+        cluster.center_process.wait(timeout=10)
+        time.sleep(2.5)  # the workers' heartbeats fail and back off
+        restarted = subprocess.Popen(  # knows no worker until they register again
+            [sys.executable, "-m", "d3arrow.cli.center", "--port", port],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "D3ARROW_AUTH_TOKEN": cluster.auth_token})
+        try:
+            assert pending.get(timeout=60).get() == 7  # waited on a, which answered
+            assert a not in pool.client._unreachable.recent()
+        finally:
+            restarted.terminate()
+            restarted.wait(timeout=10)
+
+
+def test_an_embedded_cluster_is_private_by_default():
+    with LocalCluster(n_workers=1, ncores=1) as cluster:
+        assert cluster.auth_token  # made up for this cluster
+        with Pool(cluster.center_address) as pool:  # this process knows it
+            assert pool.apply(abs, [-2]).get() == 2
+        script = f"from d3arrow import Pool; Pool({cluster.center_address!r})"
+        stranger = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                  text=True, timeout=60,
+                                  env={k: v for k, v in os.environ.items()
+                                       if k != "D3ARROW_AUTH_TOKEN"})
+        assert stranger.returncode != 0 and "AuthenticationError" in stranger.stderr
