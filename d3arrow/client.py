@@ -29,8 +29,9 @@ from .eventloop import LoopThread
 from .keys import KeyMaker, new_owner
 from .security import TOKEN_ENV, Security
 from .serialize import serialize
-from .store import get_data, host_id, load
+from .store import host_id, load
 from .task import KeyRef, find_leaves, map_leaves
+from .transfer import get_data
 
 logger = logging.getLogger(__name__)
 

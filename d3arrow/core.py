@@ -198,6 +198,30 @@ def log_failure(what):
     return callback
 
 
+class Tasks:
+    """The background tasks of one server or client: it cancels them all on close.
+
+    A task that fails is logged (nobody awaits it); one that finishes is forgotten.
+    """
+
+    def __init__(self):
+        self._tasks = set()
+
+    def spawn(self, coro, what):
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(log_failure(what))
+        return task
+
+    async def close(self):
+        """Cancel every task and wait for them to end."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class RecentFailures:
     """Addresses that failed us lately: they may have died, so leave them out for a while.
 

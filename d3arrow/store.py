@@ -16,7 +16,6 @@ Abstract sockets vanish with their process and are scoped to a network namespace
 processes in different namespaces never mistake each other for co-located.
 """
 
-import asyncio
 import itertools
 import logging
 import mmap
@@ -33,7 +32,6 @@ import numpy as np
 import pyarrow as pa
 
 from .arena import Arena, ArenaFull
-from .errors import CommClosedError
 from .serialize import Serialized, deserialize, is_shareable, serialize_into
 
 logger = logging.getLogger(__name__)
@@ -398,50 +396,23 @@ def _same_user(conn):
     return uid in (os.getuid(), 0)
 
 
+def open_session(socket_name):
+    """Open this process's session with the store ``socket_name`` if it has none (this
+    blocks on the owner: call it off the event loop). SharedDataGone if it cannot be."""
+    try:
+        _sessions._get(socket_name)
+    except OSError as e:
+        raise SharedDataGone(f"shared store {socket_name} cannot be reached: {e}") from None
+
+
+def has_session(socket_name):
+    session = _sessions._sessions.get(socket_name)
+    return session is not None and session.alive
+
+
 def session_token(peer):
     """The token of our session with ``peer``'s store, if we have one (else None)."""
     return _sessions.token(peer)
-
-
-async def get_data(pool, address, keys, *, host, receive, timeout=None, on_failure=None,
-                   on_death=None):
-    """``{key: received}`` from the worker at ``address``, through shared memory if it can.
-
-    Asks with our ``host`` (and our session with its store, if any), so a co-located worker
-    answers with references; ``receive(serialized, address)`` turns each answer into what
-    the caller keeps. A reference whose memory's owner is gone is asked for again as bytes.
-    A worker that cannot be reached gives nothing (logged, and ``on_failure(address)``):
-    callers try other holders. One that died with our request in hand is also told to
-    ``on_death(address, keys)``: a value may kill its holder as it is serialized.
-    """
-    rpc = pool.rpc(address, timeout=timeout)
-    sent = []
-    try:
-        reply = await pool.request(
-            address, {"op": "get_data", "keys": keys, "host": host,
-                      "session": session_token(address)},
-            timeout=timeout, on_sent=lambda: sent.append(True))
-        received, gone = {}, []
-        for key, value in reply["data"].items():
-            try:
-                if value.meta.get("kind") == "shm":  # connecting may block: not on the loop
-                    await _sessions.open_off_loop(value.meta["socket"])
-                received[key] = await receive(value, address)
-            except SharedDataGone as e:
-                logger.info("shared memory of %r unavailable (%s): asking for bytes", key, e)
-                gone.append(key)
-        if gone:
-            reply = await rpc.get_data(keys=gone)
-            for key, value in reply["data"].items():
-                received[key] = await receive(value, address)
-    except CommClosedError as e:
-        logger.warning("could not get %d keys from %s: %s", len(keys), address, e)
-        if on_failure is not None:
-            on_failure(address)
-        if sent and on_death is not None:
-            on_death(address, keys)
-        return {}
-    return received
 
 
 class _Session:
@@ -545,16 +516,6 @@ class _Sessions:
             gone = [name for name, s in self._sessions.items() if s.owner_gone()]
             for name in gone:
                 self._sessions.pop(name).close()
-
-    async def open_off_loop(self, socket_name):
-        """Open the session with an owner, if need be, in a thread: SharedDataGone if not."""
-        session = self._sessions.get(socket_name)
-        if session is not None and session.alive:
-            return
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self._get, socket_name)
-        except OSError as e:
-            raise SharedDataGone(f"shared store {socket_name} cannot be reached: {e}") from None
 
     def _get(self, socket_name):
         with self._lock:

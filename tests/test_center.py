@@ -43,7 +43,7 @@ async def test_silent_worker_is_dropped_with_its_keys(center, workers, pool):
     silent, alive = workers
     rpc = pool.rpc(center.address)
     await rpc.add_keys(address=silent.address, keys=["only-here"])
-    silent._heartbeat_task.cancel()  # the worker stops heartbeating, as if hung or dead
+    silent.link.heartbeats.cancel()  # the worker stops heartbeating, as if hung or dead
     for _ in range(100):
         await asyncio.sleep(0.05)
         if silent.address not in (await rpc.ncores())["ncores"]:
@@ -57,8 +57,7 @@ async def test_forgotten_worker_registers_again_with_its_keys(center, workers, p
     (worker,) = workers
     rpc = pool.rpc(center.address)
     await pool.rpc(worker.address).update_data(data={})  # nothing: just a live request
-    worker.data["kept"] = 1
-    worker.nbytes["kept"] = 28
+    worker.values.put("kept", 1)
     await rpc.unregister(address=worker.address)  # as after a center restart
     for _ in range(100):
         await asyncio.sleep(0.05)

@@ -11,9 +11,11 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d3arrow"
 LAYERS = [
     {"errors", "addressing", "task", "arena", "keys"},
     {"serialize", "security"},
-    {"protocol", "store"},
+    {"protocol", "store", "values"},
     {"comm", "eventloop"},
     {"core"},
+    {"transfer", "center_link"},
+    {"fetching"},
     {"center", "worker", "cluster"},
     {"client"},
     {"pool"},

@@ -30,10 +30,10 @@ async def test_fetch_from_a_colocated_peer_is_a_view_of_its_memory(center, worke
     a, b = workers
     array = np.random.default_rng(0).random(1_000_000)
     await pool.rpc(a.address).update_data(data={"x": serialize(array)})
-    assert a.shared["x"]["kind"] == "shm"  # received over TCP straight into a's store
+    assert a.values.ref_meta("x")["kind"] == "shm"  # received over TCP straight into a's store
     used_before = a.store.info()["used"]
     await pool.rpc(b.address).fetch(keys=["x"])
-    view = b.data["x"]
+    view = b.values["x"]
     session = _sessions._sessions[a.store.socket_name]
     assert session.address <= view.ctypes.data < session.address + len(session.mmap)
     assert not view.flags.writeable
@@ -46,7 +46,7 @@ async def test_fetch_from_a_colocated_peer_is_a_view_of_its_memory(center, worke
     gc.collect()
     await pool.rpc(a.address).update_data(data={f"y{i}": serialize(np.zeros(1_000_000))
                                                 for i in range(3)})
-    np.testing.assert_array_equal(b.data["x"], array)
+    np.testing.assert_array_equal(b.values["x"], array)
 
     # the reader drops it: the pin goes and the owner's memory is free for reuse
     await pool.rpc(b.address).delete_data(keys=["x"])
@@ -65,8 +65,8 @@ async def test_results_are_copied_into_the_store_once(center, workers, pool):
     await pool.rpc(a.address).compute(
         function=serialize(lambda: np.ones(2**20)),
         keys=["r"], args=serialize([()]))
-    assert a.shared["r"]["kind"] == "shm"
-    assert "/memfd:d3arrow-store" in mapping_of(a.data["r"].ctypes.data)
+    assert a.values.ref_meta("r")["kind"] == "shm"
+    assert "/memfd:d3arrow-store" in mapping_of(a.values["r"].ctypes.data)
     assert a.store.info()["used"] >= 2**20 * 8
 
 

@@ -47,7 +47,7 @@ async def test_compute_fetches_inputs_from_two_other_workers(center, workers, po
         **calls(task("z", KeyRef("x"), KeyRef("y"), needed=["x", "y"])))
     (result,) = reply["results"]
     assert result["status"] == "OK" and result["nbytes"] == 8000 and result["type"] == "ndarray"
-    np.testing.assert_array_equal(c.data["z"], np.full(1000, 5.0))
+    np.testing.assert_array_equal(c.values["z"], np.full(1000, 5.0))
     # the replicas were reported to the center before c replied
     who_has = (await pool.rpc(center.address).who_has(keys=["x", "y", "z"]))["who_has"]
     assert sorted(who_has["x"]) == sorted([a.address, c.address])
@@ -63,7 +63,7 @@ async def test_keyrefs_nested_in_lists_and_kwargs(center, workers, pool):
         function=serialize(lambda xs, scale: sum(xs) * scale),
         **calls(task("s", [KeyRef("p"), KeyRef("q"), 3], needed=["p", "q"], scale=KeyRef("q"))))
     assert reply["results"][0]["status"] == "OK"
-    assert b.data["s"] == 12
+    assert b.values["s"] == 12
 
 
 @gen_cluster(n_workers=1)
@@ -73,7 +73,7 @@ async def test_missing_input_is_reported_by_key(center, workers, pool):
         function=serialize(len), **calls(task("r", KeyRef("ghost"), needed=["ghost"])))
     assert reply["results"][0] == {"key": "r", "status": "missing-data", "keys": ["ghost"],
                                    "unreachable": []}
-    assert "r" not in w.data
+    assert "r" not in w.values
 
 
 @gen_cluster(n_workers=1)
@@ -89,7 +89,7 @@ async def test_user_exception_carries_its_traceback(center, workers, pool):
     error = rebuild_error(result)
     assert isinstance(error, ZeroDivisionError) and "in broken" in error.__cause__.text
     reply = await pool.rpc(w.address).compute(function=serialize(abs), **calls(task("ok", -1)))
-    assert w.data["ok"] == 1  # the worker goes on
+    assert w.values["ok"] == 1  # the worker goes on
 
 
 @gen_cluster(n_workers=1)
@@ -130,4 +130,4 @@ async def test_concurrent_needs_share_one_transfer(center, workers, pool):
         function=serialize(np.sum), **calls(task(f"s{i}", KeyRef("x"), needed=["x"])))
         for i in range(5)))
     assert served == [["x"]]
-    assert [b.data[f"s{i}"] for i in range(5)] == [10.0] * 5
+    assert [b.values[f"s{i}"] for i in range(5)] == [10.0] * 5

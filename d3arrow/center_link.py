@@ -1,0 +1,172 @@
+"""A worker's link to its center: registration, heartbeats, and key updates in order.
+
+Updates (``add_keys`` / ``remove_keys``) travel over one connection kept for them and are
+written at once: an update made before a worker's reply to a caller reaches the center
+first, with no round trip in between; their answers are read in order in the background.
+Heartbeats go over pooled connections, back off while the center is away, and bring back
+the keys of vanished clients the worker should free.
+"""
+
+import asyncio
+import collections
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+from .comm import connect
+from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Tasks
+from .errors import CommClosedError
+from .security import NO_SECURITY, Security
+from .values import Values
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_FACTOR = 4  # while the center is unreachable, retry at most 4 heartbeats apart
+
+
+class CenterLink:
+    """What a worker says to its center, and when.
+
+    Parameters
+    ----------
+    center : str
+        The center's address.
+    pool : ConnectionPool
+        The worker's connections (heartbeats and queries use it).
+    values : Values
+        What the worker holds: registration reports it all.
+    on_release : async callable(keys)
+        Frees values the center says belong to clients that are gone.
+    """
+
+    def __init__(self, center: str, pool: ConnectionPool, values: Values, *,
+                 on_release: Callable[[list[str]], Awaitable[object]],
+                 security: Security = NO_SECURITY) -> None:
+        self.center = center
+        self.pool = pool
+        self.values = values
+        self.security = security
+        self.heartbeat_interval = HEARTBEAT_INTERVAL
+        self.address: str | None = None
+        self._identity: dict = {}
+        self._on_release = on_release
+        self._tasks = Tasks()
+        self._updates_comm = None  # a connection to the center for add/remove_keys only
+        self._updates_pending = collections.deque()  # their answers, in order
+        self._updates_lock = asyncio.Lock()
+        self._registering = None
+        self.heartbeats: asyncio.Task | None = None
+        self._closing = False
+
+    @property
+    def rpc(self):
+        return self.pool.rpc(self.center, timeout=DEFAULT_TIMEOUT)
+
+    async def start(self, address: str, **identity) -> None:
+        """Register as ``address`` (with ``ncores``, ``name``) and start heartbeating."""
+        self.address, self._identity = address, identity
+        await self._register()
+        self.heartbeats = self._tasks.spawn(self._heartbeat(), "heartbeats to the center")
+
+    async def close(self, *, unregister: bool = True) -> None:
+        self._closing = True
+        await self._tasks.close()
+        if self._updates_comm is not None:
+            self._updates_comm.abort()
+        if unregister and self.address is not None:
+            try:
+                await asyncio.wait_for(self.rpc.unregister(address=self.address), 2)
+            except (OSError, TimeoutError, CommClosedError) as e:
+                logger.info("could not unregister from center %s: %s", self.center, e)
+
+    async def _register(self) -> None:
+        keys = list(self.values)
+        reply = await self.rpc.register(address=self.address, keys=keys,
+                                        nbytes=self.values.nbytes_of(keys), **self._identity)
+        self.heartbeat_interval = reply.get("heartbeat_interval", HEARTBEAT_INTERVAL)
+
+    async def _heartbeat(self) -> None:
+        """Heartbeats; while the center is away, retries that back off, then registration.
+
+        A restarted center knows nothing: it answers ``unknown-worker`` and we register
+        again with every key we hold, so its ``who_has`` is whole again.
+        """
+        failures = 0
+        while True:
+            delay = self.heartbeat_interval * min(2 ** failures, MAX_BACKOFF_FACTOR)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.0) if failures else delay)
+            try:
+                reply = await self.rpc.heartbeat(address=self.address)
+                if reply["status"] == "unknown-worker":
+                    self.register_again()
+                elif reply.get("release"):  # values of clients that are gone
+                    logger.info("freeing %d values whose client is gone", len(reply["release"]))
+                    await self._on_release(reply["release"])
+                failures = 0
+            except (OSError, TimeoutError, CommClosedError) as e:
+                failures += 1
+                (logger.warning if failures == 1 else logger.info)(
+                    "heartbeat to center %s failed (%d in a row): %s", self.center, failures, e)
+
+    async def tell(self, op: str, keys, *, applied: bool = False) -> None:
+        """Tell the center of keys added here (``add_keys``) or removed (``remove_keys``).
+
+        It hears of them in call order. With ``applied``, wait until it has applied this one.
+        """
+        keys = [k for k in keys if k in self.values] if op == "add_keys" else list(keys)
+        if not keys:
+            return
+        msg = {"op": op, "address": self.address, "keys": keys}
+        if op == "add_keys":
+            msg["nbytes"] = self.values.nbytes_of(keys)
+        try:
+            comm = self._updates_comm
+            if comm is None or comm.closed:
+                comm = await self._open_updates_link()
+            answered = asyncio.get_running_loop().create_future()
+            self._updates_pending.append(answered)
+            await comm.send(msg, silence=DEFAULT_TIMEOUT)
+        except (OSError, TimeoutError, CommClosedError) as e:
+            logger.warning("could not tell center %s of %d keys: %s", self.center, len(keys), e)
+            return
+        if applied:
+            try:
+                await asyncio.wait_for(asyncio.shield(answered), DEFAULT_TIMEOUT)
+            except TimeoutError:
+                logger.warning("center %s did not apply an update within %s s", self.center,
+                               DEFAULT_TIMEOUT)
+
+    async def _open_updates_link(self):
+        async with self._updates_lock:
+            if self._updates_comm is None or self._updates_comm.closed:
+                comm = await connect(self.center, security=self.security)
+                self._updates_comm, self._updates_pending = comm, collections.deque()
+                self._tasks.spawn(self._read_update_answers(comm, self._updates_pending),
+                                  "reading the center's answers to updates")
+            return self._updates_comm
+
+    async def _read_update_answers(self, comm, pending) -> None:
+        try:
+            while True:
+                answer = await comm.recv()
+                answered = pending.popleft()
+                if isinstance(answer, dict) and answer.get("status") == "unknown-worker":
+                    self.register_again()  # a restarted center: it gets every key we hold
+                elif not isinstance(answer, dict) or answer.get("status") != "OK":
+                    logger.warning("center %s refused an update: %s", self.center,
+                                   answer.get("message") if isinstance(answer, dict) else answer)
+                answered.done() or answered.set_result(answer)
+        except (CommClosedError, IndexError):
+            pass
+        finally:
+            comm.abort()
+            for answered in pending:  # not applied: re-registration will tell it all
+                answered.done() or answered.set_result(None)
+
+    def register_again(self) -> None:
+        if self._closing or (self._registering is not None and not self._registering.done()):
+            return
+        logger.warning("center %s does not know this worker: registering again with %d keys",
+                       self.center, len(self.values))
+        self._registering = self._tasks.spawn(self._register(),
+                                              "registering again with the center")
