@@ -17,14 +17,13 @@ import cloudpickle
 
 from .addressing import address_tuple
 from .client import REMAKE_ATTEMPTS, Client, RemoteData
-from .errors import CommClosedError, KilledWorkerError, MissingDataError, RemoteExit
+from .errors import CommClosedError, MissingDataError, RemoteExit
+from .scheduling import Deaths, Pace, choose_worker, take_batch
 from .serialize import serialize
 from .task import find_leaves
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 1024
-BATCH_SECONDS = 0.02  # aim for this much work per request once task durations are known
 
 
 class Pool:
@@ -227,7 +226,7 @@ class Pool:
         for index in indices:
             _, args, kwargs = calls[index]
             queues[self._place(args, kwargs, live, queues)].append(index)
-        pace = _Pace()
+        pace = Pace()
         while any(queues.values()):
             if len(indices) == 1:  # one slot is enough: no tasks to create, no loop turns
                 (address,) = (a for a in queues if queues[a])
@@ -244,18 +243,14 @@ class Pool:
         held = collections.Counter()
         for ref in find_leaves((args, kwargs), RemoteData):
             for address in self.client.where(ref.key):
-                if address in queues:
-                    held[address] += self.client.known_nbytes(ref.key) or 1
+                held[address] += self.client.known_nbytes(ref.key) or 1
         ncores = self.client.ncores
-        load = lambda address: (len(queues[address]) + 1) / ncores.get(address, 1)  # noqa: E731
-        if held:
-            most = max(held.values())
-            return min((a for a in held if held[a] == most), key=load)
-        return min(live, key=load)
+        return choose_worker(held, list(queues),
+                             lambda a: (len(queues[a]) + 1) / ncores.get(a, 1))
 
     async def _slot(self, address, function, calls, queues, outcomes, pace, deaths):
         while address in queues:
-            batch = _take_batch(address, queues, self.client.ncores, pace.batch_size())
+            batch = take_batch(address, queues, self.client.ncores, pace.batch_size())
             if not batch:
                 return
             if len(batch) > 1 and deaths.suspects.intersection(batch):
@@ -285,77 +280,8 @@ class Pool:
                 outcomes[index] = outcome
 
 
-class Deaths:
-    """Calls in hand when their worker died, counted like dask's ``allowed-failures``.
-
-    Every call of a request whose worker died gets a death; from then on it travels alone,
-    so an innocent call that shared a batch with a killer clears itself. A call with more
-    than ``allowed`` deaths is taken to kill workers and given up.
-    """
-
-    def __init__(self, allowed, name):
-        self.allowed = allowed
-        self.name = name
-        self.workers = collections.defaultdict(list)  # call -> workers that died with it
-        self.suspects = set()
-
-    def record(self, indices, address):
-        """Count a death for each call; ``{index: KilledWorkerError}`` for those given up."""
-        given_up = {}
-        for index in indices:
-            self.workers[index].append(address)
-            self.suspects.add(index)
-            if len(self.workers[index]) > self.allowed:
-                given_up[index] = KilledWorkerError.after(
-                    f"a call of {self.name}", self.workers[index], self.allowed)
-        return given_up
-
-
 def _name(func):
     return getattr(func, "__qualname__", None) or repr(func)
-
-
-class _Pace:
-    """How many calls to send per request: about BATCH_SECONDS of work, once measured.
-
-    Until a batch has come back, calls go one at a time, so a few long calls spread over
-    every core; tiny calls then travel by the hundred, so per-request costs vanish.
-    """
-
-    def __init__(self):
-        self.calls = 0
-        self.seconds = 0.0
-
-    def record(self, calls, seconds):
-        self.calls += calls
-        self.seconds += seconds
-
-    def batch_size(self):
-        if not self.calls:
-            return 1
-        per_call = self.seconds / self.calls
-        return MAX_BATCH if per_call <= 0 else max(1, min(MAX_BATCH, int(BATCH_SECONDS / per_call)))
-
-
-def _take_batch(address, queues, ncores, most):
-    """Calls for one request: from our own queue's head, else stolen from a busy worker.
-
-    At most ``most`` calls, and no more than a share of what is queued, so every core of the
-    worker gets some. A worker is busy when its queue holds more calls than it has cores to
-    start them; only then is moving a call (and its inputs) elsewhere sure to finish it
-    sooner.
-    """
-    own = queues[address]
-    if own:
-        size = max(1, min(most, len(own) // (2 * ncores.get(address, 1))))
-        return [own.popleft() for _ in range(size)]
-    victim = max(queues, key=lambda a: len(queues[a]) - ncores.get(a, 1))
-    other = queues[victim]
-    surplus = len(other) - ncores.get(victim, 1)
-    if surplus <= 0:
-        return []
-    size = max(1, min(most, surplus // 2))
-    return [other.pop() for _ in range(size)]
 
 
 _BY_REFERENCE_CACHE = 256

@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d3arrow"
 # Lowest first. A module may import modules of lower layers only.
 LAYERS = [
     {"errors", "addressing", "task", "arena", "keys"},
-    {"serialize", "security"},
+    {"serialize", "security", "scheduling"},
     {"protocol", "store", "values"},
     {"comm", "eventloop"},
     {"core"},

@@ -1,0 +1,63 @@
+"""Scheduling rules on plain data: placement by held bytes, batch sizes, stealing, deaths."""
+
+import collections
+
+from d3arrow.errors import KilledWorkerError
+from d3arrow.scheduling import MAX_BATCH, Deaths, Pace, choose_worker, take_batch
+
+
+def test_the_worker_holding_most_input_bytes_is_chosen_even_when_busier():
+    load = {"a": 5.0, "b": 1.0}.get
+    assert choose_worker({"a": 800, "b": 100}, ["a", "b"], load) == "a"
+
+
+def test_equal_holders_are_told_apart_by_load():
+    load = {"a": 3.0, "b": 1.0, "c": 0.0}.get
+    assert choose_worker({"a": 8, "b": 8}, ["a", "b", "c"], load) == "b"
+
+
+def test_without_inputs_or_with_inputs_on_other_workers_the_least_loaded_is_chosen():
+    load = {"a": 2.0, "b": 1.0}.get
+    assert choose_worker({}, ["a", "b"], load) == "b"
+    assert choose_worker({"gone": 10**9}, ["a", "b"], load) == "b"
+
+
+def _queues(**lengths):
+    return {a: collections.deque(range(n)) for a, n in lengths.items()}
+
+
+def test_a_batch_takes_a_share_of_its_own_queue_from_the_head():
+    queues = _queues(a=40, b=0)
+    assert take_batch("a", queues, {"a": 2, "b": 2}, most=100) == list(range(10))
+    assert len(queues["a"]) == 30
+
+
+def test_an_idle_worker_steals_from_the_tail_of_the_longest_surplus():
+    queues = _queues(a=0, b=9, c=3)
+    assert take_batch("a", queues, {"a": 1, "b": 1, "c": 1}, most=100) == [8, 7, 6, 5]
+    assert list(queues["b"]) == [0, 1, 2, 3, 4]
+
+
+def test_no_stealing_from_a_worker_with_no_more_calls_than_cores():
+    queues = _queues(a=0, b=2)
+    assert take_batch("a", queues, {"a": 1, "b": 2}, most=100) == []
+
+
+def test_pace_sends_one_call_until_measured_then_about_20_ms_of_work():
+    pace = Pace()
+    assert pace.batch_size() == 1
+    pace.record(10, 0.010)  # 1 ms a call
+    assert pace.batch_size() == 20
+    pace.record(10**6, 0.0)
+    assert pace.batch_size() == MAX_BATCH
+
+
+def test_a_call_is_given_up_after_more_deaths_than_allowed_and_batches_make_suspects():
+    deaths = Deaths(allowed=1, name="f")
+    assert deaths.record([3, 4], "w1") == {}
+    assert deaths.suspects == {3, 4}
+    given_up = deaths.record([3], "w2")
+    assert list(given_up) == [3]
+    assert isinstance(given_up[3], KilledWorkerError)
+    assert "a call of f" in str(given_up[3]) and "killed 2 workers (w1, w2)" in str(given_up[3])
+    assert list(deaths.record([4], "w3")) == [4]  # its second death, as for 3
