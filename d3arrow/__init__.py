@@ -4,7 +4,7 @@ A center keeps metadata, workers hold and compute on values and move them peer t
 and a :class:`Pool` maps functions over the cluster where the data already lives.
 """
 
-from .client import Client, RemoteData
+from .client import Client
 from .cluster import LocalCluster
 from .errors import (
     AuthenticationError,
@@ -19,6 +19,7 @@ from .errors import (
     RemoteError,
 )
 from .pool import Pool
+from .references import RemoteData
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,8 @@ from .comm import CONNECT_TIMEOUT, Listener, connect, stall_timeout
 from .protocol import allocate_buffers
 from .security import NO_SECURITY
 from . import errors
-from .errors import CommClosedError, PeerUnresponsiveError, ProtocolError, RemoteError, RemoteExit, RemoteTraceback
+from .errors import (CommClosedError, PeerUnresponsiveError, ProtocolError, RemoteError,
+                     RemoteExit, RemoteTraceback)
 from .serialize import Serialized, deserialize, serialize
 
 logger = logging.getLogger(__name__)

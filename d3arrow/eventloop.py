@@ -5,7 +5,6 @@ user code never needs to know about asyncio.
 """
 
 import asyncio
-import concurrent.futures
 import threading
 
 import uvloop

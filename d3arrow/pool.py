@@ -16,11 +16,13 @@ import sys
 import cloudpickle
 
 from .addressing import address_tuple
-from .client import REMAKE_ATTEMPTS, Client, RemoteData
+from .calls import Call
+from .client import Client
+from .lineage import REMAKE_ATTEMPTS
+from .references import RemoteData
 from .errors import CommClosedError, MissingDataError, RemoteExit
 from .scheduling import Deaths, Pace, choose_worker, take_batch
 from .serialize import serialize
-from .task import find_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ class Pool:
 
     async def _map(self, func, seq, *, workers=None):
         function = _serialize_function(func)
-        calls = [(self.client.keys.new(), (item,), None) for item in seq]
+        calls = [Call.of(self.client.keys.new(), (item,)) for item in seq]
         return await self._run(function, calls, workers, name=_name(func))
 
     def apply(self, func, args=(), kwargs=None, *, workers=None, timeout=None):
@@ -129,8 +131,7 @@ class Pool:
 
     async def _apply(self, func, args, kwargs, *, workers=None):
         function = _serialize_function(func)
-        (result,) = await self._run(function, [(self.client.keys.new(), tuple(args),
-                                                 kwargs or None)],
+        (result,) = await self._run(function, [Call.of(self.client.keys.new(), args, kwargs)],
                                     workers, name=_name(func))
         return result
 
@@ -199,7 +200,7 @@ class Pool:
         """
         client = self.client
         if not client.ncores:
-            await client._sync_ncores()
+            await client.refresh_workers()
         outcomes = [None] * len(calls)
         pending = list(range(len(calls)))
         deaths = Deaths(client.allowed_failures, name)
@@ -209,7 +210,7 @@ class Pool:
             if not pending or attempt == REMAKE_ATTEMPTS:
                 break
             try:
-                await client._remake(sorted({k for i in pending for k in outcomes[i].keys}))
+                await client.remake(sorted({k for i in pending for k in outcomes[i].keys}))
             except MissingDataError as e:  # lost for good, or deleted: that is the answer
                 for i in pending:
                     outcomes[i] = e
@@ -221,11 +222,11 @@ class Pool:
 
     async def _run_some(self, function, calls, indices, outcomes, workers, deaths):
         client = self.client
-        live = client._reachable(client._workers(workers)) or client._workers(workers)
+        chosen = client.choose_workers(workers)
+        live = client.placement.reachable(chosen) or chosen
         queues = {address: collections.deque() for address in live}
         for index in indices:
-            _, args, kwargs = calls[index]
-            queues[self._place(args, kwargs, live, queues)].append(index)
+            queues[self._place(calls[index], queues)].append(index)
         pace = Pace()
         while any(queues.values()):
             if len(indices) == 1:  # one slot is enough: no tasks to create, no loop turns
@@ -238,14 +239,10 @@ class Pool:
             if not queues:
                 raise CommClosedError("every worker this computation could use has died")
 
-    def _place(self, args, kwargs, live, queues):
+    def _place(self, call, queues):
         """The worker holding the most input bytes; else the least loaded one."""
-        held = collections.Counter()
-        for ref in find_leaves((args, kwargs), RemoteData):
-            for address in self.client.where(ref.key):
-                held[address] += self.client.known_nbytes(ref.key) or 1
         ncores = self.client.ncores
-        return choose_worker(held, list(queues),
+        return choose_worker(self.client.placement.held_bytes(call.needs), list(queues),
                              lambda a: (len(queues[a]) + 1) / ncores.get(a, 1))
 
     async def _slot(self, address, function, calls, queues, outcomes, pace, deaths):
@@ -258,12 +255,12 @@ class Pool:
                 batch = batch[:1]
             sent = []
             try:
-                results, seconds = await self.client._compute(
+                results, seconds = await self.client.compute(
                     address, function, [calls[i] for i in batch],
                     on_sent=lambda: sent.append(True))
                 pace.record(len(batch), seconds)
             except CommClosedError as e:
-                self.client._failed(address)
+                self.client.placement.failed(address)
                 retry = batch
                 if sent:  # it died (or froze) with these calls in hand
                     for index, error in deaths.record(batch, address).items():

@@ -121,7 +121,7 @@ def test_a_worker_that_cannot_reach_the_center_is_not_blamed_for_it():
         # b finds a gone and asks the center, which is gone too: b reports that
         with pytest.raises(RemoteError, match="cannot connect to"):
             pool.apply(len, [x], workers=[b])
-        assert b not in pool.client._unreachable.recent()  # b did nothing wrong
+        assert b not in pool.client.placement.unreachable.recent()  # b did nothing wrong
         assert pool.apply(abs, [-3], workers=[b]).get() == 3
 
 
@@ -134,7 +134,7 @@ def test_an_os_error_raised_by_user_code_is_that_calls_error_not_a_dead_worker()
     with LocalCluster(n_workers=2, ncores=1) as cluster, Pool(cluster.center_address) as pool:
         with pytest.raises(ConnectionRefusedError, match="the database refused us"):
             pool.map(database, range(8))
-        assert pool.client._unreachable.recent() == []  # nobody blamed
+        assert pool.client.placement.unreachable.recent() == []  # nobody blamed
         assert pool.gather(pool.map(database, [0, 1, 2])) == [0, 1, 2]
 
 
@@ -184,7 +184,7 @@ def test_a_center_that_was_frozen_does_not_drop_its_live_workers():
         assert results["values"] == [i * 2 for i in range(30)]
         time.sleep(1)  # a center that dropped them would have done so by now
         assert sorted(pool.client.sync_ncores()) == sorted(cluster.worker_addresses)
-        assert pool.client._unreachable.recent() == []
+        assert pool.client.placement.unreachable.recent() == []
 
 
 # -- the client itself -----------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_garbage_collections_while_references_are_counted_never_deadlock_the_cli
     """RemoteData in reference cycles are freed by the cyclic collector, which may run in
     any thread at any allocation: here, at the very moment the client counts a reference."""
     with LocalCluster(n_workers=1, ncores=1) as cluster, Pool(cluster.center_address) as pool:
-        pool.client._refcount = _CollectingCounter(pool.client._refcount)
+        pool.client.refs._counts = _CollectingCounter(pool.client.refs._counts)
         outcome = {}
 
         def churn():
@@ -315,7 +315,7 @@ def test_bytes_and_str_over_the_header_limit_travel_like_arrays(pool):
     remote_bytes, remote_text = pool.scatter([data, text])
     assert pool.gather([remote_bytes, remote_text]) == [data, text]
     assert pool.apply(len, [remote_text]).get() == len(text)
-    assert pool.client._unreachable.recent() == []
+    assert pool.client.placement.unreachable.recent() == []
 
 
 def test_a_value_over_the_receivers_limit_is_refused_by_name_and_nobody_is_blamed(monkeypatch):
@@ -329,7 +329,7 @@ def test_a_value_over_the_receivers_limit_is_refused_by_name_and_nobody_is_blame
         made_there = pool.apply(np.zeros, [40 * 2**20 // 8])
         with pytest.raises(ProtocolError, match=r"refused what .* sent: .*\(limit 33554432\)"):
             made_there.get()
-        assert pool.client._unreachable.recent() == []  # the worker is not taken for dead
+        assert pool.client.placement.unreachable.recent() == []  # the worker is not taken for dead
         assert pool.gather(pool.scatter([1, 2])) == [1, 2]
         assert pool.apply(len, [made_there]).get() == 40 * 2**20 // 8
 
@@ -564,7 +564,7 @@ def test_a_client_does_not_abandon_a_busy_worker_a_restarted_center_forgot():
             env={**os.environ, "D3ARROW_AUTH_TOKEN": cluster.auth_token})
         try:
             assert pending.get(timeout=60).get() == 7  # waited on a, which answered
-            assert a not in pool.client._unreachable.recent()
+            assert a not in pool.client.placement.unreachable.recent()
         finally:
             restarted.terminate()
             restarted.wait(timeout=10)

@@ -1,0 +1,48 @@
+"""One call of a function, normalized once: its key, its arguments, the values it needs.
+
+The arguments are walked once, when the call is made: RemoteData become KeyRefs (the wire
+form the worker substitutes values into), their keys are listed, and the RemoteData are
+kept alive with the call so that no input is freed while it waits to run.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .references import RemoteData
+from .task import KeyRef, find_leaves, map_leaves
+
+REFERENCES = (RemoteData, KeyRef)  # how arguments name values held by the workers
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """``function(*args, **kwargs)`` whose result is stored under ``key``.
+
+    Attributes
+    ----------
+    key : str
+    args : tuple
+        With :class:`KeyRef` where the caller passed RemoteData.
+    kwargs : dict or None
+    needs : tuple of str
+        The keys the call needs, each once, in order of first use.
+    inputs : tuple of RemoteData
+        Keeps the caller's inputs alive until the call has run.
+    """
+
+    key: str
+    args: tuple
+    kwargs: dict | None
+    needs: tuple[str, ...]
+    inputs: tuple = field(default=(), repr=False, compare=False)
+
+    @classmethod
+    def of(cls, key: str, args: Any = (), kwargs: dict | None = None) -> "Call":
+        args = tuple(args)
+        refs = find_leaves((args, kwargs), REFERENCES)
+        if refs:
+            to_keyref = lambda ref: KeyRef(ref.key)  # noqa: E731
+            args = map_leaves(args, RemoteData, to_keyref)
+            kwargs = map_leaves(kwargs, RemoteData, to_keyref)
+        return cls(key, args, kwargs or None, tuple(dict.fromkeys(r.key for r in refs)),
+                   tuple(r for r in refs if isinstance(r, RemoteData)))

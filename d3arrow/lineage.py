@@ -1,0 +1,145 @@
+"""Lineage: how each result was made, and making lost results again.
+
+Every ``map`` / ``apply`` result keeps a :class:`Recipe` (held by its RemoteData). When
+every copy of a result is lost with its workers, the client computes it again from the
+recipe, its lost inputs first, on the live worker holding most of its inputs, under the
+same key. Recipes keep recipes alive, never data.
+"""
+
+import collections
+import logging
+import weakref
+from typing import Any
+
+from .calls import Call
+from .errors import CommClosedError, KilledWorkerError, LostDataError, MissingDataError
+from .references import RemoteData
+
+logger = logging.getLogger(__name__)
+
+REMAKE_ATTEMPTS = 3
+
+
+class Recipe:
+    """How a result was made, to make it again when every copy of it is lost.
+
+    ``args`` / ``kwargs`` name inputs by :class:`~d3arrow.task.KeyRef`; ``inputs`` gives each
+    input key's own Recipe (None for a scattered value, which cannot be remade). A dropped
+    intermediate result is freed on the workers, and made again only if a value that needs
+    it must be.
+    """
+
+    __slots__ = ("function", "args", "kwargs", "inputs", "__weakref__")
+
+    def __init__(self, function, args, kwargs, inputs):
+        self.function, self.args, self.kwargs, self.inputs = function, args, kwargs, inputs
+
+
+class Lineage:
+    """The recipes of a client's results that are alive, and remaking lost ones.
+
+    ``client`` provides ``refs``, ``placement``, ``allowed_failures``, ``ncores`` and the
+    coroutines ``ask_who_has``, ``refresh_workers`` and ``compute``.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._recipes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def recipe(self, function, call: Call) -> Recipe:
+        """The recipe of ``call``'s result; a result made again keeps the one it had."""
+        recipe = self._recipes.get(call.key)
+        if recipe is None:
+            recipe = self._recipes[call.key] = Recipe(
+                function, call.args, call.kwargs,
+                {k: self._recipes.get(k) for k in call.needs})
+        return recipe
+
+    def forget(self, key: str) -> None:
+        self._recipes.pop(key, None)
+
+    async def remake(self, keys) -> None:
+        """Compute again, from their recipes, those of ``keys`` no reachable worker holds.
+
+        Lost inputs are made again first (recursively); those no RemoteData holds any
+        more are freed once their dependents are done. Raises LostDataError for a lost
+        value of ours without a recipe (scattered), MissingDataError for a key we never
+        made (or deleted).
+        """
+        refs = self._client.refs
+        unknown = [k for k in keys if k in refs.deleted
+                   or (k not in refs and k not in self._recipes)]
+        if unknown:
+            raise MissingDataError(unknown)
+        await self._remake_into({k: self._recipes.get(k) for k in keys}, keep=[])
+
+    async def _remake_into(self, recipes: dict, keep: list) -> None:
+        """Have each key of ``recipes`` ({key: Recipe or None}) on a live worker.
+
+        ``keep`` collects RemoteData for every key used, so that none is freed (a dropped
+        intermediate) while its dependents are computed; the caller drops them at the end.
+        """
+        client = self._client
+        for _ in range(REMAKE_ATTEMPTS):
+            who_has = await client.ask_who_has(list(recipes))
+            client.placement.learn(who_has)
+            present = [k for k in recipes if client.placement.reachable(who_has.get(k, ()))]
+            keep.extend(RemoteData(k, client, owned=True) for k in present)
+            lost = [k for k in recipes if k not in present]
+            if not lost:
+                return
+            cannot = [k for k in lost if recipes[k] is None]
+            if cannot:
+                raise LostDataError(cannot)
+            logger.warning("remaking %d lost value(s) from their lineage", len(lost))
+            await self._remake_into(
+                {k: r for key in lost for k, r in recipes[key].inputs.items()}, keep)
+            if not client.ncores:
+                await client.refresh_workers()
+            by_function = collections.defaultdict(list)
+            for key in lost:
+                by_function[id(recipes[key].function)].append(key)
+            again = []
+            for keys in by_function.values():
+                calls = [Call(key, recipes[key].args, recipes[key].kwargs,
+                              tuple(recipes[key].inputs)) for key in keys]
+                outcomes = await self._compute_somewhere(recipes[keys[0]].function, calls)
+                for key, outcome in zip(keys, outcomes):
+                    if type(outcome) is MissingDataError:  # an input went meanwhile
+                        again.append(key)
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+                    else:
+                        keep.append(outcome)
+            if not again:
+                return
+            recipes = {k: recipes[k] for k in again}
+        raise MissingDataError(sorted(recipes))
+
+    async def _compute_somewhere(self, function, calls: list[Call]) -> list:
+        """Run ``calls`` where most of their inputs live, trying others if it is unreachable.
+
+        Calls in hand when ``allowed_failures + 1`` workers died are given up.
+        """
+        client = self._client
+        died = []
+        for _ in range(2):
+            held = client.placement.held_bytes(k for call in calls for k in call.needs)
+            candidates = sorted(client.placement.reachable(client.ncores),
+                                key=lambda a: -held.get(a, 0))
+            for address in candidates:
+                sent = []
+                try:
+                    outcomes, _ = await client.compute(address, function, calls,
+                                                       on_sent=lambda: sent.append(True))
+                    return outcomes
+                except CommClosedError:
+                    client.placement.failed(address)
+                    if sent:
+                        died.append(address)
+                    if len(died) > client.allowed_failures:
+                        raise KilledWorkerError.after(
+                            f"remaking {', '.join(c.key for c in calls)} from its lineage",
+                            died, client.allowed_failures) from None
+            await client.refresh_workers()
+        raise CommClosedError("no live worker could compute the lost values again")

@@ -1,0 +1,69 @@
+"""What a client knows of where values live: holders, sizes, and peers that failed it.
+
+Knowledge, not truth: it may be stale (a holder died, a replica was made), so readers fall
+back on the center's ``who_has``. A peer that failed us (``CommClosedError``) is left out of
+every answer for a while, until the center has dropped it if it is dead.
+"""
+
+import collections
+from collections.abc import Iterable, Mapping
+
+from .core import RecentFailures
+
+
+class Placement:
+    """``key -> holders`` and ``key -> nbytes`` for the values a client placed or learned of."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, set[str]] = {}
+        self._nbytes: dict[str, int] = {}
+        self.unreachable = RecentFailures()
+
+    def placed(self, key: str, address: str, nbytes: int | None = None) -> None:
+        """``key`` now lives on ``address`` only (we put it there)."""
+        self._where[key] = {address}
+        if nbytes is not None:
+            self._nbytes[key] = nbytes
+
+    def learn(self, who_has: Mapping[str, Iterable[str]]) -> None:
+        """Take the center's answer for these keys (keys it knows no holder of are kept)."""
+        for key, addresses in who_has.items():
+            if addresses:
+                self._where[key] = set(addresses)
+
+    def forget(self, key: str) -> set[str]:
+        """Forget where ``key`` lives (stale); the holders we believed in."""
+        return self._where.pop(key, set())
+
+    def drop(self, key: str) -> set[str]:
+        """Forget ``key`` altogether (deleted); the holders we believed in."""
+        self._nbytes.pop(key, None)
+        return self.forget(key)
+
+    def unplaced(self, keys: Iterable[str]) -> set[str]:
+        return {k for k in keys if not self._where.get(k)}
+
+    def holders(self, key: str) -> list[str]:
+        """Reachable holders of ``key``, as far as we know."""
+        return self.reachable(self._where.get(key, ()))
+
+    def nbytes(self, key: str) -> int | None:
+        return self._nbytes.get(key)
+
+    def held_bytes(self, keys: Iterable[str]) -> collections.Counter:
+        """``{address: bytes of these keys it holds}``: where a task needing them should run."""
+        held = collections.Counter()
+        for key in keys:
+            for address in self.holders(key):
+                held[address] += self._nbytes.get(key) or 1
+        return held
+
+    def failed(self, address: str) -> None:
+        """``address`` could not be reached: leave it out until the center drops it."""
+        self.unreachable.add(address)
+        for holders in self._where.values():
+            holders.discard(address)
+
+    def reachable(self, addresses: Iterable[str]) -> list[str]:
+        """``addresses`` less those that failed us lately (they may have died)."""
+        return self.unreachable.without(addresses)

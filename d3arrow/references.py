@@ -1,0 +1,166 @@
+"""RemoteData, and the counts of them that decide when a client's values are freed.
+
+Counting happens on the client's event loop. A RemoteData may be dropped in any thread,
+also inside a garbage collection that interrupts the loop thread at any allocation, so a
+drop only appends the key to a deque (atomic) and asks the loop to count it: it never
+blocks and takes no lock.
+"""
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from .core import log_failure
+
+logger = logging.getLogger(__name__)
+
+RELEASE_DELAY = 0.01  # let a burst of drops collect into one message per worker
+
+
+class RemoteData:
+    """A value held by the workers, named by ``key``; ``get()`` fetches it.
+
+    Attributes
+    ----------
+    key : str
+    center : str
+        Address of the center that knows where the value lives.
+    """
+
+    __slots__ = ("key", "_client", "_owned", "_recipe", "__weakref__")
+
+    def __init__(self, key: str, client: Any, *, owned: bool = False,
+                 recipe: Any = None) -> None:
+        self.key = key
+        self._client = client
+        self._owned = owned
+        self._recipe = recipe  # how it was made (Pool results): kept alive with it
+        if owned:
+            client.refs.add(key)
+
+    @property
+    def center(self) -> str:
+        return self._client.center
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        """Fetch the value from a worker that holds it.
+
+        A Pool result whose every copy was lost with its workers is computed again from
+        its lineage first.
+
+        Raises
+        ------
+        LostDataError
+            Every copy was lost and the value cannot be computed again (it was scattered,
+            or an input it needs was).
+        MissingDataError
+            No live worker holds the key, or it was deleted.
+        TimeoutError
+            Not done within ``timeout`` seconds.
+        """
+        return self._client.gather([self], timeout=timeout)[0]
+
+    def __repr__(self) -> str:
+        return f"RemoteData<center={self.center}, key={self.key}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemoteData) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __reduce__(self):
+        raise TypeError("a RemoteData cannot be pickled: it is bound to its client. In the "
+                        "arguments of Pool.map / Pool.apply it is replaced by its value (also "
+                        "inside lists, tuples, sets and dict values), but not as a dict key "
+                        "or inside other objects: send its .key there")
+
+    def __del__(self) -> None:
+        if self._owned:
+            try:
+                self._client.refs.drop(self.key)
+            except Exception:  # interpreter shutdown: the cluster goes away anyway
+                pass
+
+
+class References:
+    """How many RemoteData name each key of a client; frees keys nobody names.
+
+    Parameters
+    ----------
+    call_soon : callable(fn)
+        Runs ``fn`` on the client's loop, from any thread.
+    free : async callable(keys)
+        Frees keys on the workers.
+    """
+
+    def __init__(self, call_soon: Callable[[Callable[[], None]], None],
+                 free: Callable[[list[str]], Awaitable[None]]) -> None:
+        self._call_soon = call_soon
+        self._free = free
+        self._counts: collections.Counter = collections.Counter()
+        self._dropped: collections.deque = collections.deque()  # keys whose RemoteData went
+        self._drops_scheduled = False
+        self._released: set[str] = set()  # keys no RemoteData names, to free on the workers
+        self._release_task: asyncio.Task | None = None
+        self.deleted: set[str] = set()  # deleted on purpose while RemoteData still name them
+        self.kept: set[str] = set()  # published: not freed with their RemoteData, nor on close
+        self.closed = False
+
+    def add(self, key: str) -> None:
+        """Count a new RemoteData; on the loop thread, where every RemoteData of ours is made."""
+        self._counts[key] += 1
+
+    def drop(self, key: str) -> None:
+        """From any thread, also from inside a garbage collection: never blocks, no lock."""
+        self._dropped.append(key)  # atomic
+        if not self._drops_scheduled and not self.closed:
+            self._drops_scheduled = True
+            try:
+                self._call_soon(self.apply_drops)
+            except RuntimeError:  # the loop is closed: the cluster goes away anyway
+                pass
+
+    def apply_drops(self) -> None:
+        """Count the drops handed to the loop; start freeing keys nobody names."""
+        self._drops_scheduled = False  # before taking them: a later drop schedules again
+        while self._dropped:
+            key = self._dropped.popleft()
+            self._counts[key] -= 1
+            if self._counts[key] <= 0:
+                del self._counts[key]
+                self.deleted.discard(key)
+                self._released.add(key)
+        if self._released and not self.closed and (
+                self._release_task is None or self._release_task.done()):
+            self._release_task = asyncio.get_running_loop().create_task(self._release())
+            self._release_task.add_done_callback(log_failure("freeing released values"))
+
+    async def _release(self) -> None:
+        while self._released:
+            await asyncio.sleep(RELEASE_DELAY)
+            keys = [k for k in self._released if k not in self._counts and k not in self.kept]
+            self._released.clear()
+            try:
+                await self._free(keys)
+            except BaseException:  # cancelled by close, or failed: close frees them
+                self._released.update(k for k in keys if k not in self._counts)
+                raise
+
+    def __contains__(self, key: object) -> bool:
+        """Whether a RemoteData of ours names ``key``."""
+        return key in self._counts
+
+    def mark_deleted(self, keys: Iterable[str]) -> None:
+        self.deleted.update(k for k in keys if k in self._counts)
+
+    async def close(self) -> set[str]:
+        """Stop freeing in the background; the keys still to free (named or released)."""
+        self.apply_drops()
+        self.closed = True
+        if self._release_task is not None:
+            self._release_task.cancel()
+            await asyncio.gather(self._release_task, return_exceptions=True)
+        return (set(self._counts) | self._released) - self.kept
