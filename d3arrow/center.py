@@ -9,7 +9,7 @@ import logging
 import time
 
 from .addressing import normalize_address
-from .core import HEARTBEAT_INTERVAL, Server
+from .core import HEARTBEAT_INTERVAL, Server, Tasks
 from .keys import owner_of
 from .security import NO_SECURITY
 
@@ -61,7 +61,7 @@ class Center(Server):
         self._to_release = {}
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self._monitor_task = None
+        self._tasks = Tasks()
         self.handlers = {
             "register": self.register,
             "unregister": self.unregister,
@@ -84,15 +84,13 @@ class Center(Server):
 
     async def start(self, host="127.0.0.1", port=0):
         await self.listen(host, port)
-        self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+        self._tasks.spawn(self._monitor(), "watching heartbeats")
         logger.info("center listening at %s (workers drop out after %.1f s of silence)",
                     self.address, self.heartbeat_timeout)
         return self.address
 
     async def close(self, *, grace=0.0):
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
-            await asyncio.gather(self._monitor_task, return_exceptions=True)
+        await self._tasks.close()
         await super().close(grace=grace)
 
     async def _monitor(self):

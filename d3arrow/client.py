@@ -16,6 +16,8 @@ import dataclasses
 import itertools
 import logging
 import os
+from collections.abc import Iterable
+from typing import Any
 
 from .addressing import normalize_address
 from .cluster import LocalCluster, token_for
@@ -90,10 +92,11 @@ class Client:
             raise ValueError(f"allowed_failures must be an integer >= 0, not "
                              f"{allowed_failures!r}")
         self.allowed_failures = allowed_failures
-        self.pool = ConnectionPool(security=security,
-                                   connect_timeout=min(timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT))
-        self.ncores = {}
         self.placement = Placement()
+        self.pool = ConnectionPool(  # a worker that failed us is left out for a while
+            security=security, connect_timeout=min(timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT),
+            on_failure=self._failed)
+        self.ncores = {}
         self.lineage = Lineage(self)
         self._inline = {}  # key -> small result that came back with its compute
         self._tasks = Tasks()  # heartbeats, the watch on busy workers
@@ -127,6 +130,10 @@ class Client:
         if self.closed:
             raise RuntimeError("this client is closed")
         return self._loop.submit(coro_function(*args, **kwargs))
+
+    def _failed(self, address):
+        if address != self.center:
+            self.placement.failed(address)
 
     def _rpc(self, address):
         return self.pool.rpc(address, timeout=self.timeout)
@@ -166,7 +173,7 @@ class Client:
 
     # -- metadata ------------------------------------------------------------------------------
 
-    def who_has(self, keys=None):
+    def who_has(self, keys: Iterable[str] | None = None) -> dict[str, list[str]]:
         """``{key: [address]}`` from the center."""
         return self.sync(self.ask_who_has, keys)
 
@@ -174,7 +181,7 @@ class Client:
         reply = await self._rpc(self.center).who_has(keys=None if keys is None else list(keys))
         return reply["who_has"]
 
-    def has_what(self, workers=None):
+    def has_what(self, workers: Iterable[str] | None = None) -> dict[str, list[str]]:
         """``{address: [key]}`` from the center."""
         return self.sync(self._has_what, workers)
 
@@ -182,7 +189,7 @@ class Client:
         workers = None if workers is None else [normalize_address(w) for w in workers]
         return (await self._rpc(self.center).has_what(workers=workers))["has_what"]
 
-    def store_info(self):
+    def store_info(self) -> dict[str, dict | None]:
         """``{address: dict}``: each worker's shared store (capacity, used, fallbacks, ...),
         or None for a worker without one."""
         return self.sync(self._store_info)
@@ -193,7 +200,7 @@ class Client:
         replies = await asyncio.gather(*(self._rpc(a).identity() for a in self.ncores))
         return {a: reply["store"] for a, reply in zip(self.ncores, replies)}
 
-    def sync_ncores(self):
+    def sync_ncores(self) -> dict[str, int]:
         """``{address: ncores}`` of the workers registered now."""
         return self.sync(self.refresh_workers)
 
@@ -201,7 +208,7 @@ class Client:
         self.ncores = (await self._rpc(self.center).ncores())["ncores"]
         return self.ncores
 
-    def choose_workers(self, workers=None):
+    def choose_workers(self, workers: Iterable[str] | None = None) -> list[str]:
         """The addresses to use: the ones given (checked against the center's), or all."""
         if workers is None:
             if not self.ncores:
@@ -219,7 +226,8 @@ class Client:
 
     # -- scatter / gather / delete -------------------------------------------------------------
 
-    def scatter(self, data, *, workers=None, timeout=None):
+    def scatter(self, data: Iterable | dict, *, workers: Iterable[str] | None = None,
+                timeout: float | None = None) -> list[RemoteData] | dict[str, RemoteData]:
         """Send values to the workers, spread round-robin over them.
 
         Parameters
@@ -261,8 +269,7 @@ class Client:
                 for address, values in per_worker.items()), return_exceptions=True)
             serialized = []
             for (address, values), reply in zip(per_worker.items(), replies):
-                if isinstance(reply, CommClosedError):
-                    self.placement.failed(address)
+                if isinstance(reply, CommClosedError):  # gone: try the others
                     serialized.extend(values.items())
                     continue
                 if isinstance(reply, BaseException):
@@ -275,7 +282,8 @@ class Client:
             return dict(zip(data, remote))
         return remote
 
-    def gather(self, items, *, timeout=None):
+    def gather(self, items: Iterable[RemoteData | str], *,
+               timeout: float | None = None) -> list[Any]:
         """Fetch values from the workers.
 
         Parameters
@@ -365,8 +373,7 @@ class Client:
                 self._deaths[key].append(address)
 
         return await get_data(self.pool, address, keys, host=self.host, receive=receive,
-                              timeout=self.timeout, on_failure=self.placement.failed,
-                              on_death=died)
+                              timeout=self.timeout, on_death=died)
 
     async def _watch_workers(self):
         """Break off computations on workers the center has dropped (dead, or hung).
@@ -391,8 +398,7 @@ class Client:
                     continue
                 logger.warning("worker %s was dropped by the center and does not answer: "
                                "giving up on its computations", address)
-                self.placement.failed(address)
-                self.pool.abort(address)
+                self.pool.abort(address)  # its requests fail: it is left out from then on
 
     async def _answers(self, address):
         """Whether the worker at ``address`` answers a request within a watch period."""
@@ -402,7 +408,8 @@ class Client:
         except (CommClosedError, OSError):
             return False
 
-    def delete(self, items, *, timeout=None):
+    def delete(self, items: Iterable[RemoteData | str], *,
+               timeout: float | None = None) -> None:
         """Delete values from every worker that holds them."""
         keys = [self._key_of(item) for item in items]
         for name in [n for n, k in self._names.items() if k in keys]:
@@ -484,7 +491,8 @@ class Client:
 
     # -- published values: beyond the life of their client ------------------------------------
 
-    def publish(self, name, item, *, timeout=None):
+    def publish(self, name: str, item: RemoteData | str, *,
+                timeout: float | None = None) -> None:
         """Keep a value beyond this client's life, findable by ``name`` from any client."""
         return self.sync(self._publish, name, self._key_of(item), timeout=timeout)
 
@@ -492,7 +500,7 @@ class Client:
         await self._rpc(self.center).publish(name=name, key=key)
         self.refs.kept.add(key)
 
-    def published(self, name, *, timeout=None):
+    def published(self, name: str, *, timeout: float | None = None) -> RemoteData:
         """The RemoteData published as ``name`` (KeyError if none is)."""
         return self.sync(self._published_as, name, timeout=timeout)
 
@@ -502,7 +510,7 @@ class Client:
             raise KeyError(f"nothing is published as {name!r}")
         return RemoteData(reply["key"], self)
 
-    def unpublish(self, name, *, timeout=None):
+    def unpublish(self, name: str, *, timeout: float | None = None) -> None:
         """Stop keeping the value published as ``name``: it is freed unless a live client
         still holds it."""
         return self.sync(self._unpublish, name, timeout=timeout)
@@ -513,13 +521,13 @@ class Client:
             raise KeyError(f"nothing is published as {name!r}")
         self.refs.kept.discard(reply["key"])
 
-    def where(self, key):
+    def where(self, key: str) -> set[str]:
         """Addresses this client believes hold ``key`` (may be stale)."""
         return set(self.placement.holders(key))
 
     # -- lifetime ------------------------------------------------------------------------------
 
-    def close(self, *, free=True):
+    def close(self, *, free: bool = True) -> None:
         """Free the values this client made, close connections, stop an owned cluster."""
         if self.closed:
             return

@@ -256,13 +256,14 @@ class ConnectionPool:
     """
 
     def __init__(self, *, connect_timeout=CONNECT_TIMEOUT, max_idle_per_address=32,
-                 allocate=allocate_buffers, security=NO_SECURITY):
+                 allocate=allocate_buffers, security=NO_SECURITY, on_failure=None):
         self._idle = collections.defaultdict(list)
         self._allocate = allocate
         self._security = security
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle_per_address
         self._busy = {}  # comm -> address, while a request uses it
+        self._on_failure = on_failure  # told of every address whose transport failed us
         self.closed = False
 
     async def acquire(self, address):
@@ -293,9 +294,14 @@ class ConnectionPool:
         sends no bytes for that long raises PeerUnresponsiveError, while a large reply that
         keeps arriving is never cut off. ``on_sent()`` is called once the message is
         written, before the reply arrives. Failures of the transport to this peer raise
-        CommClosedError (and only they do); errors the peer reports raise as their own type.
+        CommClosedError (and only they do), and only they are told to ``on_failure``: errors
+        the peer reports raise as their own type.
         """
-        comm = await self.acquire(address)
+        try:
+            comm = await self.acquire(address)
+        except CommClosedError:
+            self._failed(address)
+            raise
         try:
             await comm.send(msg, silence=timeout)
             if on_sent is not None:
@@ -307,6 +313,8 @@ class ConnectionPool:
             early = comm.early_reply() if isinstance(e, CommClosedError) else None
             if isinstance(early, dict) and early.get("status") == "error":
                 raise rebuild_error(early) from None  # it refused our message, and said why
+            if isinstance(e, OSError):
+                self._failed(address)
             if isinstance(e, PeerUnresponsiveError):
                 raise PeerUnresponsiveError(f"{e} (a request {msg.get('op')!r})") from None
             if isinstance(e, OSError) and not isinstance(e, CommClosedError):
@@ -316,6 +324,10 @@ class ConnectionPool:
         if isinstance(reply, ProtocolError):
             raise reply
         return raise_for_error(reply)
+
+    def _failed(self, address):
+        if self._on_failure is not None:
+            self._on_failure(address)
 
     def busy_addresses(self):
         """Addresses with a request awaiting its reply."""

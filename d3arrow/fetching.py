@@ -48,7 +48,8 @@ class PeerFetcher:
         self.receive = receive
         self.host = host
         self.peer_timeout = peer_timeout
-        self.unreachable = RecentFailures()  # told to callers with missing-data
+        self.unreachable = RecentFailures()  # told to callers with missing-data (the
+        # worker's connection pool adds the peers that failed it)
         self._tasks = tasks
         self._fetching: dict[str, asyncio.Task] = {}  # key -> the task fetching it
 
@@ -104,4 +105,4 @@ class PeerFetcher:
     async def _get_from_peer(self, peer: str, keys: list[str]) -> dict:
         """{key: (value, ref_meta)} for the keys ``peer`` could give us."""
         return await get_data(self.pool, peer, keys, host=self.host, receive=self.receive,
-                              timeout=self.peer_timeout, on_failure=self.unreachable.add)
+                              timeout=self.peer_timeout)

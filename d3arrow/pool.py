@@ -12,6 +12,8 @@ import collections
 import concurrent.futures
 import logging
 import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import cloudpickle
 
@@ -25,6 +27,8 @@ from .scheduling import Deaths, Pace, choose_worker, take_batch
 from .serialize import serialize
 
 logger = logging.getLogger(__name__)
+
+Workers = Iterable[str | tuple[str, int]] | None  # addresses to restrict work to
 
 
 
@@ -62,19 +66,20 @@ class Pool:
             raise
 
     @property
-    def center(self):
+    def center(self) -> str:
         return self.client.center
 
-    def sync_center(self):
+    def sync_center(self) -> None:
         """Refresh the workers and their cores from the center."""
         self.client.sync_ncores()
 
     @property
-    def available_cores(self):
+    def available_cores(self) -> dict[tuple[str, int], int]:
         """``{(host, port): ncores}`` as of the last :meth:`sync_center`."""
         return {address_tuple(a): n for a, n in self.client.ncores.items()}
 
-    def map(self, func, seq, *, workers=None, timeout=None):
+    def map(self, func: Callable, seq: Iterable, *, workers: Workers = None,
+            timeout: float | None = None) -> list[RemoteData]:
         """Apply ``func`` to each element of ``seq`` on the cluster.
 
         Parameters
@@ -115,7 +120,8 @@ class Pool:
         calls = [Call.of(self.client.keys.new(), (item,)) for item in seq]
         return await self._run(function, calls, workers, name=_name(func))
 
-    def apply(self, func, args=(), kwargs=None, *, workers=None, timeout=None):
+    def apply(self, func: Callable, args: Sequence = (), kwargs: dict | None = None, *,
+              workers: Workers = None, timeout: float | None = None) -> RemoteData:
         """Run ``func(*args, **kwargs)`` on the worker holding most of its input bytes.
 
         ``args`` and ``kwargs`` may hold RemoteData, also inside lists, tuples and dicts;
@@ -125,7 +131,8 @@ class Pool:
         return self.client.sync(self._apply, func, args, kwargs, workers=workers,
                                 timeout=timeout)
 
-    def apply_async(self, func, args=(), kwargs=None, *, workers=None):
+    def apply_async(self, func: Callable, args: Sequence = (), kwargs: dict | None = None, *,
+                    workers: Workers = None) -> "AsyncResult":
         """Like :meth:`apply` but return at once; ``.get()`` on the result gives the RemoteData."""
         return AsyncResult(self.client.submit(self._apply, func, args, kwargs, workers=workers))
 
@@ -135,13 +142,15 @@ class Pool:
                                     workers, name=_name(func))
         return result
 
-    def gather(self, remote_data, *, timeout=None):
+    def gather(self, remote_data: RemoteData | str | Iterable[RemoteData | str], *,
+               timeout: float | None = None) -> Any:
         """Fetch the values of a list of RemoteData (or a single one)."""
         if isinstance(remote_data, (RemoteData, str)):  # one value (by reference or key)
             return self.client.gather([remote_data], timeout=timeout)[0]
         return self.client.gather(list(remote_data), timeout=timeout)
 
-    def scatter(self, data, *, workers=None, timeout=None):
+    def scatter(self, data: Iterable | dict, *, workers: Workers = None,
+                timeout: float | None = None) -> list[RemoteData] | dict[str, RemoteData]:
         """Send values to the workers, as :meth:`Client.scatter`.
 
         A list (or any iterable) gives a list of RemoteData; a dict ``{name: value}`` gives
@@ -151,7 +160,8 @@ class Pool:
             data = list(data)
         return self.client.scatter(data, workers=workers, timeout=timeout)
 
-    def publish(self, name, remote_data, *, timeout=None):
+    def publish(self, name: str, remote_data: RemoteData, *,
+                timeout: float | None = None) -> None:
         """Keep a value beyond this pool's life, under a name any client can look up.
 
         Values belong to the client that made them: they are freed when it closes, or
@@ -160,23 +170,24 @@ class Pool:
         """
         self.client.publish(name, remote_data, timeout=timeout)
 
-    def published(self, name, *, timeout=None):
+    def published(self, name: str, *, timeout: float | None = None) -> RemoteData:
         """The RemoteData published as ``name`` (by this or any client); KeyError if none."""
         return self.client.published(name, timeout=timeout)
 
-    def unpublish(self, name, *, timeout=None):
+    def unpublish(self, name: str, *, timeout: float | None = None) -> None:
         """Stop keeping the value published as ``name``."""
         self.client.unpublish(name, timeout=timeout)
 
-    def delete(self, remote_data, *, timeout=None):
+    def delete(self, remote_data: Iterable[RemoteData | str], *,
+               timeout: float | None = None) -> None:
         """Free these values on every worker that holds them."""
         self.client.delete(list(remote_data), timeout=timeout)
 
-    def store_info(self):
+    def store_info(self) -> dict[str, dict | None]:
         """Each worker's shared store: ``{address: {capacity, used, fallbacks, ...}}``."""
         return self.client.store_info()
 
-    def close(self):
+    def close(self) -> None:
         """Free this pool's values, close its connections and stop an owned cluster."""
         self.client.close()
 
@@ -259,8 +270,7 @@ class Pool:
                     address, function, [calls[i] for i in batch],
                     on_sent=lambda: sent.append(True))
                 pace.record(len(batch), seconds)
-            except CommClosedError as e:
-                self.client.placement.failed(address)
+            except CommClosedError as e:  # the client leaves it out from now on
                 retry = batch
                 if sent:  # it died (or froze) with these calls in hand
                     for index, error in deaths.record(batch, address).items():
@@ -333,7 +343,7 @@ class AsyncResult:
     def __init__(self, future):
         self._future = future
 
-    def get(self, timeout=None):
+    def get(self, timeout: float | None = None) -> RemoteData:
         """Wait for the computation; return its RemoteData or raise its exception."""
         try:
             return self._future.result(timeout)
@@ -342,13 +352,13 @@ class AsyncResult:
         except RemoteExit as e:
             raise e.exc  # its __cause__ is the remote traceback
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: float | None = None) -> None:
         concurrent.futures.wait([self._future], timeout)
 
-    def ready(self):
+    def ready(self) -> bool:
         return self._future.done()
 
-    def successful(self):
+    def successful(self) -> bool:
         if not self.ready():
             raise ValueError("result is not ready")
         return self._future.exception() is None

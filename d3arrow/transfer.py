@@ -18,16 +18,16 @@ logger = logging.getLogger(__name__)
 async def get_data(pool: ConnectionPool, address: str, keys: list[str], *, host: str | None,
                    receive: Callable[[object, str], Awaitable[object]],
                    timeout: float | None = None,
-                   on_failure: Callable[[str], object] | None = None,
                    on_death: Callable[[str, Iterable[str]], object] | None = None) -> dict:
     """``{key: received}`` from the worker at ``address``, through shared memory if it can.
 
     Asks with our ``host`` (and our session with its store, if any), so a co-located worker
     answers with references; ``receive(serialized, address)`` turns each answer into what
     the caller keeps. A reference whose memory's owner is gone is asked for again as bytes.
-    A worker that cannot be reached gives nothing (logged, and ``on_failure(address)``):
-    callers try other holders. One that died with our request in hand is also told to
-    ``on_death(address, keys)``: a value may kill its holder as it is serialized.
+    A worker that cannot be reached gives nothing (logged; the connection pool tells its
+    ``on_failure``): callers try other holders. One that died with our request in hand is
+    also told to ``on_death(address, keys)``: a value may kill its holder as it is
+    serialized.
     """
     rpc = pool.rpc(address, timeout=timeout)
     sent = []
@@ -54,8 +54,6 @@ async def get_data(pool: ConnectionPool, address: str, keys: list[str], *, host:
                 received[key] = await receive(value, address)
     except CommClosedError as e:
         logger.warning("could not get %d keys from %s: %s", len(keys), address, e)
-        if on_failure is not None:
-            on_failure(address)
         if sent and on_death is not None:
             on_death(address, keys)
         return {}

@@ -62,7 +62,8 @@ class Worker(Server):
         self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix="d3arrow-compute")
         self.peer_timeout = peer_timeout()  # a peer silent this long is skipped
         self.pool = ConnectionPool(allocate=allocate, security=security,  # center and peers
-                                   connect_timeout=min(self.peer_timeout, CONNECT_TIMEOUT))
+                                   connect_timeout=min(self.peer_timeout, CONNECT_TIMEOUT),
+                                   on_failure=self._peer_failed)
         self._tasks = Tasks()
         self.link = CenterLink(center, self.pool, self.values, security=security,
                                on_release=lambda keys: self.delete_data(keys=keys))
@@ -78,6 +79,10 @@ class Worker(Server):
             "keys": self.keys,
             "identity": self.identity,
         }
+
+    def _peer_failed(self, address: str) -> None:
+        if address != self.center:
+            self.fetcher.unreachable.add(address)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         await self.listen(host, port)
