@@ -18,13 +18,16 @@ from .errors import (
     ProtocolError,
     RemoteError,
 )
+from .executor import Executor
+from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
 from .pool import Pool
 from .references import RemoteData
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AuthenticationError", "Client", "CommClosedError", "D3ArrowError", "KilledWorkerError",
+    "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "as_completed", "wait",
+    "AuthenticationError", "Client", "CommClosedError", "D3ArrowError", "Executor", "KilledWorkerError",
     "LocalCluster", "LostDataError", "NotACenterError", "PeerUnresponsiveError",
     "MissingDataError", "Pool", "ProtocolError", "RemoteData", "RemoteError", "__version__",
 ]

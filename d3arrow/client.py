@@ -29,7 +29,7 @@ from .eventloop import LoopThread
 from .keys import KeyMaker, new_owner
 from .lineage import Lineage
 from .placement import Placement
-from .references import RemoteData, References
+from .references import RemoteData, References, wait_for
 from .security import TOKEN_ENV, Security
 from .serialize import serialize
 from .store import host_id, load
@@ -113,14 +113,15 @@ class Client:
 
     # -- running coroutines --------------------------------------------------------------------
 
-    def sync(self, coro_function, *args, timeout=None, **kwargs):
+    def sync(self, coro_function, *args, timeout=None, what=None, **kwargs):
         """Run ``coro_function(*args, **kwargs)`` on the client's loop and wait for it.
 
-        ``timeout`` bounds it there (the coroutine is cancelled, TimeoutError raised).
+        ``timeout`` bounds it there (the coroutine is cancelled, TimeoutError raised, naming
+        ``what`` was not done: by default the coroutine's name).
         """
         if self.closed:
             raise RuntimeError("this client is closed")
-        what = coro_function.__name__.lstrip("_")
+        what = what or coro_function.__name__.lstrip("_")
         try:
             return self._loop.run(_limited(coro_function(*args, **kwargs), timeout, what))
         except RemoteExit as e:
@@ -130,6 +131,10 @@ class Client:
         if self.closed:
             raise RuntimeError("this client is closed")
         return self._loop.submit(coro_function(*args, **kwargs))
+
+    def spawn(self, coro, what):
+        """Run ``coro`` on the client's loop as a task the client owns (cancelled on close)."""
+        return self._tasks.spawn(coro, what)
 
     def _failed(self, address):
         if address != self.center:
@@ -302,7 +307,7 @@ class Client:
         if isinstance(items, (str, RemoteData)):
             raise TypeError(f"gather takes a list of RemoteData or keys, not one "
                             f"{type(items).__name__}: gather([{items!r}])")
-        return self.sync(self._gather, list(items), timeout=timeout)
+        return self.sync(self.values_of, list(items), timeout=timeout, what="gather")
 
     def _key_of(self, item):
         """The key a RemoteData, a name we scattered, or a key names."""
@@ -310,7 +315,11 @@ class Client:
             return item.key
         return self._names.get(item, item)
 
-    async def _gather(self, items):
+    async def values_of(self, items):
+        """On the loop: the values of RemoteData (waiting for pending ones), names or keys."""
+        failure = await wait_for(i for i in items if isinstance(i, RemoteData))
+        if failure is not None:  # a task that failed: its error is the answer
+            raise failure
         keys = [self._key_of(item) for item in items]
         deleted = [k for k in keys if k in self.refs.deleted]
         if deleted:

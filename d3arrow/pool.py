@@ -21,8 +21,8 @@ from .addressing import address_tuple
 from .calls import Call
 from .client import Client
 from .lineage import REMAKE_ATTEMPTS
-from .references import RemoteData
 from .errors import CommClosedError, MissingDataError, RemoteExit
+from .references import RemoteData, wait_for
 from .scheduling import Deaths, Pace, choose_worker, take_batch
 from .serialize import serialize
 
@@ -78,7 +78,7 @@ class Pool:
         """``{(host, port): ncores}`` as of the last :meth:`sync_center`."""
         return {address_tuple(a): n for a, n in self.client.ncores.items()}
 
-    def map(self, func: Callable, seq: Iterable, *, workers: Workers = None,
+    def map(self, func: Callable, seq: Iterable, *more: Iterable, workers: Workers = None,
             timeout: float | None = None) -> list[RemoteData]:
         """Apply ``func`` to each element of ``seq`` on the cluster.
 
@@ -86,8 +86,10 @@ class Pool:
         ----------
         func : callable
             Lambdas and closures work (cloudpickle).
-        seq : iterable
-            Plain values or RemoteData; a call on RemoteData runs where it lives.
+        seq, *more : iterable
+            Plain values or RemoteData (also pending ones, from :meth:`submit`); a call on
+            RemoteData runs where it lives. With several iterables, ``func`` takes one
+            element of each, as the builtin ``map``, until the shortest ends.
         workers : list of addresses, optional
             ``'host:port'`` or ``(host, port)``: run only there.
         timeout : float, optional
@@ -113,12 +115,63 @@ class Pool:
         TimeoutError
             Not done within ``timeout``.
         """
-        return self.client.sync(self._map, func, list(seq), workers=workers, timeout=timeout)
+        return self.client.sync(self._map, func, list(zip(seq, *more)), workers=workers,
+                                timeout=timeout)
 
-    async def _map(self, func, seq, *, workers=None):
+    async def _map(self, func, arguments, *, workers=None):
         function = _serialize_function(func)
-        calls = [Call.of(self.client.keys.new(), (item,)) for item in seq]
+        calls = [Call.of(self.client.keys.new(), args) for args in arguments]
         return await self._run(function, calls, workers, name=_name(func))
+
+    def submit(self, func: Callable, /, *args: Any, workers: Workers = None,
+               **kwargs: Any) -> RemoteData:
+        """Run ``func(*args, **kwargs)`` as soon as its inputs exist; return at once.
+
+        ``args`` and ``kwargs`` may hold RemoteData, also pending ones (the results of
+        other submits), nested in lists, tuples, sets and dict values. The task runs on the
+        worker holding most of its input bytes once every input exists; its result stays
+        there. The returned RemoteData is a future: ``done()``, ``result()`` (the value),
+        ``exception()``, ``cancel()``, ``add_done_callback()``; see also
+        :func:`d3arrow.wait` and :func:`d3arrow.as_completed`.
+
+        A task whose input failed fails with that input's error; cancelling a task cancels
+        the tasks that wait for it. Lineage and ``allowed_failures`` apply as for
+        :meth:`map`.
+
+        Raises
+        ------
+        TypeError
+            ``func`` cannot be pickled (at once, not when the task runs).
+        """
+        function = _serialize_function(func)
+        call = Call.of(self.client.keys.new(), args, kwargs)
+        return self.client.sync(self._submit, function, call, workers, _name(func))
+
+    async def _submit(self, function, call, workers, name):
+        state = concurrent.futures.Future()
+        result = RemoteData(call.key, self.client, owned=True, state=state)
+        task = self.client.spawn(self._run_submitted(function, call, result, workers, name),
+                                 f"task {call.key}")
+        loop = asyncio.get_running_loop()
+        state.add_done_callback(  # cancelled by the user: stop the task too
+            lambda s: s.cancelled() and loop.call_soon_threadsafe(task.cancel))
+        return result
+
+    async def _run_submitted(self, function, call, result, workers, name):
+        state = result._state
+        try:
+            failure = await wait_for(call.inputs)
+            if failure is not None:
+                raise failure
+            (made,) = await self._run(function, [call], workers, name=name)
+            result._recipe = made._recipe
+            if not state.done():
+                state.set_result(None)
+        except asyncio.CancelledError:  # by the user, or an input was cancelled: as dask
+            state.cancel()
+        except BaseException as e:
+            if not state.done():
+                state.set_exception(e)
 
     def apply(self, func: Callable, args: Sequence = (), kwargs: dict | None = None, *,
               workers: Workers = None, timeout: float | None = None) -> RemoteData:
@@ -213,7 +266,10 @@ class Pool:
         if not client.ncores:
             await client.refresh_workers()
         outcomes = [None] * len(calls)
-        pending = list(range(len(calls)))
+        for i, call in enumerate(calls):  # pending inputs (from submit) must exist first
+            if call.inputs:
+                outcomes[i] = await wait_for(call.inputs)
+        pending = [i for i in range(len(calls)) if outcomes[i] is None]
         deaths = Deaths(client.allowed_failures, name)
         for attempt in range(REMAKE_ATTEMPTS + 1):
             await self._run_some(function, calls, pending, outcomes, workers, deaths)

@@ -8,19 +8,34 @@ blocks and takes no lock.
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .core import log_failure
+from .errors import RemoteExit
 
 logger = logging.getLogger(__name__)
 
 RELEASE_DELAY = 0.01  # let a burst of drops collect into one message per worker
 
 
+def _finished() -> concurrent.futures.Future:
+    future = concurrent.futures.Future()
+    future.set_result(None)
+    return future
+
+
+_DONE = _finished()  # the state of every value that exists already
+
+
 class RemoteData:
     """A value held by the workers, named by ``key``; ``get()`` fetches it.
+
+    A RemoteData is also a future (``Pool.submit`` returns it before its task ran):
+    ``done()``, ``result()``, ``exception()``, ``cancel()``, ``add_done_callback()``, as
+    ``concurrent.futures.Future``, except that ``result()`` fetches the value.
 
     Attributes
     ----------
@@ -29,16 +44,52 @@ class RemoteData:
         Address of the center that knows where the value lives.
     """
 
-    __slots__ = ("key", "_client", "_owned", "_recipe", "__weakref__")
+    __slots__ = ("key", "_client", "_owned", "_recipe", "_state", "__weakref__")
 
     def __init__(self, key: str, client: Any, *, owned: bool = False,
-                 recipe: Any = None) -> None:
+                 recipe: Any = None, state: concurrent.futures.Future = _DONE) -> None:
         self.key = key
         self._client = client
         self._owned = owned
         self._recipe = recipe  # how it was made (Pool results): kept alive with it
+        self._state = state  # done once the value exists (or its task failed)
         if owned:
             client.refs.add(key)
+
+    # -- the future protocol ---------------------------------------------------------------
+
+    def done(self) -> bool:
+        """Whether its task has finished (the value exists, or it failed, or was cancelled)."""
+        return self._state.done()
+
+    def cancelled(self) -> bool:
+        return self._state.cancelled()
+
+    def cancel(self) -> bool:
+        """Cancel its task, and every task waiting for it, unless it has finished already."""
+        return self._state.cancel()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for its task; the exception it raised, or None. CancelledError if cancelled."""
+        try:
+            exc = self._state.exception(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"{self.key} not done within {timeout} s") from None
+        return exc.exc if isinstance(exc, RemoteExit) else exc
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for its task and fetch the value (as :meth:`get`), or raise its exception."""
+        return self.get(timeout=timeout)
+
+    def add_done_callback(self, fn: Any) -> None:
+        """Call ``fn(self)`` once its task has finished (at once if it has)."""
+        self._state.add_done_callback(lambda _: fn(self))
+
+    def failure(self) -> BaseException | None:
+        """Once done: what its task raised (a CancelledError if it was cancelled), or None."""
+        if self._state.cancelled():
+            return asyncio.CancelledError(f"{self.key} was cancelled")
+        return self._state.exception()
 
     @property
     def center(self) -> str:
@@ -63,7 +114,9 @@ class RemoteData:
         return self._client.gather([self], timeout=timeout)[0]
 
     def __repr__(self) -> str:
-        return f"RemoteData<center={self.center}, key={self.key}>"
+        state = "" if self.done() and not self.cancelled() and self._state.exception() is None \
+            else " cancelled" if self.cancelled() else " error" if self.done() else " pending"
+        return f"RemoteData<center={self.center}, key={self.key}{state}>"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RemoteData) and other.key == self.key
@@ -83,6 +136,21 @@ class RemoteData:
                 self._client.refs.drop(self.key)
             except Exception:  # interpreter shutdown: the cluster goes away anyway
                 pass
+
+
+async def wait_for(inputs: Iterable[RemoteData]) -> BaseException | None:
+    """On the client's loop: until every input's task has finished; the first failure of
+    one (what it raised, or a CancelledError), else None. Cancelling the waiter cancels
+    the waiter only, never an input."""
+    inputs = list(inputs)
+    pending = [asyncio.wrap_future(r._state) for r in inputs if not r.done()]
+    if pending:
+        await asyncio.wait(pending)
+    for ref in inputs:
+        failure = ref.failure()
+        if failure is not None:
+            return failure
+    return None
 
 
 class References:

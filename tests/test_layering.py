@@ -15,10 +15,11 @@ LAYERS = [
     {"comm", "eventloop"},
     {"core"},
     {"transfer", "center_link", "placement", "references"},
-    {"fetching", "calls"},
+    {"fetching", "calls", "futures"},
     {"center", "worker", "cluster", "lineage"},
     {"client"},
     {"pool"},
+    {"executor"},
     {"__init__"},
     {"cli"},
 ]
