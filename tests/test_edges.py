@@ -412,10 +412,11 @@ def test_two_clients_naming_a_value_alike_each_keep_their_own():
             Pool(cluster.center_address) as a, Pool(cluster.center_address) as b:
         ours = a.scatter({"x": np.arange(10)})
         assert list(ours) == ["x"]  # Pool.scatter(dict) sends the values, keyed by name
-        b.scatter({"x": np.ones(10)})
+        theirs = b.scatter({"x": np.ones(10)})  # held: a value nobody names is freed
         np.testing.assert_array_equal(a.gather("x"), np.arange(10))
         np.testing.assert_array_equal(b.gather("x"), np.ones(10))
         b.close()
+        del theirs
         np.testing.assert_array_equal(ours["x"].get(), np.arange(10))  # not lost with b
         assert a.apply(lambda v: int(v.sum()), [ours["x"]]).get() == 45
 
