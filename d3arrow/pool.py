@@ -19,6 +19,7 @@ import cloudpickle
 
 from .addressing import address_tuple
 from .calls import Call
+from . import graphs
 from .client import Client
 from .lineage import REMAKE_ATTEMPTS
 from .errors import CommClosedError, MissingDataError, RemoteExit
@@ -58,6 +59,7 @@ class Pool:
     """
 
     def __init__(self, address=None, **kwargs):
+        self._running = collections.Counter()  # address -> calls in hand there, all runs
         self.client = Client(address, **kwargs)
         try:
             self.sync_center()
@@ -195,6 +197,26 @@ class Pool:
                                     workers, name=_name(func))
         return result
 
+    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """A dask scheduler: ``dask.compute(x, scheduler=pool.get)``, ``x.compute(scheduler=
+        pool.get)`` or ``dask.config.set(scheduler=pool.get)``.
+
+        Runs any graph of the installed dask (``pip install d3arrow[dask]``) on the
+        cluster: each task on the worker holding most of its input bytes, intermediate
+        results freed as soon as no pending task needs them; only ``keys`` travel back.
+        Other keyword arguments dask passes to schedulers are accepted and ignored.
+        """
+        graph = graphs.to_task_spec(dsk)
+        priority = graphs.priorities(graph)
+        return self.client.sync(self._get, graph, priority, keys, what="get")
+
+    async def _get(self, graph, priority, keys):
+        function = _serialize_function(graphs.run_node)
+        wanted = graphs.wanted_keys(keys)
+        futures = await graphs.submit_graph(self, function, graph, priority, wanted)
+        values = await self.client.values_of(list(futures.values()))
+        return graphs.nested(keys, dict(zip(futures, values)))
+
     def gather(self, remote_data: RemoteData | str | Iterable[RemoteData | str], *,
                timeout: float | None = None) -> Any:
         """Fetch the values of a list of RemoteData (or a single one)."""
@@ -307,10 +329,11 @@ class Pool:
                 raise CommClosedError("every worker this computation could use has died")
 
     def _place(self, call, queues):
-        """The worker holding the most input bytes; else the least loaded one."""
-        ncores = self.client.ncores
+        """The worker holding the most input bytes; else the least loaded one (its queue
+        here and the calls other runs have in hand there)."""
+        ncores, running = self.client.ncores, self._running
         return choose_worker(self.client.placement.held_bytes(call.needs), list(queues),
-                             lambda a: (len(queues[a]) + 1) / ncores.get(a, 1))
+                             lambda a: (len(queues[a]) + running[a] + 1) / ncores.get(a, 1))
 
     async def _slot(self, address, function, calls, queues, outcomes, pace, deaths):
         while address in queues:
@@ -321,6 +344,7 @@ class Pool:
                 queues[address].extendleft(reversed(batch[1:]))  # suspects travel alone
                 batch = batch[:1]
             sent = []
+            self._running[address] += len(batch)
             try:
                 results, seconds = await self.client.compute(
                     address, function, [calls[i] for i in batch],
@@ -339,6 +363,8 @@ class Pool:
                     survivor = min(queues, key=lambda a: len(queues[a]))
                     queues[survivor].extend([*retry, *orphans])
                 return
+            finally:
+                self._running[address] -= len(batch)
             for index, outcome in zip(batch, results):
                 outcomes[index] = outcome
 

@@ -17,7 +17,7 @@ LAYERS = [
     {"transfer", "center_link", "placement", "references"},
     {"fetching", "calls", "futures"},
     {"center", "worker", "cluster", "lineage"},
-    {"client"},
+    {"client", "graphs"},
     {"pool"},
     {"executor"},
     {"__init__"},

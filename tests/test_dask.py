@@ -1,0 +1,60 @@
+"""Pool.get as a dask scheduler: the same results as dask's threaded scheduler."""
+
+import operator
+import sys
+
+import cloudpickle
+import numpy as np
+import pytest
+from conftest import wait_until
+
+dask = pytest.importorskip("dask")  # the test extra installs it
+import dask.array as da  # noqa: E402
+import dask.bag as db  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+
+
+def test_an_array_pipeline_equals_the_threaded_schedulers(pool):
+    x = da.random.default_rng(1).random((1200, 1200), chunks=300)
+    y = (x + x.T).sum(axis=0)
+    z = (x @ x.T)[::7, 3:50].mean(axis=1)
+    ours = dask.compute(y, z, scheduler=pool.get)
+    theirs = dask.compute(y, z, scheduler="threads")
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b)
+    np.testing.assert_allclose(x.sum().compute(scheduler=pool.get), x.sum().compute())
+
+
+def test_delayed_chains_and_fan_in(pool):
+    inc = dask.delayed(operator.add, pure=False)
+    value = 0
+    for _ in range(200):  # each on the previous
+        value = inc(value, 1)
+    fan = dask.delayed(sum)([inc(i, 1) for i in range(50)])
+    assert dask.compute(value, fan, scheduler=pool.get) == (200, sum(range(1, 51)))
+
+
+def test_bags_and_the_config_setting(pool):
+    bag = db.from_sequence(range(100), npartitions=7).map(lambda v: v * 3).filter(
+        lambda v: v % 2 == 0)
+    with dask.config.set(scheduler=pool.get):
+        assert bag.sum().compute() == sum(v * 3 for v in range(100) if v * 3 % 2 == 0)
+        assert sorted(bag.compute()) == sorted(bag.compute(scheduler="sync"))
+
+
+def test_a_failing_task_raises_its_error_with_the_remote_traceback(pool):
+    def boom(v):
+        raise ZeroDivisionError(f"no chunk {v}")
+
+    bad = dask.delayed(boom)(3)
+    with pytest.raises(ZeroDivisionError, match="no chunk 3") as info:
+        dask.compute(dask.delayed(sum)([bad, 1]), scheduler=pool.get)
+    assert "boom" in str(info.value.__cause__)
+
+
+def test_intermediate_results_do_not_stay_on_the_workers(pool):
+    x = da.ones((800, 800), chunks=200)
+    assert float((x * 2 + 1).sum().compute(scheduler=pool.get)) == 800 * 800 * 3.0
+    assert wait_until(lambda: not any(pool.client.has_what().values()))
