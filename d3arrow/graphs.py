@@ -1,18 +1,20 @@
 """Running dask graphs on a d3arrow cluster: the data-local scheduler behind ``Pool.get``.
 
 A graph (legacy dict, task-spec nodes, or a collection's ``__dask_graph__()``) becomes
-task-spec nodes; each node becomes a submitted task whose inputs are the RemoteData of the
-nodes it depends on, submitted in ``dask.order`` priority. Each task runs, once its inputs
-exist, on the worker holding most of their bytes; an intermediate result is freed as soon
-as the tasks that need it have run; only the requested keys travel to the client. dask is
-imported only here, and only when a graph is run.
+task-spec nodes, run by :func:`run_graph`: the nodes whose inputs exist go out together
+in ``dask.order`` priority, each to the worker holding most of its input bytes; an
+intermediate result is freed as soon as the nodes that need it have run; only the
+requested keys travel to the client. dask is imported only here, and only for a graph.
 """
 
+import asyncio
+import collections
 from collections.abc import Mapping
 from typing import Any
 
 from .calls import Call
 from .references import RemoteData
+from .scheduling import Pace
 
 
 def to_task_spec(dsk: Any) -> dict:
@@ -42,42 +44,74 @@ def run_node(node: Any, values: dict) -> Any:
     return node(values)
 
 
-async def submit_graph(pool: Any, function: Any, graph: dict, priority: dict,
-                       wanted: list) -> dict:
-    """Submit every node of ``graph``; ``{key: RemoteData}`` for the ``wanted`` keys.
+async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
+                    wanted: list) -> dict:
+    """Run every node of ``graph`` on the cluster; ``{key: RemoteData}`` for ``wanted``.
 
-    ``function`` is :func:`run_node` in wire form. Nodes go in priority order, a node's
-    dependencies always before it.
+    ``function`` is :func:`run_node` in wire form. The nodes whose inputs exist are
+    dispatched together, highest priority first, as one ``map`` (batched per worker, each
+    call where most of its input bytes are); as each group's results come back, the nodes
+    waiting for them become ready and go out at once, while other groups still run. A
+    result is dropped (freed on the workers) once every node that needs it has run, unless
+    it is wanted. The first error of a node is raised, and nothing more is started.
     """
     from dask._task_spec import Alias
-    from dask.utils import funcname
 
-    futures: dict[Any, RemoteData] = {}
+    waiting = {key: set(node.dependencies) for key, node in graph.items()}
+    dependents = collections.defaultdict(list)
+    for key, deps in waiting.items():
+        for dep in deps:
+            dependents[dep].append(key)
+    unneeded = {key: len(dependents[key]) for key in graph}  # dependents yet to run
+    keep = set(wanted)
+    results: dict[Any, RemoteData] = {}
+    ready = [key for key, deps in waiting.items() if not deps]
+    running: dict[asyncio.Task, list] = {}
+    pace = Pace()
 
-    async def submit(key):
-        stack = [key]
-        while stack:  # depth first, so that dependencies come first (deep graphs too)
-            top = stack[-1]
-            if top in futures:
-                stack.pop()
-                continue
-            node = graph[top]
-            missing = [d for d in node.dependencies if d not in futures]
-            if missing:
-                stack.extend(sorted(missing, key=priority.get, reverse=True))
-                continue
-            stack.pop()
-            if isinstance(node, Alias):
-                futures[top] = futures[node.target]
-                continue
-            name = funcname(node.func) if hasattr(node, "func") else type(node).__name__
-            deps = {d: futures[d] for d in node.dependencies}
-            call = Call.of(pool.client.keys.new(), (node, deps))
-            futures[top] = await pool._submit(function, call, None, name)
+    def finished(key, value):
+        """``key`` has its value: release what waited for it, and what it waited for."""
+        results[key] = value
+        for dependent in dependents[key]:
+            waiting[dependent].discard(key)
+            if not waiting[dependent]:
+                ready.append(dependent)
+        for dep in graph[key].dependencies:
+            unneeded[dep] -= 1
+            if not unneeded[dep] and dep not in keep:
+                results.pop(dep, None)  # its last user ran: freed on the workers
 
-    for key in sorted(graph, key=priority.get):
-        await submit(key)
-    return {key: futures[key] for key in wanted}
+    try:
+        while ready or running:
+            ready.sort(key=priority.get, reverse=True)
+            batch = []
+            while ready:
+                key = ready.pop()
+                node = graph[key]
+                if isinstance(node, Alias):
+                    finished(key, results[node.target])
+                else:
+                    batch.append(key)
+            if batch:
+                calls = [Call.of(pool.client.keys.new(),
+                                 (graph[key], {d: results[d] for d in graph[key].dependencies}))
+                         for key in batch]
+                task = pool.client.spawn(pool._run_calls(function, calls, None,
+                                                         name="a dask task", pace=pace),
+                                         "running dask tasks")
+                running[task] = batch
+            if ready or not running:
+                continue
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                for key, outcome in zip(running.pop(task), task.result()):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    finished(key, outcome)
+    finally:
+        for task in running:
+            task.cancel()
+    return {key: results[key] for key in wanted}
 
 
 def nested(keys: Any, values: Mapping) -> Any:

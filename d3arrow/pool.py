@@ -60,6 +60,7 @@ class Pool:
 
     def __init__(self, address=None, **kwargs):
         self._running = collections.Counter()  # address -> calls in hand there, all runs
+        self._ready = {}  # (function id, workers) -> submitted calls ready to run together
         self.client = Client(address, **kwargs)
         try:
             self.sync_center()
@@ -165,7 +166,7 @@ class Pool:
             failure = await wait_for(call.inputs)
             if failure is not None:
                 raise failure
-            (made,) = await self._run(function, [call], workers, name=name)
+            made = await self._dispatch(function, call, workers, name)
             result._recipe = made._recipe
             if not state.done():
                 state.set_result(None)
@@ -174,6 +175,46 @@ class Pool:
         except BaseException as e:
             if not state.done():
                 state.set_exception(e)
+
+    async def _dispatch(self, function, call, workers, name):
+        """Run a submitted call whose inputs exist; its RemoteData.
+
+        Calls of one function that become ready in the same turn of the loop run together,
+        as one ``map`` would: batched per worker, stolen by idle ones.
+        """
+        group = (id(function), None if workers is None else tuple(workers))
+        if group not in self._ready:
+            self._ready[group] = (function, workers, name, [])
+            if len(self._ready) == 1:
+                asyncio.get_running_loop().call_soon(self._dispatch_ready)
+        done = asyncio.get_running_loop().create_future()
+        self._ready[group][3].append((call, done))
+        return await done
+
+    def _dispatch_ready(self):
+        ready, self._ready = self._ready, {}
+        for function, workers, name, entries in ready.values():
+            self.client.spawn(self._run_ready(function, workers, name, entries),
+                              "running submitted tasks")
+
+    async def _run_ready(self, function, workers, name, entries):
+        entries = [(call, done) for call, done in entries if not done.done()]  # cancelled
+        try:
+            outcomes = await self._run_calls(function, [call for call, _ in entries], workers,
+                                             name=name)
+        except asyncio.CancelledError:  # the client closes
+            for _, done in entries:
+                done.cancel()
+            raise
+        except Exception as e:  # no worker left to run them
+            outcomes = [e] * len(entries)
+        for (_, done), outcome in zip(entries, outcomes):
+            if done.done():
+                continue
+            if isinstance(outcome, BaseException):
+                done.set_exception(outcome)
+            else:
+                done.set_result(outcome)
 
     def apply(self, func: Callable, args: Sequence = (), kwargs: dict | None = None, *,
               workers: Workers = None, timeout: float | None = None) -> RemoteData:
@@ -213,7 +254,7 @@ class Pool:
     async def _get(self, graph, priority, keys):
         function = _serialize_function(graphs.run_node)
         wanted = graphs.wanted_keys(keys)
-        futures = await graphs.submit_graph(self, function, graph, priority, wanted)
+        futures = await graphs.run_graph(self, function, graph, priority, wanted)
         values = await self.client.values_of(list(futures.values()))
         return graphs.nested(keys, dict(zip(futures, values)))
 
@@ -278,7 +319,16 @@ class Pool:
     # -- scheduling ----------------------------------------------------------------------------
 
     async def _run(self, function, calls, workers, *, name):
-        """Place each call, run them all, return their RemoteData in order (or raise).
+        """Place each call, run them all, return their RemoteData in order (or raise the
+        first call's exception)."""
+        outcomes = await self._run_calls(function, calls, workers, name=name)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
+
+    async def _run_calls(self, function, calls, workers, *, name, pace=None):
+        """Place each call, run them all: per call its RemoteData or its exception.
 
         A call whose input was lost with its workers runs again once the input has been
         made again from its lineage. A call in hand each time a worker died is given up
@@ -294,7 +344,8 @@ class Pool:
         pending = [i for i in range(len(calls)) if outcomes[i] is None]
         deaths = Deaths(client.allowed_failures, name)
         for attempt in range(REMAKE_ATTEMPTS + 1):
-            await self._run_some(function, calls, pending, outcomes, workers, deaths)
+            await self._run_some(function, calls, pending, outcomes, workers, deaths,
+                                 pace or Pace())
             pending = [i for i in pending if type(outcomes[i]) is MissingDataError]
             if not pending or attempt == REMAKE_ATTEMPTS:
                 break
@@ -304,19 +355,15 @@ class Pool:
                 for i in pending:
                     outcomes[i] = e
                 break
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
         return outcomes
 
-    async def _run_some(self, function, calls, indices, outcomes, workers, deaths):
+    async def _run_some(self, function, calls, indices, outcomes, workers, deaths, pace):
         client = self.client
         chosen = client.choose_workers(workers)
         live = client.placement.reachable(chosen) or chosen
         queues = {address: collections.deque() for address in live}
         for index in indices:
             queues[self._place(calls[index], queues)].append(index)
-        pace = Pace()
         while any(queues.values()):
             if len(indices) == 1:  # one slot is enough: no tasks to create, no loop turns
                 (address,) = (a for a in queues if queues[a])
