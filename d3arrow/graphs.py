@@ -57,14 +57,17 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
     """
     from dask._task_spec import Alias
 
-    waiting = {key: set(node.dependencies) for key, node in graph.items()}
+    # keys the graph uses but does not make: RemoteData put in it (persisted chunks, a
+    # scattered value given to dask.delayed), which dask turned into references by key
+    external = {dep for node in graph.values() for dep in node.dependencies} - graph.keys()
+    results: dict[Any, RemoteData] = {key: _held(pool.client, key) for key in external}
+    waiting = {key: set(node.dependencies) - external for key, node in graph.items()}
     dependents = collections.defaultdict(list)
     for key, deps in waiting.items():
         for dep in deps:
             dependents[dep].append(key)
     unneeded = {key: len(dependents[key]) for key in graph}  # dependents yet to run
-    keep = set(wanted)
-    results: dict[Any, RemoteData] = {}
+    keep = set(wanted) | external
     ready = [key for key, deps in waiting.items() if not deps]
     running: dict[asyncio.Task, list] = {}
     pace = Pace()
@@ -77,6 +80,8 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
             if not waiting[dependent]:
                 ready.append(dependent)
         for dep in graph[key].dependencies:
+            if dep in external:
+                continue
             unneeded[dep] -= 1
             if not unneeded[dep] and dep not in keep:
                 results.pop(dep, None)  # its last user ran: freed on the workers
@@ -112,6 +117,12 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
         for task in running:
             task.cancel()
     return {key: results[key] for key in wanted}
+
+
+def _held(client: Any, key: Any) -> RemoteData:
+    if not isinstance(key, str):
+        raise KeyError(f"the graph needs {key!r}, which it does not define")
+    return RemoteData(key, client, owned=True)  # held while the graph runs
 
 
 def nested(keys: Any, values: Mapping) -> Any:

@@ -258,6 +258,23 @@ class Pool:
         values = await self.client.values_of(list(futures.values()))
         return graphs.nested(keys, dict(zip(futures, values)))
 
+    def persist(self, collection: Any) -> Any:
+        """Compute a dask collection on the cluster and keep its chunks there.
+
+        Returns the same kind of collection, whose graph names the chunks held by the
+        workers (RemoteData): later graphs built on it start from them.
+        """
+        graph = graphs.to_task_spec(collection.__dask_graph__())
+        priority = graphs.priorities(graph)
+        keys = graphs.wanted_keys(collection.__dask_keys__())
+        futures = self.client.sync(self._persist, graph, priority, keys, what="persist")
+        rebuild, extra = collection.__dask_postpersist__()
+        return rebuild(futures, *extra)
+
+    async def _persist(self, graph, priority, keys):
+        function = _serialize_function(graphs.run_node)
+        return await graphs.run_graph(self, function, graph, priority, keys)
+
     def gather(self, remote_data: RemoteData | str | Iterable[RemoteData | str], *,
                timeout: float | None = None) -> Any:
         """Fetch the values of a list of RemoteData (or a single one)."""

@@ -45,6 +45,7 @@ class RemoteData:
     """
 
     __slots__ = ("key", "_client", "_owned", "_recipe", "_state", "__weakref__")
+    __dask_future__ = True  # inside a dask graph it names a value the workers hold
 
     def __init__(self, key: str, client: Any, *, owned: bool = False,
                  recipe: Any = None, state: concurrent.futures.Future = _DONE) -> None:

@@ -58,3 +58,14 @@ def test_intermediate_results_do_not_stay_on_the_workers(pool):
     x = da.ones((800, 800), chunks=200)
     assert float((x * 2 + 1).sum().compute(scheduler=pool.get)) == 800 * 800 * 3.0
     assert wait_until(lambda: not any(pool.client.has_what().values()))
+
+
+def test_persisted_chunks_stay_on_the_workers_and_feed_later_graphs(pool):
+    x = da.arange(1000, chunks=100) * 2
+    kept = pool.persist(x)
+    held = {k for keys in pool.client.has_what().values() for k in keys}
+    chunks = [v for v in kept.__dask_graph__().values()]
+    assert len(chunks) == 10 and all(c.key in held for c in chunks)  # on the workers
+    assert float((kept + 1).sum().compute(scheduler=pool.get)) == float((x + 1).sum().compute())
+    np.testing.assert_array_equal(kept.compute(scheduler=pool.get), np.arange(1000) * 2)
+
