@@ -1,21 +1,29 @@
 """dask graphs and task chains on d3arrow, beside dask's threaded scheduler in the same run.
 
-    python -m benchmarks.graphs [--repeat 3]
+    python -m benchmarks.graphs [--repeat 3] [--systems d3arrow,threaded,...]
 
 Each run builds its graph afresh (new keys, so no scheduler answers from a previous run);
-values do not depend on the process, so results are compared. d3arrow: a LocalCluster of
-2 workers x 1 core; dask threaded: 2 threads. Medians of ``--repeat`` runs; every run is
-printed, the first (cold) one included. docs/benchmarks.md quotes the output.
+values do not depend on the process, so every result is compared with the threaded
+scheduler's. d3arrow: a LocalCluster of 2 workers x 1 core; dask threaded: 2 threads;
+dask.distributed: a LocalCluster of 2 worker processes x 1 thread; Ray: dask-on-Ray with
+2 CPUs (the last two where installed, ``pip install -e '.[compare]'``). Systems run one
+after the other. Medians of ``--repeat`` runs; every run is printed, the first (cold)
+one included, and the peak resident memory of the cluster's processes (summed) during
+each work's runs. docs/benchmarks.md quotes the output.
 """
 
 import argparse
+import contextlib
+import importlib.util
 import operator
 import statistics
+import threading
 import time
 
 import dask
 import dask.array as da
 import numpy as np
+import psutil
 
 from d3arrow import Pool
 
@@ -53,6 +61,76 @@ def submit_chain(pool, n=1000):
     return (time.perf_counter() - start) / n
 
 
+class PeakRSS:
+    """Samples the summed resident memory of this process's children (the cluster)."""
+
+    def __init__(self, interval=0.05):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def d3arrow_scheduler():
+    with Pool(n_workers=2, ncores=1) as pool:
+        yield pool.get, pool
+
+
+@contextlib.contextmanager
+def threaded_scheduler():
+    with dask.config.set(num_workers=2):
+        yield "threads", None
+
+
+@contextlib.contextmanager
+def distributed_scheduler():
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client.get, None
+
+
+@contextlib.contextmanager
+def ray_scheduler():
+    import ray
+    from ray.util.dask import ray_dask_get
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    try:
+        yield ray_dask_get, None
+    finally:
+        ray.shutdown()
+
+
+SYSTEMS = {"d3arrow": (d3arrow_scheduler, None), "threaded": (threaded_scheduler, None),
+           "dask.distributed": (distributed_scheduler, "distributed"),
+           "Ray": (ray_scheduler, "ray")}
+WORK = {"P1": p1, "P2": p2, "P3": p3}
+
+
 def _timed(build, scheduler):
     collection = build()  # fresh keys each run
     start = time.perf_counter()
@@ -63,27 +141,41 @@ def _timed(build, scheduler):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="comma-separated, of " + ", ".join(SYSTEMS))
     args = parser.parse_args(argv)
-    with Pool(n_workers=2, ncores=1) as pool:
-        for name, build in (("P1", p1), ("P2", p2), ("P3", p3)):
-            ours, theirs = [], []
-            for _ in range(args.repeat):
-                seconds, result = _timed(build, pool.get)
-                ours.append(seconds)
-                with dask.config.set(num_workers=2):
-                    seconds, expected = _timed(build, "threads")
-                theirs.append(seconds)
-                np.testing.assert_allclose(result, expected)
-            print(f"{name} ({build.__doc__.strip()})\n"
-                  f"    d3arrow  median {statistics.median(ours):.2f} s  runs "
-                  f"{' '.join(f'{s:.2f}' for s in ours)}\n"
-                  f"    threaded median {statistics.median(theirs):.2f} s  runs "
-                  f"{' '.join(f'{s:.2f}' for s in theirs)}  -> d3arrow / threaded "
-                  f"{statistics.median(ours) / statistics.median(theirs):.2f}", flush=True)
-        chain = [submit_chain(pool) for _ in range(args.repeat)]
-        print(f"pool.submit chain of 1,000 dependent tiny tasks: median "
-              f"{statistics.median(chain) * 1e3:.2f} ms per task, runs "
-              f"{' '.join(f'{s * 1e3:.2f}' for s in chain)}")
+    expected = {name: dask.compute(build(), scheduler="threads")[0] for name, build in
+                WORK.items()}
+    medians = {}
+    for system in args.systems.split(","):
+        make, module = SYSTEMS[system]
+        if module is not None and importlib.util.find_spec(module) is None:
+            print(f"{system}: skipped ({module} is not installed: pip install -e "
+                  f"'.[compare]')")
+            continue
+        with make() as (scheduler, pool):
+            for name, build in WORK.items():
+                runs = []
+                with PeakRSS() as memory:
+                    for _ in range(args.repeat):
+                        seconds, result = _timed(build, scheduler)
+                        np.testing.assert_allclose(result, expected[name])
+                        runs.append(seconds)
+                medians[system, name] = statistics.median(runs)
+                print(f"{name} {system:17s} median {medians[system, name]:6.2f} s  runs "
+                      f"{' '.join(f'{s:.2f}' for s in runs)}  cluster peak RSS "
+                      f"{memory.peak / 2**30:.2f} GiB", flush=True)
+            if pool is not None:
+                chain = [submit_chain(pool) for _ in range(args.repeat)]
+                print(f"pool.submit chain of 1,000 dependent tiny tasks: median "
+                      f"{statistics.median(chain) * 1e3:.2f} ms per task, runs "
+                      f"{' '.join(f'{s * 1e3:.2f}' for s in chain)}", flush=True)
+    for name in WORK:
+        ours = medians.get(("d3arrow", name))
+        others = {s: m for (s, n), m in medians.items() if n == name and s != "d3arrow"}
+        if ours:
+            print(f"{name}: " + ", ".join(f"{s} / d3arrow {m / ours:.2f}"
+                                          for s, m in others.items()))
 
 
 if __name__ == "__main__":
