@@ -9,6 +9,8 @@ requested keys travel to the client. dask is imported only here, and only for a 
 
 import asyncio
 import collections
+import heapq
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +18,8 @@ from .calls import Call
 from .references import RemoteData
 from .scheduling import Pace
 
+IN_FLIGHT_PER_CORE = 4  # nodes out per core while each takes long
+LONG_NODE_SECONDS = 0.001  # a node that runs this long is not worth batching with others
 
 def to_task_spec(dsk: Any) -> dict:
     """``{key: GraphNode}`` for a graph in any form dask hands a scheduler."""
@@ -68,7 +72,10 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
             dependents[dep].append(key)
     unneeded = {key: len(dependents[key]) for key in graph}  # dependents yet to run
     keep = set(wanted) | external
-    ready = [key for key, deps in waiting.items() if not deps]
+    ready = [(priority[key], i, key) for i, (key, deps) in enumerate(waiting.items())
+             if not deps]  # a heap: highest priority (lowest number) first
+    heapq.heapify(ready)
+    tiebreak = itertools.count(len(graph))
     running: dict[asyncio.Task, list] = {}
     pace = Pace()
 
@@ -78,7 +85,7 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
         for dependent in dependents[key]:
             waiting[dependent].discard(key)
             if not waiting[dependent]:
-                ready.append(dependent)
+                heapq.heappush(ready, (priority[dependent], next(tiebreak), dependent))
         for dep in graph[key].dependencies:
             if dep in external:
                 continue
@@ -86,12 +93,23 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
             if not unneeded[dep] and dep not in keep:
                 results.pop(dep, None)  # its last user ran: freed on the workers
 
+    cores = max(1, sum(pool.client.ncores.values()))
+
+    def room():
+        """How many more nodes may go out: a few per core while nodes take long (or are not
+        measured yet), so that memory stays bounded as with dask's own schedulers; any
+        number once they are known to be tiny, so that they travel by the hundred."""
+        per_call = pace.per_call()
+        if per_call is not None and per_call < LONG_NODE_SECONDS:
+            return len(graph)
+        return cores * IN_FLIGHT_PER_CORE - sum(map(len, running.values()))
+
     try:
         while ready or running:
-            ready.sort(key=priority.get, reverse=True)
             batch = []
-            while ready:
-                key = ready.pop()
+            space = room()
+            while ready and len(batch) < space:
+                _, _, key = heapq.heappop(ready)
                 node = graph[key]
                 if isinstance(node, Alias):
                     finished(key, results[node.target])
@@ -105,7 +123,7 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
                                                          name="a dask task", pace=pace),
                                          "running dask tasks")
                 running[task] = batch
-            if ready or not running:
+            if not running:  # nothing out, nothing ready: done
                 continue
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:

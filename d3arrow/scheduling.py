@@ -61,10 +61,14 @@ class Pace:
         self.calls += calls
         self.seconds += seconds
 
+    def per_call(self) -> float | None:
+        """Seconds a call has taken on average, or None before any came back."""
+        return self.seconds / self.calls if self.calls else None
+
     def batch_size(self) -> int:
-        if not self.calls:
+        per_call = self.per_call()
+        if per_call is None:
             return 1
-        per_call = self.seconds / self.calls
         if per_call <= 0:
             return MAX_BATCH
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / per_call)))

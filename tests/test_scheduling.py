@@ -45,9 +45,9 @@ def test_no_stealing_from_a_worker_with_no_more_calls_than_cores():
 
 def test_pace_sends_one_call_until_measured_then_about_20_ms_of_work():
     pace = Pace()
-    assert pace.batch_size() == 1
+    assert pace.batch_size() == 1 and pace.per_call() is None
     pace.record(10, 0.010)  # 1 ms a call
-    assert pace.batch_size() == 20
+    assert pace.batch_size() == 20 and pace.per_call() == 0.001
     pace.record(10**6, 0.0)
     assert pace.batch_size() == MAX_BATCH
 
