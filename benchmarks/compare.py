@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -21,8 +22,13 @@ MiB = 2**20
 
 # "pairs": how many (socket, d3arrow) pairs the two targets stated against the socket take
 FULL = {"sizes": [8 * MiB, 256 * MiB], "big": 256 * MiB, "tiny": 10_000, "repeat": 5,
-        "pairs": 7}
-QUICK = {"sizes": [8 * MiB], "big": 32 * MiB, "tiny": 2_000, "repeat": 3, "pairs": 3}
+        "pairs": 7, "graphs": 3}
+QUICK = {"sizes": [8 * MiB], "big": 32 * MiB, "tiny": 2_000, "repeat": 3, "pairs": 3,
+         "graphs": 0}
+GRAPH_SYSTEMS = {"d3arrow": "d3arrow", "dask": "dask.distributed", "ray": "Ray"}
+GRAPH_WORK = {"P1": "dask P1 (x + x.T).sum(axis=0), 12000^2, 1500^2 chunks",
+              "P2": "dask P2 10,000 20x20 chunks, map_blocks, sum",
+              "P3": "dask P3 1,000 delayed tasks in a chain"}
 SYSTEMS = ["d3arrow", "dask", "ray", "multiprocessing"]
 NEEDS = {"dask": "distributed", "ray": "ray"}
 
@@ -47,6 +53,12 @@ def rows(config):
         (f"receiving worker peak RSS, {big // MiB} MiB", "x payload", f"peak_rss_{big}", None,
          False),
     ]
+    if config.get("graphs"):  # the limit column: dask's threaded scheduler, same run
+        for name, label in GRAPH_WORK.items():
+            out.append((label, "s", f"graph_{name}_s", f"threaded_{name}", False))
+            out.append(("  cluster peak RSS", "GiB", f"graph_{name}_gib", None, False))
+        out.append(("submit chain of 1,000 dependent tasks", "ms/task", "submit_chain_ms", None,
+                    False))
     return out
 
 
@@ -72,9 +84,18 @@ def measure_in_this_process(name, config):
     args = (config["sizes"], config["big"], config["tiny"], config["repeat"])
     if name == "d3arrow":
         from . import measure
-        return measure.run(*args, pairs=config["pairs"])
-    from . import peers
-    return peers.SYSTEMS[name][1](*args)
+        figures = measure.run(*args, pairs=config["pairs"])
+    else:
+        from . import peers
+        figures = peers.SYSTEMS[name][1](*args)
+    if config.get("graphs") and name in GRAPH_SYSTEMS:
+        from . import graphs
+        found = graphs.figures(GRAPH_SYSTEMS[name], config["graphs"],
+                               report=lambda text: print(text, file=sys.stderr, flush=True))
+        figures.update(found)
+        for work in GRAPH_WORK:
+            figures[f"graph_{work}_gib"] = found[f"graph_{work}_rss"] / 2**30
+    return figures
 
 
 def targets(results, config):
@@ -114,6 +135,19 @@ def targets(results, config):
     if "round_trip_ms" in d3:
         add("one tiny apply round trip < 1 ms", f"{d3['round_trip_ms']:.2f} ms",
             d3["round_trip_ms"] < 1)
+    limits = results["limits"]
+    for work, faster, threaded in (("P1", 1.6, 1.25), ("P2", 10, 1.0), ("P3", 6, None)):
+        ours, theirs = d3.get(f"graph_{work}_s"), dask.get(f"graph_{work}_s")
+        if ours and theirs:
+            add(f"dask {work} >= {faster}x faster than dask.distributed",
+                f"{theirs / ours:.2f}x", theirs / ours >= faster)
+        if ours and threaded and limits.get(f"threaded_{work}"):
+            ratio = ours / limits[f"threaded_{work}"]
+            add(f"dask {work} within {threaded}x of dask threaded", f"{ratio:.2f}x",
+                ratio <= threaded)
+    if "submit_chain_ms" in d3:
+        add("pool.submit chain <= 1 ms a task", f"{d3['submit_chain_ms']:.2f} ms",
+            d3["submit_chain_ms"] <= 1)
     return out
 
 
@@ -193,6 +227,13 @@ def main(argv=None):
         "serialization": measure.serialization_figures(config["big"], config["repeat"]),
         "systems": {},
     }
+    if config.get("graphs"):
+        from . import graphs
+        print("measuring dask threaded ...", file=sys.stderr, flush=True)
+        with graphs.threaded_scheduler() as (scheduler, _):
+            for work, build in graphs.WORK.items():
+                results["limits"][f"threaded_{work}"] = statistics.median(
+                    graphs.timed(build, scheduler)[0] for _ in range(config["graphs"]))
     chosen = args.systems.split(",")
     for name in SYSTEMS:
         if name in chosen:

@@ -131,11 +131,40 @@ SYSTEMS = {"d3arrow": (d3arrow_scheduler, None), "threaded": (threaded_scheduler
 WORK = {"P1": p1, "P2": p2, "P3": p3}
 
 
-def _timed(build, scheduler):
+def timed(build, scheduler):
     collection = build()  # fresh keys each run
     start = time.perf_counter()
     result = dask.compute(collection, scheduler=scheduler)[0]
     return time.perf_counter() - start, result
+
+
+def figures(system, repeat=3, expected=None, report=print):
+    """Medians (s) and peak RSS (bytes) of P1-P3 on ``system``, and for d3arrow the submit
+    chain (s a task): ``{"graph_P1_s": ..., "graph_P1_rss": ..., ...}``."""
+    expected = expected or {name: dask.compute(build(), scheduler="threads")[0]
+                            for name, build in WORK.items()}
+    make, _ = SYSTEMS[system]
+    out = {}
+    with make() as (scheduler, pool):
+        for name, build in WORK.items():
+            runs = []
+            with PeakRSS() as memory:
+                for _ in range(repeat):
+                    seconds, result = timed(build, scheduler)
+                    np.testing.assert_allclose(result, expected[name])
+                    runs.append(seconds)
+            out[f"graph_{name}_s"] = statistics.median(runs)
+            out[f"graph_{name}_rss"] = memory.peak
+            report(f"{name} {system:17s} median {out[f'graph_{name}_s']:6.2f} s  runs "
+                   f"{' '.join(f'{s:.2f}' for s in runs)}  cluster peak RSS "
+                   f"{memory.peak / 2**30:.2f} GiB")
+        if pool is not None:
+            chain = [submit_chain(pool) for _ in range(repeat)]
+            out["submit_chain_ms"] = statistics.median(chain) * 1e3
+            report(f"pool.submit chain of 1,000 dependent tiny tasks: median "
+                   f"{out['submit_chain_ms']:.2f} ms per task, runs "
+                   f"{' '.join(f'{s * 1e3:.2f}' for s in chain)}")
+    return out
 
 
 def main(argv=None):
@@ -148,28 +177,14 @@ def main(argv=None):
                 WORK.items()}
     medians = {}
     for system in args.systems.split(","):
-        make, module = SYSTEMS[system]
+        module = SYSTEMS[system][1]
         if module is not None and importlib.util.find_spec(module) is None:
             print(f"{system}: skipped ({module} is not installed: pip install -e "
                   f"'.[compare]')")
             continue
-        with make() as (scheduler, pool):
-            for name, build in WORK.items():
-                runs = []
-                with PeakRSS() as memory:
-                    for _ in range(args.repeat):
-                        seconds, result = _timed(build, scheduler)
-                        np.testing.assert_allclose(result, expected[name])
-                        runs.append(seconds)
-                medians[system, name] = statistics.median(runs)
-                print(f"{name} {system:17s} median {medians[system, name]:6.2f} s  runs "
-                      f"{' '.join(f'{s:.2f}' for s in runs)}  cluster peak RSS "
-                      f"{memory.peak / 2**30:.2f} GiB", flush=True)
-            if pool is not None:
-                chain = [submit_chain(pool) for _ in range(args.repeat)]
-                print(f"pool.submit chain of 1,000 dependent tiny tasks: median "
-                      f"{statistics.median(chain) * 1e3:.2f} ms per task, runs "
-                      f"{' '.join(f'{s * 1e3:.2f}' for s in chain)}", flush=True)
+        found = figures(system, args.repeat, expected, report=lambda t: print(t, flush=True))
+        for name in WORK:
+            medians[system, name] = found[f"graph_{name}_s"]
     for name in WORK:
         ours = medians.get(("d3arrow", name))
         others = {s: m for (s, n), m in medians.items() if n == name and s != "d3arrow"}
