@@ -169,11 +169,12 @@ class Center(Server):
                 if not holders:
                     del self._who_has[key]
                     self._nbytes.pop(key, None)
-                    owned = self._owned.get(owner_of(key))
+                    owner = owner_of(key)
+                    owned = self._owned.get(owner)
                     if owned is not None:
                         owned.discard(key)
                         if not owned:
-                            del self._owned[owner_of(key)]
+                            del self._owned[owner]
 
     def _touch(self, address):
         if address not in self._ncores:

@@ -329,8 +329,9 @@ class Client:
         values = {key: self._inline[key] for key in keys if key in self._inline}
         remote = set(keys) - values.keys()
         remade = False
+        deaths = lambda: sum(len(self._deaths.get(k, ())) for k in remote)  # noqa: E731
         while remote - values.keys():
-            deaths = sum(len(self._deaths.get(k, ())) for k in remote)
+            deaths_before = deaths()
             try:
                 values.update(await self._fetch(remote - values.keys()))
             except MissingDataError as e:  # every copy lost: make them again
@@ -341,7 +342,7 @@ class Client:
                     raise KilledWorkerError.after(f"{killers[0]} (a value being sent)", died,
                                                   self.allowed_failures) from None
                 # once, or again while holders die sending (bounded by allowed_failures)
-                if remade and sum(len(self._deaths.get(k, ())) for k in remote) == deaths:
+                if remade and deaths() == deaths_before:
                     raise
                 remade = True
                 await self.lineage.remake(e.keys)
@@ -414,7 +415,7 @@ class Client:
         try:
             await self.pool.request(address, {"op": "identity"}, timeout=WATCH_SECONDS * 2)
             return True
-        except (CommClosedError, OSError):
+        except OSError:  # CommClosedError, PeerUnresponsiveError: it is gone or frozen
             return False
 
     def delete(self, items: Iterable[RemoteData | str], *,

@@ -21,6 +21,12 @@ from .scheduling import Pace
 IN_FLIGHT_PER_CORE = 4  # nodes out per core while each takes long
 LONG_NODE_SECONDS = 0.001  # a node that runs this long is not worth batching with others
 
+def prepare(dsk: Any) -> tuple[dict, dict]:
+    """``(graph, priority)``: the task-spec nodes of ``dsk`` and the order to run them in."""
+    graph = to_task_spec(dsk)
+    return graph, priorities(graph)
+
+
 def to_task_spec(dsk: Any) -> dict:
     """``{key: GraphNode}`` for a graph in any form dask hands a scheduler."""
     from dask._task_spec import convert_legacy_graph

@@ -29,13 +29,14 @@ async def get_data(pool: ConnectionPool, address: str, keys: list[str], *, host:
     also told to ``on_death(address, keys)``: a value may kill its holder as it is
     serialized.
     """
-    rpc = pool.rpc(address, timeout=timeout)
     sent = []
+
+    async def ask(keys, **how):
+        return await pool.request(address, {"op": "get_data", "keys": keys, **how},
+                                  timeout=timeout, on_sent=lambda: sent.append(True))
+
     try:
-        reply = await pool.request(
-            address, {"op": "get_data", "keys": keys, "host": host,
-                      "session": session_token(address)},
-            timeout=timeout, on_sent=lambda: sent.append(True))
+        reply = await ask(keys, host=host, session=session_token(address))
         received, gone = {}, []
         for key, value in reply["data"].items():
             try:
@@ -49,7 +50,7 @@ async def get_data(pool: ConnectionPool, address: str, keys: list[str], *, host:
                 logger.info("shared memory of %r unavailable (%s): asking for bytes", key, e)
                 gone.append(key)
         if gone:
-            reply = await rpc.get_data(keys=gone)
+            reply = await ask(gone)
             for key, value in reply["data"].items():
                 received[key] = await receive(value, address)
     except CommClosedError as e:
