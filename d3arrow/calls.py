@@ -28,6 +28,9 @@ class Call:
         The keys the call needs, each once, in order of first use.
     inputs : tuple of RemoteData
         Keeps the caller's inputs alive until the call has run.
+    prefer : str or None
+        A worker to run on when no worker holds any of its inputs (a dask graph's root
+        node goes where its siblings went, so their dependent finds its inputs together).
     """
 
     key: str
@@ -35,6 +38,7 @@ class Call:
     kwargs: dict | None
     needs: tuple[str, ...]
     inputs: tuple = field(default=(), repr=False, compare=False)
+    prefer: str | None = None
 
     @classmethod
     def of(cls, key: str, args: Any = (), kwargs: dict | None = None) -> "Call":

@@ -328,24 +328,21 @@ class Client:
         # small results came back with their computation: rebuild them, fetch the rest
         values = {key: self._inline[key] for key in keys if key in self._inline}
         remote = set(keys) - values.keys()
-        remade = False
-        deaths = lambda: sum(len(self._deaths.get(k, ())) for k in remote)  # noqa: E731
-        while remote - values.keys():
-            deaths_before = deaths()
+
+        async def attempt():  # every copy of some lost: they are made again, see Lineage
             try:
                 values.update(await self._fetch(remote - values.keys()))
-            except MissingDataError as e:  # every copy lost: make them again
+                return ()
+            except MissingDataError as e:
                 killers = [k for k in e.keys
                            if len(self._deaths.get(k, ())) > self.allowed_failures]
-                if killers:
+                if killers:  # its holders died sending it: it is taken to kill them
                     died = self._deaths[killers[0]]
                     raise KilledWorkerError.after(f"{killers[0]} (a value being sent)", died,
                                                   self.allowed_failures) from None
-                # once, or again while holders die sending (bounded by allowed_failures)
-                if remade and deaths() == deaths_before:
-                    raise
-                remade = True
-                await self.lineage.remake(e.keys)
+                return e.keys
+
+        await self.lineage.retry(attempt)
         return [values[key] for key in keys]
 
     async def _fetch(self, keys):
@@ -494,10 +491,6 @@ class Client:
             else:
                 outcomes.append(rebuild_error(result))
         return outcomes, reply["seconds"]
-
-    async def remake(self, keys):
-        """Make lost values again from their lineage (see :class:`~.lineage.Lineage`)."""
-        await self.lineage.remake(keys)
 
     # -- published values: beyond the life of their client ------------------------------------
 

@@ -243,6 +243,8 @@ class RecentFailures:
 
     def without(self, addresses):
         """``addresses`` less the recent failures, in order."""
+        if not self._when:
+            return list(addresses)
         failed = set(self.recent())
         return [a for a in addresses if a not in failed]
 

@@ -17,9 +17,11 @@ from typing import Any
 from .calls import Call
 from .references import RemoteData
 from .scheduling import Pace
+from .task import KeyRef
 
 IN_FLIGHT_PER_CORE = 4  # nodes out per core while each takes long
 LONG_NODE_SECONDS = 0.001  # a node that runs this long is not worth batching with others
+LOW_WATER_BATCHES = 2  # tiny nodes: dispatch more when fewer batches per core are out
 
 def prepare(dsk: Any) -> tuple[dict, dict]:
     """``(graph, priority)``: the task-spec nodes of ``dsk`` and the order to run them in."""
@@ -60,8 +62,8 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
 
     ``function`` is :func:`run_node` in wire form. The nodes whose inputs exist are
     dispatched together, highest priority first, as one ``map`` (batched per worker, each
-    call where most of its input bytes are); as each group's results come back, the nodes
-    waiting for them become ready and go out at once, while other groups still run. A
+    call where most of its input bytes are); as each batch's results come back, the nodes
+    waiting for them become ready and go out at once, while other batches still run. A
     result is dropped (freed on the workers) once every node that needs it has run, unless
     it is wanted. The first error of a node is raised, and nothing more is started.
     """
@@ -101,15 +103,42 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
 
     cores = max(1, sum(pool.client.ncores.values()))
 
+    def long_nodes():
+        per_call = pace.per_call()
+        return per_call is None or per_call >= LONG_NODE_SECONDS
+
     def room():
         """How many more nodes may go out: a few per core while nodes take long (or are not
-        measured yet), so that memory stays bounded as with dask's own schedulers; any
-        number once they are known to be tiny, so that they travel by the hundred."""
-        per_call = pace.per_call()
-        if per_call is not None and per_call < LONG_NODE_SECONDS:
-            return len(graph)
-        return cores * IN_FLIGHT_PER_CORE - sum(map(len, running.values()))
+        measured yet), so that memory stays bounded as with dask's own schedulers; once they
+        are known to be tiny, all that are ready whenever what is out runs low, so that they
+        travel by the hundred."""
+        if not long_nodes():  # more once what is out is down to a few batches per core
+            return len(graph) if in_flight <= LOW_WATER_BATCHES * cores * pace.batch_size() else 0
+        return cores * IN_FLIGHT_PER_CORE - in_flight
 
+    arrived: list = []  # (key, outcome) as batches come back
+    wake = asyncio.Event()
+    in_flight = 0
+
+    def arrival(group):
+        def on_outcome(index, outcome):
+            arrived.append((group[index], outcome))
+            wake.set()
+        return on_outcome
+
+    def settle(key, outcome):
+        nonlocal in_flight
+        if key in settled:
+            return
+        if isinstance(outcome, BaseException):
+            raise outcome
+        settled.add(key)
+        in_flight -= 1
+        finished(key, outcome)
+
+    settled = set()
+    roots = _RootPlacement(graph, dependents, pool.client.placement.reachable(
+        pool.client.choose_workers()))
     try:
         while ready or running:
             batch = []
@@ -121,26 +150,70 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
                     finished(key, results[node.target])
                 else:
                     batch.append(key)
-            if batch:
-                calls = [Call.of(pool.client.keys.new(),
-                                 (graph[key], {d: results[d] for d in graph[key].dependencies}))
-                         for key in batch]
-                task = pool.client.spawn(pool._run_calls(function, calls, None,
-                                                         name="a dask task", pace=pace),
-                                         "running dask tasks")
-                running[task] = batch
+            # long nodes go out one by one, tiny ones as one group (batched per worker);
+            # either way each batch's results release their dependents as they come back
+            for group in ([[key] for key in batch] if long_nodes() else [batch] if batch
+                          else []):
+                calls = [_call(pool.client.keys.new(), graph[key], results,
+                               roots.place(key) if not graph[key].dependencies else None)
+                         for key in group]
+                task = pool.client.spawn(pool._run_calls(
+                    function, calls, None, name="a dask task", pace=pace,
+                    on_outcome=arrival(group)), "running dask tasks")
+                task.add_done_callback(lambda _: wake.set())
+                running[task] = group
+                in_flight += len(group)
             if not running:  # nothing out, nothing ready: done
                 continue
-            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
+            await wake.wait()
+            wake.clear()
+            for key, outcome in arrived:
+                settle(key, outcome)
+            arrived.clear()
+            for task in [t for t in running if t.done()]:
                 for key, outcome in zip(running.pop(task), task.result()):
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                    finished(key, outcome)
+                    settle(key, outcome)  # those not heard of yet: lost for good
     finally:
         for task in running:
             task.cancel()
     return {key: results[key] for key in wanted}
+
+
+def _call(key: str, node: Any, results: dict, prefer: str | None = None) -> Call:
+    """The call running ``node`` under ``key``, given the RemoteData of its dependencies."""
+    inputs = tuple(results[dep] for dep in node.dependencies)
+    refs = {dep: KeyRef(data.key) for dep, data in zip(node.dependencies, inputs)}
+    return Call(key, (node, refs), None, tuple(dict.fromkeys(d.key for d in inputs)), inputs,
+                prefer)
+
+
+class _RootPlacement:
+    """Where a graph's root nodes (no inputs) go: with their siblings, evenly.
+
+    Roots whose results meet in one node (``x[i, j]`` and ``x[j, i]`` for ``x + x.T``) go
+    to the same worker, so that node finds its inputs there instead of moving one; unless
+    that worker already has more roots than the others (by ``SLACK``): a node of many
+    roots (a wide concatenation) must not draw them all to one worker.
+    """
+
+    SLACK = 1
+
+    def __init__(self, graph: dict, dependents: Mapping, workers: list) -> None:
+        self.graph, self.dependents = graph, dependents
+        self.count = collections.Counter({w: 0 for w in workers})
+        self.where: dict = {}
+
+    def place(self, key: Any) -> str | None:
+        if not self.count:
+            return None
+        siblings = {self.where[s] for d in self.dependents[key] for s in
+                    self.graph[d].dependencies if s in self.where}
+        fewest = min(self.count.values())
+        near = [w for w in siblings if self.count[w] <= fewest + self.SLACK]
+        address = min(near or self.count, key=self.count.__getitem__)
+        self.count[address] += 1
+        self.where[key] = address
+        return address
 
 
 def _held(client: Any, key: Any) -> RemoteData:

@@ -7,8 +7,10 @@ same key. Recipes keep recipes alive, never data.
 """
 
 import collections
+import itertools
 import logging
 import weakref
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .calls import Call
@@ -58,20 +60,32 @@ class Lineage:
     def forget(self, key: str) -> None:
         self._recipes.pop(key, None)
 
-    async def remake(self, keys) -> None:
-        """Compute again, from their recipes, those of ``keys`` no reachable worker holds.
+    async def retry(self, attempt: Callable[[], Awaitable[Iterable[str]]]) -> None:
+        """Run ``attempt()`` until it finds no value it needs missing.
 
-        Lost inputs are made again first (recursively); those no RemoteData holds any
-        more are freed once their dependents are done. Raises LostDataError for a lost
-        value of ours without a recipe (scattered), MissingDataError for a key we never
-        made (or deleted).
+        The one rule for lost inputs: ``attempt`` returns the keys it found held by no
+        live worker (none: done); they are made again from their recipes (their lost
+        inputs first, recursively), and it runs again, at most REMAKE_ATTEMPTS times.
+        Raises LostDataError for a lost value without a recipe (scattered),
+        MissingDataError for a key we never made (or deleted) or when they keep getting
+        lost.
         """
+        keep: list = []  # what was made again stays until the attempt that needs it ran
+        for remakes in itertools.count():
+            missing = sorted(set(await attempt()))
+            if not missing:
+                return
+            if remakes == REMAKE_ATTEMPTS:
+                raise MissingDataError(missing)
+            await self._remake_into(self._recipes_of(missing), keep)
+
+    def _recipes_of(self, keys) -> dict:
         refs = self._client.refs
         unknown = [k for k in keys if k in refs.deleted
                    or (k not in refs and k not in self._recipes)]
         if unknown:
             raise MissingDataError(unknown)
-        await self._remake_into({k: self._recipes.get(k) for k in keys}, keep=[])
+        return {k: self._recipes.get(k) for k in keys}
 
     async def _remake_into(self, recipes: dict, keep: list) -> None:
         """Have each key of ``recipes`` ({key: Recipe or None}) on a live worker.
@@ -80,14 +94,15 @@ class Lineage:
         intermediate) while its dependents are computed; the caller drops them at the end.
         """
         client = self._client
-        for _ in range(REMAKE_ATTEMPTS):
+
+        async def attempt():
             who_has = await client.ask_who_has(list(recipes))
             client.placement.learn(who_has)
             present = [k for k in recipes if client.placement.reachable(who_has.get(k, ()))]
             keep.extend(RemoteData(k, client, owned=True) for k in present)
             lost = [k for k in recipes if k not in present]
             if not lost:
-                return
+                return ()
             cannot = [k for k in lost if recipes[k] is None]
             if cannot:
                 raise LostDataError(cannot)
@@ -99,22 +114,21 @@ class Lineage:
             by_function = collections.defaultdict(list)
             for key in lost:
                 by_function[id(recipes[key].function)].append(key)
-            again = []
+            gone = set()  # inputs that went again meanwhile
             for keys in by_function.values():
                 calls = [Call(key, recipes[key].args, recipes[key].kwargs,
                               tuple(recipes[key].inputs)) for key in keys]
                 outcomes = await self._compute_somewhere(recipes[keys[0]].function, calls)
-                for key, outcome in zip(keys, outcomes):
-                    if type(outcome) is MissingDataError:  # an input went meanwhile
-                        again.append(key)
+                for outcome in outcomes:
+                    if type(outcome) is MissingDataError:
+                        gone.update(outcome.keys)
                     elif isinstance(outcome, BaseException):
                         raise outcome
                     else:
                         keep.append(outcome)
-            if not again:
-                return
-            recipes = {k: recipes[k] for k in again}
-        raise MissingDataError(sorted(recipes))
+            return gone
+
+        await self.retry(attempt)
 
     async def _compute_somewhere(self, function, calls: list[Call]) -> list:
         """Run ``calls`` where most of their inputs live, trying others if it is unreachable.

@@ -21,13 +21,16 @@ from .addressing import address_tuple
 from .calls import Call
 from . import graphs
 from .client import Client
-from .lineage import REMAKE_ATTEMPTS
 from .errors import CommClosedError, MissingDataError, RemoteExit
 from .references import RemoteData, wait_for
 from .scheduling import Deaths, Pace, choose_worker, take_batch
 from .serialize import serialize
 
 logger = logging.getLogger(__name__)
+
+# requests in hand per core: one runs while the next is on its way, so cores do not wait
+# on round trips
+SLOTS_PER_CORE = 2
 
 Workers = Iterable[str | tuple[str, int]] | None  # addresses to restrict work to
 
@@ -341,8 +344,11 @@ class Pool:
                 raise outcome
         return outcomes
 
-    async def _run_calls(self, function, calls, workers, *, name, pace=None):
+    async def _run_calls(self, function, calls, workers, *, name, pace=None, on_outcome=None):
         """Place each call, run them all: per call its RemoteData or its exception.
+
+        ``on_outcome(index, outcome)``, if given, hears of each call's outcome as soon as
+        its batch is back (not of inputs found missing: those calls run again).
 
         A call whose input was lost with its workers runs again once the input has been
         made again from its lineage. A call in hand each time a worker died is given up
@@ -351,25 +357,28 @@ class Pool:
         client = self.client
         if not client.ncores:
             await client.refresh_workers()
-        outcomes = [None] * len(calls)
+        outcomes = _Outcomes(len(calls), on_outcome)
         for i, call in enumerate(calls):  # pending inputs (from submit) must exist first
             if call.inputs:
-                outcomes[i] = await wait_for(call.inputs)
+                failure = await wait_for(call.inputs)
+                if failure is not None:
+                    outcomes.arrived(i, failure)
         pending = [i for i in range(len(calls)) if outcomes[i] is None]
         deaths = Deaths(client.allowed_failures, name)
-        for attempt in range(REMAKE_ATTEMPTS + 1):
-            await self._run_some(function, calls, pending, outcomes, workers, deaths,
-                                 pace or Pace())
+        pace = pace or Pace()
+
+        async def attempt():
+            nonlocal pending
+            await self._run_some(function, calls, pending, outcomes, workers, deaths, pace)
             pending = [i for i in pending if type(outcomes[i]) is MissingDataError]
-            if not pending or attempt == REMAKE_ATTEMPTS:
-                break
-            try:
-                await client.remake(sorted({k for i in pending for k in outcomes[i].keys}))
-            except MissingDataError as e:  # lost for good, or deleted: that is the answer
-                for i in pending:
-                    outcomes[i] = e
-                break
-        return outcomes
+            return {k for i in pending for k in outcomes[i].keys}
+
+        try:
+            await client.lineage.retry(attempt)
+        except MissingDataError as e:  # lost for good, or deleted: that is the answer
+            for i in pending:
+                outcomes.arrived(i, e)
+        return list(outcomes)
 
     async def _run_some(self, function, calls, indices, outcomes, workers, deaths, pace):
         client = self.client
@@ -385,15 +394,19 @@ class Pool:
             else:
                 await asyncio.gather(*(
                     self._slot(address, function, calls, queues, outcomes, pace, deaths)
-                    for address in list(queues) for _ in range(client.ncores.get(address, 1))))
+                    for address in list(queues) for _ in range(SLOTS_PER_CORE * client.ncores.get(address, 1))))
             if not queues:
                 raise CommClosedError("every worker this computation could use has died")
 
     def _place(self, call, queues):
-        """The worker holding the most input bytes; else the least loaded one (its queue
-        here and the calls other runs have in hand there)."""
+        """The worker holding the most input bytes; else the one the call prefers, if it is
+        live; else the least loaded one (its queue here and the calls other runs have in
+        hand there)."""
         ncores, running = self.client.ncores, self._running
-        return choose_worker(self.client.placement.held_bytes(call.needs), list(queues),
+        held = self.client.placement.held_bytes(call.needs)
+        if not held and call.prefer in queues:
+            return call.prefer
+        return choose_worker(held, list(queues),
                              lambda a: (len(queues[a]) + running[a] + 1) / ncores.get(a, 1))
 
     async def _slot(self, address, function, calls, queues, outcomes, pace, deaths):
@@ -415,7 +428,7 @@ class Pool:
                 retry = batch
                 if sent:  # it died (or froze) with these calls in hand
                     for index, error in deaths.record(batch, address).items():
-                        outcomes[index] = error
+                        outcomes.arrived(index, error)
                     retry = [i for i in batch if outcomes[i] is None]
                 logger.warning("worker %s failed (%s): moving %d calls elsewhere",
                                address, e, len(retry))
@@ -427,7 +440,20 @@ class Pool:
             finally:
                 self._running[address] -= len(batch)
             for index, outcome in zip(batch, results):
-                outcomes[index] = outcome
+                outcomes.arrived(index, outcome)
+
+
+class _Outcomes(list):
+    """Per call its outcome (None until it is known), telling ``on_outcome`` of each."""
+
+    def __init__(self, n, on_outcome=None):
+        super().__init__([None] * n)
+        self.on_outcome = on_outcome
+
+    def arrived(self, index, outcome):
+        self[index] = outcome
+        if self.on_outcome is not None and type(outcome) is not MissingDataError:
+            self.on_outcome(index, outcome)
 
 
 def _name(func):

@@ -116,6 +116,9 @@ def nbytes(value):
     return sys.getsizeof(value)
 
 
+SMALL_TENSOR_BYTES = 4096
+
+
 def _tensor_compatible(array):
     # Arrow tensors have no byte order, no bool (bit-packed in Arrow) and no complex,
     # datetime, string or object types.
@@ -126,6 +129,10 @@ def _serialize_tensor(array):
     if not (array.flags.c_contiguous or array.flags.f_contiguous):
         array = np.ascontiguousarray(array)
     tensor = pa.Tensor.from_numpy(array)
+    if array.nbytes <= SMALL_TENSOR_BYTES:  # one message, body copied: cheaper than a split
+        sink = pa.BufferOutputStream()
+        pa.ipc.write_tensor(tensor, sink)
+        return Serialized({"kind": "tensor"}, [[sink.getvalue()]])
     metadata = _tensor_ipc_metadata(tensor, array.nbytes)
     body = memoryview(array.reshape(-1, order="A").view(np.uint8)) if array.nbytes else b""
     return Serialized({"kind": "tensor"}, [[metadata, body]])

@@ -116,6 +116,10 @@ class SharedStore:
 
     # -- putting values in -------------------------------------------------------------------
 
+    def shareable(self, value):
+        """Whether :meth:`put_value` would take ``value`` (space permitting)."""
+        return self.shared and is_shareable(value) and _nbytes(value) >= self.min_bytes
+
     def put_value(self, value):
         """Copy a shareable value into shared memory once; return ``(view, ref_meta)``.
 
@@ -123,7 +127,7 @@ class SharedStore:
         table) or when the store is full; in that case the caller keeps it in private
         memory, and a full store is counted in :attr:`fallbacks` and logged.
         """
-        if not self.shared or not is_shareable(value) or _nbytes(value) < self.min_bytes:
+        if not self.shareable(value):
             return None
         try:
             meta, buffer, block_id = self._write(value)

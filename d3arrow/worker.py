@@ -59,6 +59,7 @@ class Worker(Server):
         self.ncores = ncores or os.cpu_count() or 1
         self.name = name
         self.values = Values()
+        self._moving = {}  # key -> its copy into the shared store, while it is made
         self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix="d3arrow-compute")
         self.peer_timeout = peer_timeout()  # a peer silent this long is skipped
         self.pool = ConnectionPool(allocate=allocate, security=security,  # center and peers
@@ -134,7 +135,7 @@ class Worker(Server):
         then we pin the object for it now, saving it a round trip.
         """
         if host is not None and self.store is not None and host == self.store.host:
-            ref_meta = self.values.ref_meta(key)
+            ref_meta = self.values.ref_meta(key) or await self._move_to_store(key)
             if ref_meta is not None:
                 if session is not None and ref_meta["socket"] == self.store.socket_name:
                     pin = self.store.pin_for(session, ref_meta["id"])
@@ -145,6 +146,23 @@ class Worker(Server):
         if isinstance(value, np.ndarray) or self.values.nbytes(key) < LARGE_BYTES:
             return serialize(value)  # arrays serialize without copying: no need to wait
         return await asyncio.get_running_loop().run_in_executor(None, serialize, value)
+
+    async def _move_to_store(self, key):
+        """Share a result a co-located reader asks for: its ref meta, or None if it stays
+        private. Results are computed into private memory and moved only when a reader on
+        this host wants them, so those used where they were made are never copied."""
+        value = self.values[key]
+        if not self.store.shareable(value):
+            return None
+        moving = self._moving.get(key)
+        if moving is None:  # the first reader's request copies it; others wait for that
+            moving = self._moving[key] = asyncio.get_running_loop().run_in_executor(
+                None, self._share, value)
+            moving.add_done_callback(lambda _: self._moving.pop(key, None))
+        view, ref_meta = await asyncio.shield(moving)
+        if ref_meta is not None and key in self.values and self.values[key] is value:
+            self.values.put(key, view, ref_meta)
+        return self.values.ref_meta(key) if key in self.values else None
 
     # -- ops ---------------------------------------------------------------------------------
 
@@ -260,7 +278,7 @@ class Worker(Server):
             try:
                 args = map_leaves(calls[i], KeyRef, substitute)
                 kwargs = map_leaves(call_kwargs[i], KeyRef, substitute) or {}
-                outcomes.append((i, ("OK", *self._share(func(*args, **kwargs)))))
+                outcomes.append((i, ("OK", func(*args, **kwargs), None)))
             except BaseException as e:  # SystemExit too: an error of this call, not ours
                 outcomes.append((i, ("error", error_reply(e))))
         return outcomes, time.perf_counter() - start
