@@ -9,6 +9,7 @@ requested keys travel to the client. dask is imported only here, and only for a 
 
 import asyncio
 import collections
+import dataclasses
 import heapq
 import itertools
 from collections.abc import Mapping
@@ -17,25 +18,50 @@ from typing import Any
 from .calls import Call
 from .references import RemoteData
 from .scheduling import Pace
-from .task import KeyRef
+from .task import KeyRef, find_leaves
 
 IN_FLIGHT_PER_CORE = 4  # nodes out per core while each takes long
 LONG_NODE_SECONDS = 0.001  # a node that runs this long is not worth batching with others
 LOW_WATER_BATCHES = 2  # tiny nodes: dispatch more when fewer batches per core are out
 
-def prepare(dsk: Any) -> tuple[dict, dict]:
-    """``(graph, priority)``: the task-spec nodes of ``dsk`` and the order to run them in."""
-    graph = to_task_spec(dsk)
-    return graph, priorities(graph)
+@dataclasses.dataclass
+class Prepared:
+    """A graph ready to run: its task-spec nodes, their priorities (lower first), and the
+    RemoteData it names (values it does not make: scattered, submitted, persisted)."""
+
+    nodes: dict
+    priority: dict
+    futures: dict
 
 
-def to_task_spec(dsk: Any) -> dict:
-    """``{key: GraphNode}`` for a graph in any form dask hands a scheduler."""
+def prepare(dsk: Any) -> Prepared:
+    """The task-spec nodes of ``dsk`` (any form dask hands a scheduler) and their order."""
     from dask._task_spec import convert_legacy_graph
 
     if not isinstance(dsk, Mapping):
         dsk = dsk.__dask_graph__()
-    return convert_legacy_graph(dsk)
+    nodes = convert_legacy_graph(dsk)
+    futures = _name_futures(nodes)
+    return Prepared(nodes, priorities(nodes), futures)
+
+
+def _name_futures(nodes: dict) -> dict:
+    """Turn the RemoteData inside tasks' arguments into references to their keys, as dask
+    does for its own futures (``dask.delayed(f)(remote_data)`` keeps the object itself):
+    ``{key: RemoteData}`` of those found. The tasks holding them are rebuilt in place."""
+    from dask._task_spec import Task, parse_input
+
+    futures = {}
+    for key, node in nodes.items():
+        if type(node) is not Task:
+            continue
+        found = find_leaves((node.args, node.kwargs), RemoteData)
+        if not found:
+            continue
+        futures.update((data.key, data) for data in found)
+        nodes[key] = Task(key, node.func, *map(parse_input, node.args),
+                          **{k: parse_input(v) for k, v in node.kwargs.items()})
+    return futures
 
 
 def priorities(graph: dict) -> dict:
@@ -56,8 +82,7 @@ def run_node(node: Any, values: dict) -> Any:
     return node(values)
 
 
-async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
-                    wanted: list) -> dict:
+async def run_graph(pool: Any, function: Any, prepared: Prepared, wanted: list) -> dict:
     """Run every node of ``graph`` on the cluster; ``{key: RemoteData}`` for ``wanted``.
 
     ``function`` is :func:`run_node` in wire form. The nodes whose inputs exist are
@@ -69,10 +94,12 @@ async def run_graph(pool: Any, function: Any, graph: dict, priority: dict,
     """
     from dask._task_spec import Alias
 
+    graph, priority = prepared.nodes, prepared.priority
     # keys the graph uses but does not make: RemoteData put in it (persisted chunks, a
-    # scattered value given to dask.delayed), which dask turned into references by key
+    # scattered or submitted value given to dask.delayed), named by their keys
     external = {dep for node in graph.values() for dep in node.dependencies} - graph.keys()
-    results: dict[Any, RemoteData] = {key: _held(pool.client, key) for key in external}
+    results: dict[Any, RemoteData] = {
+        key: prepared.futures.get(key) or _held(pool.client, key) for key in external}
     waiting = {key: set(node.dependencies) - external for key, node in graph.items()}
     dependents = collections.defaultdict(list)
     for key, deps in waiting.items():

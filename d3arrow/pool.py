@@ -250,11 +250,11 @@ class Pool:
         results freed as soon as no pending task needs them; only ``keys`` travel back.
         Other keyword arguments dask passes to schedulers are accepted and ignored.
         """
-        graph, priority = graphs.prepare(dsk)
-        return self.client.sync(self._get, graph, priority, keys, what="get")
+        prepared = graphs.prepare(dsk)
+        return self.client.sync(self._get, prepared, keys, what="get")
 
-    async def _get(self, graph, priority, keys):
-        futures = await self._run_graph(graph, priority, graphs.wanted_keys(keys))
+    async def _get(self, prepared, keys):
+        futures = await self._run_graph(prepared, graphs.wanted_keys(keys))
         values = await self.client.values_of(list(futures.values()))
         return graphs.nested(keys, dict(zip(futures, values)))
 
@@ -264,16 +264,16 @@ class Pool:
         Returns the same kind of collection, whose graph names the chunks held by the
         workers (RemoteData): later graphs built on it start from them.
         """
-        graph, priority = graphs.prepare(collection.__dask_graph__())
+        prepared = graphs.prepare(collection.__dask_graph__())
         keys = graphs.wanted_keys(collection.__dask_keys__())
-        futures = self.client.sync(self._run_graph, graph, priority, keys, what="persist")
+        futures = self.client.sync(self._run_graph, prepared, keys, what="persist")
         rebuild, extra = collection.__dask_postpersist__()
         return rebuild(futures, *extra)
 
-    async def _run_graph(self, graph, priority, keys):
+    async def _run_graph(self, prepared, keys):
         """``{key: RemoteData}`` of ``keys``, once the graph has run on the cluster."""
-        return await graphs.run_graph(self, _serialize_function(graphs.run_node), graph,
-                                      priority, keys)
+        return await graphs.run_graph(self, _serialize_function(graphs.run_node), prepared,
+                                      keys)
 
     def gather(self, remote_data: RemoteData | str | Iterable[RemoteData | str], *,
                timeout: float | None = None) -> Any:

@@ -147,6 +147,9 @@ async def wait_for(inputs: Iterable[RemoteData]) -> BaseException | None:
     pending = [asyncio.wrap_future(r._state) for r in inputs if not r.done()]
     if pending:
         await asyncio.wait(pending)
+        for waiter in pending:  # the failure is read from the input below, not from here
+            if not waiter.cancelled():
+                waiter.exception()
     for ref in inputs:
         failure = ref.failure()
         if failure is not None:

@@ -69,3 +69,25 @@ def test_persisted_chunks_stay_on_the_workers_and_feed_later_graphs(pool):
     assert float((kept + 1).sum().compute(scheduler=pool.get)) == float((x + 1).sum().compute())
     np.testing.assert_array_equal(kept.compute(scheduler=pool.get), np.arange(1000) * 2)
 
+
+
+def test_remote_data_in_delayed_arguments_are_their_values(pool):
+    import time
+
+    scattered = pool.scatter([10])[0]
+    pending = pool.submit(lambda v: (time.sleep(0.3), v + 1)[1], scattered)
+    add = dask.delayed(operator.add)
+    graph = [add(scattered, 5),
+             dask.delayed(sum)([scattered, pending, 1]),  # nested, one still pending
+             dask.delayed(lambda d: d["a"] * 2)({"a": pending}),
+             add(dask.delayed(operator.neg)(scattered), 1)]
+    assert not pending.done()  # still running as the graph is handed over
+    assert dask.compute(*graph, scheduler=pool.get) == (15, 22, 22, -9)
+    assert pool.get({"a": (operator.add, scattered, 2)}, "a") == 12  # a legacy graph
+    assert (scattered.get(), pending.get()) == (10, 11)  # the graph did not free them
+
+
+def test_a_failed_remote_data_fails_the_graph_that_uses_it(pool):
+    bad = pool.submit(operator.truediv, 1, 0)
+    with pytest.raises(ZeroDivisionError):
+        dask.compute(dask.delayed(operator.neg)(bad), scheduler=pool.get)
