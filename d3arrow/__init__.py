@@ -17,6 +17,7 @@ from .errors import (
     PeerUnresponsiveError,
     ProtocolError,
     RemoteError,
+    SpillError,
 )
 from .executor import Executor
 from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
@@ -29,5 +30,6 @@ __all__ = [
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "as_completed", "wait",
     "AuthenticationError", "Client", "CommClosedError", "D3ArrowError", "Executor", "KilledWorkerError",
     "LocalCluster", "LostDataError", "NotACenterError", "PeerUnresponsiveError",
-    "MissingDataError", "Pool", "ProtocolError", "RemoteData", "RemoteError", "__version__",
+    "MissingDataError", "Pool", "ProtocolError", "RemoteData", "RemoteError", "SpillError",
+    "__version__",
 ]

@@ -55,9 +55,12 @@ class Arena:
     shared : bool, default True
         A memfd other processes can map; else private anonymous memory (which may get huge
         pages), still worth having for receiving into memory that is faulted in and reused.
+    tight : bool, default False
+        Hold no memory beyond the allocations (a worker with a memory limit): no faulting
+        in ahead, and a freed allocation's pages go back to the system at once.
     """
 
-    def __init__(self, capacity, name="d3arrow-store", *, shared=True):
+    def __init__(self, capacity, name="d3arrow-store", *, shared=True, tight=False):
         self.capacity = _round_up(capacity, mmap.PAGESIZE)
         self.fd = -1
         if not shared:
@@ -86,8 +89,9 @@ class Arena:
         self._closed = False
         # Private memory gets no head start: it serves receives, whose pages the kernel
         # writes anyway, and faulting ahead would only add to the process's footprint.
-        self._prefault_ahead = shared
-        if shared:
+        self.tight = tight and shared
+        self._prefault_ahead = shared and not tight
+        if self._prefault_ahead:
             self._prefaulter = threading.Thread(target=self._prefault_loop, daemon=True,
                                                 name="d3arrow-prefault")
             self._prefaulter.start()
@@ -124,7 +128,10 @@ class Arena:
             self._used += need
             self._high = max(self._high, offset + need)
         try:
-            self._ensure_reserved(offset + need)
+            if self.tight:  # back just this allocation: a full machine is an error, not SIGBUS
+                os.posix_fallocate(self.fd, offset, need)
+            else:
+                self._ensure_reserved(offset + need)
         except OSError as e:
             self._release(offset, need)
             raise ArenaFull(f"the machine refused {need} more bytes of shared memory: {e}") from e
@@ -154,6 +161,7 @@ class Arena:
         return None if view is None else pa.py_buffer(view)
 
     def _release(self, offset, size, block_id=None):
+        released_at, released_size = offset, size
         with self._lock:
             if block_id is not None:
                 self._blocks.pop(block_id, None)
@@ -168,7 +176,9 @@ class Arena:
                 self._free[i - 1] = (offset, size)
             else:
                 self._free.insert(i, (offset, size))
-            if offset + size == self.capacity:  # the top is free: memory may go back
+            if self.tight:  # give the freed pages back now (the lock keeps them unallocated)
+                self._give_back(released_at, released_size)
+            elif offset + size == self.capacity:  # the top is free: memory may go back
                 self._high = offset
                 if self._reserved > self._keep_reserved() + CHUNK and self.fd >= 0:
                     self._prefault_wanted.set()  # the prefault thread trims
@@ -194,6 +204,14 @@ class Arena:
                             end - keep, ctypes.get_errno())
                 with self._lock:
                     self._reserved = max(self._reserved, end)
+
+    def _give_back(self, offset, size):
+        """Free the whole pages of ``[offset, offset + size)`` and their backing store."""
+        start = _round_up(offset, mmap.PAGESIZE)
+        end = (offset + size) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start and _libc.madvise(self.address + start, end - start, MADV_REMOVE) != 0:
+            logger.info("could not give back %d bytes of shared memory: errno %d",
+                        end - start, ctypes.get_errno())
 
     def _ensure_reserved(self, end):
         if end <= self._reserved or self.fd < 0:

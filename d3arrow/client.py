@@ -24,7 +24,8 @@ from .cluster import LocalCluster, token_for
 from .comm import CONNECT_TIMEOUT
 from .core import DEFAULT_TIMEOUT, ConnectionPool, Tasks, rebuild_error, time_limit
 from .errors import (CommClosedError, KilledWorkerError, MissingDataError, NotACenterError,
-                     PeerUnresponsiveError, ProtocolError, RemoteError, RemoteExit)
+                     PeerUnresponsiveError, ProtocolError, RemoteError, RemoteExit,
+                     WorkerPausedError)
 from .eventloop import LoopThread
 from .keys import KeyMaker, new_owner
 from .lineage import Lineage
@@ -197,13 +198,21 @@ class Client:
     def store_info(self) -> dict[str, dict | None]:
         """``{address: dict}``: each worker's shared store (capacity, used, fallbacks, ...),
         or None for a worker without one."""
-        return self.sync(self._store_info)
+        return self.sync(self._identities, "store", what="store_info")
 
-    async def _store_info(self):
+    def memory_info(self) -> dict[str, dict]:
+        """``{address: dict}``: each worker's memory: ``limit`` (bytes or None),
+        ``memory`` (bytes it holds now), ``target`` and ``pause`` (fractions of the
+        limit), ``spilled_bytes`` and ``spilled_count``, ``paused``, ``directory`` (where
+        it spills) and ``error`` (why the last spill failed, while it still matters)."""
+        return self.sync(self._identities, "memory", what="memory_info")
+
+    async def _identities(self, field):
+        """``{address: the worker's identity reply's field}`` for every worker."""
         if not self.ncores:
             await self.refresh_workers()
         replies = await asyncio.gather(*(self._rpc(a).identity() for a in self.ncores))
-        return {a: reply["store"] for a, reply in zip(self.ncores, replies)}
+        return {a: reply[field] for a, reply in zip(self.ncores, replies)}
 
     def sync_ncores(self) -> dict[str, int]:
         """``{address: ncores}`` of the workers registered now."""
@@ -457,7 +466,8 @@ class Client:
 
         Returns ``(outcomes, seconds)``: per call a RemoteData or the exception to raise for
         it, and the seconds the worker spent running the function. ``on_sent()`` is called
-        once the request is written. Raises CommClosedError if the worker failed us.
+        once the request is written. Raises CommClosedError if the worker failed us,
+        WorkerPausedError if it took none of them (over its memory limit).
         """
         needed = [list(call.needs) for call in calls]
         msg = {"op": "compute", "function": function, "keys": [call.key for call in calls],
@@ -474,6 +484,9 @@ class Client:
         if self._watching is None or self._watching.done():
             self._watching = self._tasks.spawn(self._watch_workers(), "watching busy workers")
         reply = await self.pool.request(address, msg, on_sent=on_sent)
+        if reply.get("status") == "paused":
+            raise WorkerPausedError(f"worker {address} is paused: over its memory limit",
+                                    reply.get("cannot_spill"))
         outcomes = []
         for call, result in zip(calls, reply["results"]):
             if result["status"] == "OK":

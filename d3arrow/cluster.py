@@ -16,6 +16,7 @@ import sys
 import time
 import weakref
 
+from .memory import parse_memory_limit
 from .security import TOKEN_ENV, Security
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ class LocalCluster:
         on this machine may connect (and run code as this user).
     tls_cert, tls_key, tls_ca : str, optional
         PEM files: every process serves and connects over TLS (mutual with a CA).
+    memory_limit : int or str, optional
+        Bytes each worker may hold in memory before it spills to disk and pauses (see
+        docs/memory.md): ``'2GiB'``, ``'25%'``, ``'auto'`` (the machine's memory split
+        among these workers), ``None`` / ``0`` for none (default).
+    local_directory : str, optional
+        Where workers spill (default: the system's temporary directory).
 
     Attributes
     ----------
@@ -73,7 +80,7 @@ class LocalCluster:
     def __init__(self, n_workers=2, ncores=None, *, host="127.0.0.1", heartbeat_interval=None,
                  heartbeat_timeout=None, shm=True, shm_size=None, log_level="WARNING",
                  startup_timeout=STARTUP_TIMEOUT, auth_token=None, tls_cert=None,
-                 tls_key=None, tls_ca=None):
+                 tls_key=None, tls_ca=None, memory_limit=None, local_directory=None):
         if auth_token is None:
             auth_token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
         self.auth_token = auth_token or None
@@ -87,6 +94,11 @@ class LocalCluster:
         self.host = host
         self.worker_options = ([] if shm else ["--no-shm"]) + (
             ["--shm-size", str(shm_size)] if shm_size else [])
+        self.memory_limit = parse_memory_limit(memory_limit, workers_on_host=n_workers)
+        if self.memory_limit:  # 'auto' and percentages are shared among our workers
+            self.worker_options += ["--memory-limit", str(self.memory_limit)]
+        if local_directory is not None:
+            self.worker_options += ["--local-directory", os.fspath(local_directory)]
         self.processes = []
         self.worker_processes = []
         self.center_address = None

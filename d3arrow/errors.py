@@ -104,3 +104,21 @@ class RemoteExit(D3ArrowError):
 
 class AuthenticationError(D3ArrowError, PermissionError):
     """A connection failed the token handshake: no token, a wrong one, or an impostor."""
+
+
+class SpillError(D3ArrowError, OSError):
+    """A worker could not write a value to its local directory (the disk is full, say), or
+    a spilled value a reader wanted is gone. Nothing the worker held was lost."""
+
+
+class WorkerPausedError(D3ArrowError):
+    """A worker over the pause mark of its memory limit did not take a computation: the
+    client places it elsewhere, or tries again once the worker has spilled.
+
+    ``cannot_spill`` is why the worker cannot spill (its disk is full), or None: where no
+    other worker can take the computation, that is the error it fails with.
+    """
+
+    def __init__(self, message, cannot_spill=None):
+        super().__init__(message)
+        self.cannot_spill = cannot_spill

@@ -6,6 +6,7 @@ recipe, its lost inputs first, on the live worker holding most of its inputs, un
 same key. Recipes keep recipes alive, never data.
 """
 
+import asyncio
 import collections
 import itertools
 import logging
@@ -14,8 +15,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .calls import Call
-from .errors import CommClosedError, KilledWorkerError, LostDataError, MissingDataError
+from .errors import (CommClosedError, KilledWorkerError, LostDataError, MissingDataError,
+                     SpillError, WorkerPausedError)
 from .references import RemoteData
+from .scheduling import PAUSED_RETRY_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -137,16 +140,21 @@ class Lineage:
         """
         client = self._client
         died = []
-        for _ in range(2):
+        rounds = 0
+        while rounds < 2:
             held = client.placement.held_bytes(k for call in calls for k in call.needs)
             candidates = sorted(client.placement.reachable(client.ncores),
                                 key=lambda a: -held.get(a, 0))
+            paused, cannot_spill = 0, None
             for address in candidates:
                 sent = []
                 try:
                     outcomes, _ = await client.compute(address, function, calls,
                                                        on_sent=lambda: sent.append(True))
                     return outcomes
+                except WorkerPausedError as e:  # over its memory limit: another, or later
+                    paused += 1
+                    cannot_spill = e.cannot_spill or cannot_spill
                 except CommClosedError:  # it is left out of placement from now on
                     if sent:
                         died.append(address)
@@ -154,5 +162,11 @@ class Lineage:
                         raise KilledWorkerError.after(
                             f"remaking {', '.join(c.key for c in calls)} from its lineage",
                             died, client.allowed_failures) from None
+            if candidates and paused == len(candidates):  # all spilling: wait, not a round
+                if cannot_spill:
+                    raise SpillError(cannot_spill)
+                await asyncio.sleep(PAUSED_RETRY_SECONDS)
+                continue
+            rounds += 1
             await client.refresh_workers()
         raise CommClosedError("no live worker could compute the lost values again")

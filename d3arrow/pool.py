@@ -21,9 +21,11 @@ from .addressing import address_tuple
 from .calls import Call
 from . import graphs
 from .client import Client
-from .errors import CommClosedError, MissingDataError, RemoteExit
+from .core import RecentFailures
+from .errors import (CommClosedError, MissingDataError, RemoteExit, SpillError,
+                     WorkerPausedError)
 from .references import RemoteData, wait_for
-from .scheduling import Deaths, Pace, choose_worker, take_batch
+from .scheduling import PAUSED_RETRY_SECONDS, Deaths, Pace, choose_worker, take_batch
 from .serialize import serialize
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class Pool:
     def __init__(self, address=None, **kwargs):
         self._running = collections.Counter()  # address -> calls in hand there, all runs
         self._ready = {}  # (function id, workers) -> submitted calls ready to run together
+        self._paused = RecentFailures(1.0)  # workers that said they are over their limit
         self.client = Client(address, **kwargs)
         try:
             self.sync_center()
@@ -320,6 +323,11 @@ class Pool:
         """Each worker's shared store: ``{address: {capacity, used, fallbacks, ...}}``."""
         return self.client.store_info()
 
+    def memory_info(self) -> dict[str, dict]:
+        """Each worker's memory: ``{address: {limit, memory, spilled_bytes, spilled_count,
+        paused, ...}}`` (see :meth:`Client.memory_info`)."""
+        return self.client.memory_info()
+
     def close(self) -> None:
         """Free this pool's values, close its connections and stop an owned cluster."""
         self.client.close()
@@ -394,7 +402,8 @@ class Pool:
             else:
                 await asyncio.gather(*(
                     self._slot(address, function, calls, queues, outcomes, pace, deaths)
-                    for address in list(queues) for _ in range(SLOTS_PER_CORE * client.ncores.get(address, 1))))
+                    for address in list(queues)
+                    for _ in range(SLOTS_PER_CORE * client.ncores.get(address, 1))))
             if not queues:
                 raise CommClosedError("every worker this computation could use has died")
 
@@ -410,6 +419,11 @@ class Pool:
                              lambda a: (len(queues[a]) + running[a] + 1) / ncores.get(a, 1))
 
     async def _slot(self, address, function, calls, queues, outcomes, pace, deaths):
+        """Run batches from ``address``'s queue (or stolen ones) until none is left.
+
+        They run on ``address``, unless it said lately that it is over its memory limit:
+        then on the least loaded worker that did not.
+        """
         while address in queues:
             batch = take_batch(address, queues, self.client.ncores, pace.batch_size())
             if not batch:
@@ -417,30 +431,56 @@ class Pool:
             if len(batch) > 1 and deaths.suspects.intersection(batch):
                 queues[address].extendleft(reversed(batch[1:]))  # suspects travel alone
                 batch = batch[:1]
+            target = self._unpaused(address, queues)
             sent = []
-            self._running[address] += len(batch)
+            self._running[target] += len(batch)
             try:
                 results, seconds = await self.client.compute(
-                    address, function, [calls[i] for i in batch],
+                    target, function, [calls[i] for i in batch],
                     on_sent=lambda: sent.append(True))
                 pace.record(len(batch), seconds)
+            except WorkerPausedError as e:  # over its memory limit: the calls go elsewhere
+                self._paused.add(target)
+                if self._unpaused(address, queues) in self._paused.recent():
+                    if e.cannot_spill:  # nowhere else, and it will not make room
+                        for index in batch:
+                            outcomes.arrived(index, SpillError(e.cannot_spill))
+                        continue
+                    await asyncio.sleep(PAUSED_RETRY_SECONDS)  # all spilling: ask later
+                queues[address].extendleft(reversed(batch))
+                continue
             except CommClosedError as e:  # the client leaves it out from now on
                 retry = batch
                 if sent:  # it died (or froze) with these calls in hand
-                    for index, error in deaths.record(batch, address).items():
+                    for index, error in deaths.record(batch, target).items():
                         outcomes.arrived(index, error)
                     retry = [i for i in batch if outcomes[i] is None]
                 logger.warning("worker %s failed (%s): moving %d calls elsewhere",
-                               address, e, len(retry))
-                orphans = queues.pop(address, collections.deque())
+                               target, e, len(retry))
+                orphans = queues.pop(target, collections.deque())
                 if queues:
                     survivor = min(queues, key=lambda a: len(queues[a]))
                     queues[survivor].extend([*retry, *orphans])
-                return
+                if target == address:
+                    return
+                continue
             finally:
-                self._running[address] -= len(batch)
+                self._running[target] -= len(batch)
             for index, outcome in zip(batch, results):
                 outcomes.arrived(index, outcome)
+
+    def _unpaused(self, address, queues):
+        """``address``, or if it is over its memory limit the least loaded live worker
+        that is not (``address`` again if every one is)."""
+        paused = self._paused.recent()
+        if address not in paused:
+            return address
+        others = [a for a in queues if a not in paused]
+        if not others:
+            return address
+        ncores = self.client.ncores
+        return min(others, key=lambda a: (len(queues[a]) + self._running[a] + 1)
+                   / ncores.get(a, 1))
 
 
 class _Outcomes(list):

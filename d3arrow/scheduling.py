@@ -11,6 +11,7 @@ from .errors import KilledWorkerError
 
 MAX_BATCH = 1024
 BATCH_SECONDS = 0.02  # aim for this much work per request once task durations are known
+PAUSED_RETRY_SECONDS = 0.1  # a worker over its memory limit is asked again this much later
 
 
 def choose_worker(held: Mapping[str, int], candidates: Sequence[str],

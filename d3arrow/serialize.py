@@ -157,9 +157,13 @@ def _tensor_ipc_metadata(tensor, body_nbytes):
 
 def _serialize_arrow(data):
     sink = pa.BufferOutputStream()
-    _write_arrow_stream(sink, data)
-    kind = "batch" if isinstance(data, pa.RecordBatch) else "table"
-    return Serialized({"kind": "arrow", "type": kind}, [[sink.getvalue()]])
+    write_arrow_stream(sink, data)
+    return Serialized(arrow_meta(data), [[sink.getvalue()]])
+
+
+def arrow_meta(data):
+    """The meta of an Arrow table or record batch written by :func:`write_arrow_stream`."""
+    return {"kind": "arrow", "type": "batch" if isinstance(data, pa.RecordBatch) else "table"}
 
 
 def _serialize_pickle(value):
@@ -207,6 +211,8 @@ def serialize_into(value, allocate):
     """
     if isinstance(value, np.ndarray):
         (pieces,) = serialize(value).payloads
+        if len(pieces) == 1:  # a small tensor, already one message
+            pieces = [b"", pieces[0]]
         metadata, body = pieces
         size = len(metadata) + len(body)
         if len(body) < ALIGNED_COPY_BYTES:
@@ -222,14 +228,14 @@ def serialize_into(value, allocate):
         target[:len(metadata)] = np.frombuffer(metadata, dtype=np.uint8)
         target[len(metadata):] = np.frombuffer(body, dtype=np.uint8)
         return {"kind": "tensor"}, buffer
-    kind = "batch" if isinstance(value, pa.RecordBatch) else "table"
     sizer = pa.MockOutputStream()
-    _write_arrow_stream(sizer, value)
+    write_arrow_stream(sizer, value)
     buffer = allocate(sizer.size())
-    _write_arrow_stream(pa.FixedSizeBufferWriter(buffer), value)
-    return {"kind": "arrow", "type": kind}, buffer
+    write_arrow_stream(pa.FixedSizeBufferWriter(buffer), value)
+    return arrow_meta(value), buffer
 
 
-def _write_arrow_stream(sink, data):
+def write_arrow_stream(sink, data):
+    """Write an Arrow table or record batch as an IPC stream, from its own buffers."""
     with pa.ipc.new_stream(sink, data.schema) as writer:
         writer.write(data) if isinstance(data, pa.RecordBatch) else writer.write_table(data)

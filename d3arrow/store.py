@@ -32,7 +32,9 @@ import numpy as np
 import pyarrow as pa
 
 from .arena import Arena, ArenaFull
+from .errors import SpillError
 from .serialize import Serialized, deserialize, is_shareable, serialize_into
+from .spill import open_spilled
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ class SharedStore:
     shared : bool, default True
         False keeps the arena private: nothing is offered to other processes, and the store
         only gives received values memory that is faulted in and reused (``--no-shm``).
+    tight : bool, default False
+        Hold no shared memory beyond the values (a worker with a memory limit): see
+        :class:`~d3arrow.arena.Arena`.
 
     Examples
     --------
@@ -87,8 +92,8 @@ class SharedStore:
     >>> x = d3arrow.store.get(ref)   # a read-only view of the same memory   # doctest: +SKIP
     """
 
-    def __init__(self, capacity=None, *, min_bytes=MIN_SHARED_BYTES, shared=True):
-        self.arena = Arena(capacity or default_capacity(), shared=shared)
+    def __init__(self, capacity=None, *, min_bytes=MIN_SHARED_BYTES, shared=True, tight=False):
+        self.arena = Arena(capacity or default_capacity(), shared=shared, tight=tight)
         self.shared = shared
         self.min_bytes = min_bytes
         self.host = host_id() if shared else None
@@ -373,7 +378,8 @@ def get(ref):
 
 
 def load(serialized, *, peer=None):
-    """Deserialize a value, viewing shared memory in place for ``"shm"`` references.
+    """Deserialize a value, viewing shared memory in place for ``"shm"`` references (and
+    the spilled file of a co-located worker for ``"spilled"`` ones).
 
     ``peer``, the address that sent the reference, is remembered so that later requests to
     it can name our session with its store (:func:`session_token`).
@@ -384,6 +390,11 @@ def load(serialized, *, peer=None):
         The reference's owner has freed the value or cannot be reached.
     """
     meta = serialized.meta
+    if meta.get("kind") == "spilled":  # a co-located worker's file: map it too
+        try:
+            return open_spilled(meta)
+        except SpillError as e:
+            raise SharedDataGone(str(e)) from None
     if meta.get("kind") != "shm":
         return deserialize(serialized)
     if peer is not None:

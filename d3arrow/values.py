@@ -1,42 +1,79 @@
-"""The values a worker holds, each with its size and, in shared memory, its reference.
+"""The values a worker holds, each with its size and where it lies: private memory, the
+shared store, or a spilled file.
 
-One object keeps the three in step. The event loop adds and removes values; compute threads
-read them while it does (single dict operations, atomic under the GIL).
+One object keeps these in step. The event loop adds, spills and removes values; compute
+threads read them while it does (single dict operations, atomic under the GIL). Reads
+keep a least-recently-used order, which decides what is spilled first.
 """
 
+import collections
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .serialize import nbytes as size_of
+from .spill import SpilledValue
 
 
 class Values:
-    """``key -> value`` with ``nbytes`` and, for values in a shared store, their ref meta."""
+    """``key -> value`` with ``nbytes`` and, for values in a shared store or spilled to
+    disk, the reference a co-located reader opens them by."""
 
     def __init__(self) -> None:
         self._data: dict[str, Any] = {}
         self._nbytes: dict[str, int] = {}
         self._shared: dict[str, dict] = {}
+        self._recent: collections.OrderedDict = collections.OrderedDict()  # LRU first
+        self.spilled_bytes = 0
 
     def put(self, key: str, value: Any, ref_meta: dict | None = None) -> None:
         """Hold ``value`` under ``key``; ``ref_meta`` says where it lies in shared memory."""
+        self._forget_file(key)
         self._nbytes[key] = size_of(value)
         if ref_meta is None:
             self._shared.pop(key, None)
         else:
             self._shared[key] = ref_meta
         self._data[key] = value
+        self._recent[key] = None
+        self._recent.move_to_end(key)
+
+    def spill(self, key: str, value: Any, spilled: SpilledValue) -> bool:
+        """Hold ``key`` in its spilled file from now on, if it still is ``value`` (not
+        deleted or replaced while it was written); whether it was."""
+        if self._data.get(key) is not value:
+            return False
+        self._data[key] = spilled
+        self._shared.pop(key, None)
+        self._recent.pop(key, None)
+        self.spilled_bytes += self._nbytes[key]
+        return True
 
     def discard(self, key: str) -> bool:
         """Forget ``key``; whether it was held."""
+        self._forget_file(key)
         if self._data.pop(key, _MISSING) is _MISSING:
             return False
         del self._nbytes[key]
         self._shared.pop(key, None)
+        self._recent.pop(key, None)
         return True
 
+    def _forget_file(self, key: str) -> None:
+        held = self._data.get(key)
+        if type(held) is SpilledValue:
+            self.spilled_bytes -= self._nbytes[key]
+            held.close()
+
     def __getitem__(self, key: str) -> Any:
-        return self._data[key]
+        """The value; for a spilled one, a view of its file (no copy into memory)."""
+        held = self._data[key]
+        if type(held) is SpilledValue:
+            return held.load()
+        try:
+            self._recent.move_to_end(key)
+        except KeyError:  # discarded meanwhile by the loop
+            pass
+        return held
 
     def __contains__(self, key: object) -> bool:
         return key in self._data
@@ -54,8 +91,33 @@ class Values:
         return {key: self._nbytes[key] for key in keys}
 
     def ref_meta(self, key: str) -> dict | None:
-        """Where the value lies in shared memory (ours or a co-located peer's), or None."""
+        """How a reader on this host views the value in place (in shared memory, ours or a
+        co-located peer's, or in its spilled file), or None."""
+        held = self._data.get(key)
+        if type(held) is SpilledValue:
+            return held.ref_meta()
         return self._shared.get(key)
+
+    def is_spilled(self, key: str) -> bool:
+        return type(self._data.get(key)) is SpilledValue
+
+    def in_memory(self) -> list[str]:
+        """The keys held in memory, least recently used first."""
+        return list(self._recent)
+
+    def raw(self, key: str) -> Any:
+        """What is held for ``key``: the value, or its SpilledValue (no file is read)."""
+        return self._data[key]
+
+    def close(self) -> None:
+        """Close every spilled file (the worker stops)."""
+        for key in list(self._data):
+            self._forget_file(key)
+            self._data.pop(key, None)
+
+    @property
+    def spilled_count(self) -> int:
+        return len(self._data) - len(self._recent)
 
 
 _MISSING = object()

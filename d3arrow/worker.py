@@ -20,12 +20,14 @@ import numpy as np
 from .center_link import CenterLink
 from .comm import CONNECT_TIMEOUT
 from .core import ConnectionPool, Server, Tasks, error_reply, peer_timeout
+from .errors import SpillError
 from .fetching import PeerFetcher
 from .protocol import allocate_buffers
 from .security import NO_SECURITY, Security
 from .serialize import Serialized, is_plain, serialize
 from .store import SharedStore, load
 from .task import KeyRef, map_leaves
+from .memory import PAUSE, TARGET, MemoryManager
 from .values import Values
 
 logger = logging.getLogger(__name__)
@@ -51,8 +53,13 @@ class Worker(Server):
 
     def __init__(self, center: str, *, ncores: int | None = None, name: str | None = None,
                  shm: bool = True, shm_size: int | None = None,
-                 security: Security = NO_SECURITY) -> None:
-        self.store = _open_store(shm_size, shared=shm)
+                 security: Security = NO_SECURITY, memory_limit: int | None = None,
+                 local_directory: str | None = None, memory_target: float = TARGET,
+                 memory_pause: float = PAUSE) -> None:
+        if memory_limit and not shm_size:  # the store holds at most what the worker may
+            shm_size = memory_limit
+        # with a limit, the store holds no memory beyond its values (no faulting in ahead)
+        self.store = _open_store(shm_size, shared=shm, tight=bool(memory_limit))
         allocate = self.store.allocate_payloads if self.store else allocate_buffers
         super().__init__(allocate=allocate, security=security)
         self.center = center
@@ -60,6 +67,11 @@ class Worker(Server):
         self.name = name
         self.values = Values()
         self._moving = {}  # key -> its copy into the shared store, while it is made
+        self._memory_task = None
+        self.memory = MemoryManager(
+            self.values, memory_limit, directory=local_directory, target=memory_target,
+            pause=memory_pause, spillable=self._spillable,
+            store_used=self._shared_bytes)
         self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix="d3arrow-compute")
         self.peer_timeout = peer_timeout()  # a peer silent this long is skipped
         self.pool = ConnectionPool(allocate=allocate, security=security,  # center and peers
@@ -92,6 +104,9 @@ class Worker(Server):
 
     async def register_with_center(self) -> None:
         """Register (with any keys already held) and start heartbeating."""
+        if self.memory.limit is not None and self._memory_task is None:
+            self._memory_task = self._tasks.spawn(self.memory.run(), "keeping under the "
+                                                  "memory limit")
         await self.link.start(self.address, ncores=self.ncores, name=self.name)
         logger.info("worker %s (%d cores, store %s) registered with center %s", self.address,
                     self.ncores, "shared" if self.store and self.store.shared else "private",
@@ -108,6 +123,20 @@ class Worker(Server):
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:
             self.store.close()
+        self.values.close()
+
+    def _shared_bytes(self):
+        """Bytes of values in our shared store (a private receive arena is in RssAnon)."""
+        return self.store.arena.used if self.store is not None and self.store.shared else 0
+
+    def _spillable(self, key):
+        """Whether a value is ours to spill: not a view of a co-located peer's memory, not
+        on its way into our store."""
+        if key in self._moving:
+            return False
+        ref_meta = self.values.ref_meta(key)
+        return ref_meta is None or ref_meta.get("socket") == getattr(self.store, "socket_name",
+                                                                      None)
 
     def _share(self, value):
         """``(value, ref_meta)``: the value moved into the shared store when worth it."""
@@ -137,7 +166,7 @@ class Worker(Server):
         if host is not None and self.store is not None and host == self.store.host:
             ref_meta = self.values.ref_meta(key) or await self._move_to_store(key)
             if ref_meta is not None:
-                if session is not None and ref_meta["socket"] == self.store.socket_name:
+                if session is not None and ref_meta.get("socket") == self.store.socket_name:
                     pin = self.store.pin_for(session, ref_meta["id"])
                     if pin is not None:
                         ref_meta = {**ref_meta, "pin": pin, "token": session}
@@ -160,9 +189,16 @@ class Worker(Server):
                 None, self._share, value)
             moving.add_done_callback(lambda _: self._moving.pop(key, None))
         view, ref_meta = await asyncio.shield(moving)
-        if ref_meta is not None and key in self.values and self.values[key] is value:
+        if key not in self.values or self.values.raw(key) is not value:
+            return self.values.ref_meta(key) if key in self.values else None
+        if ref_meta is not None:
             self.values.put(key, view, ref_meta)
-        return self.values.ref_meta(key) if key in self.values else None
+        elif self.store.shareable(value):  # the store is full: spill rather than copy
+            try:
+                await self.memory.spill_now(key)
+            except SpillError:  # the disk is full too: it travels as bytes
+                pass
+        return self.values.ref_meta(key)
 
     # -- ops ---------------------------------------------------------------------------------
 
@@ -175,8 +211,10 @@ class Worker(Server):
         return {"data": data}
 
     async def update_data(self, *, data, report=True):
+        await self.memory.room()  # paused: no new value until spilling made room
         for key, value in data.items():
             self.values.put(key, *await self._receive(value))
+        self.memory.check_soon()
         if report:
             await self.link.tell("add_keys", list(data), applied=True)
         return {"keys": list(data), "nbytes": self.values.nbytes_of(data)}
@@ -202,7 +240,8 @@ class Worker(Server):
         return {"role": "worker", "address": self.address, "name": self.name,
                 "ncores": self.ncores, "center": self.center, "nkeys": len(self.values),
                 "host": self.store.host if self.store else None,
-                "store": self.store.info() if self.store else None}
+                "store": self.store.info() if self.store else None,
+                "memory": self.memory.info()}
 
     async def fetch(self, *, keys, who_has=None):
         """Hold these keys here too: fetch those we lack from their holders.
@@ -226,6 +265,12 @@ class Worker(Server):
         ``nbytes`` and ``type``, ``missing-data`` with the keys no live worker holds, or
         ``error``. ``seconds`` is the time spent running the function.
         """
+        if self.memory.paused:  # over the pause mark: the caller places them elsewhere
+            reply = {"status": "paused", "results": [], "seconds": 0.0}
+            if self.memory.error is not None:
+                reply["cannot_spill"] = (f"worker {self.address} is over its memory limit "
+                                         f"and cannot spill: {self.memory.error}")
+            return reply
         needed = needed or [()] * len(keys)
         missing = await self.fetcher.gather({k for ks in needed for k in ks}, who_has or {})
         try:
@@ -241,7 +286,7 @@ class Worker(Server):
         chunks = [runnable[i::self.ncores] for i in range(min(self.ncores, len(runnable)))]
         loop = asyncio.get_running_loop()
         run = lambda chunk: loop.run_in_executor(  # noqa: E731
-            self.executor, self._execute, func, calls, call_kwargs, chunk)
+            self.executor, self._execute, func, calls, call_kwargs, chunk, keys, loop)
         done = [await run(chunks[0])] if len(chunks) == 1 else await asyncio.gather(
             *map(run, chunks))
         outcomes = {i: outcome for part, _ in done for i, outcome in part}
@@ -254,23 +299,27 @@ class Worker(Server):
             elif outcomes[i][0] == "error":
                 results.append({"key": key, **outcomes[i][1]})
             else:
-                _, value, ref_meta = outcomes[i]
-                self.values.put(key, value, ref_meta)
-                result = {"key": key, "status": "OK", "nbytes": self.values.nbytes(key),
-                          "type": type(value).__name__}
-                # small results travel back too, saving the caller a round trip; only where
-                # the size is known (getsizeof of a dict says nothing of the arrays inside)
-                if is_plain(value) and self.values.nbytes(key) <= INLINE_BYTES:
-                    result["plain"] = value
-                elif type(value) is np.ndarray and value.nbytes <= INLINE_BYTES:
-                    result["value"] = serialize(value)
+                _, nbytes, type_name, small = outcomes[i]
+                result = {"key": key, "status": "OK", "nbytes": nbytes, "type": type_name}
+                # small results travel back too, saving the caller a round trip
+                if type(small) is np.ndarray:
+                    result["value"] = serialize(small)
+                elif small is not _NOT_SMALL:
+                    result["plain"] = small
                 results.append(result)
+        self.memory.check_soon()
         # written before our reply: the center hears of the results first
         await self.link.tell("add_keys", [r["key"] for r in results if r["status"] == "OK"])
         return {"results": results, "seconds": sum(seconds for _, seconds in done)}
 
-    def _execute(self, func, calls, call_kwargs, indices):
-        """Run the calls at ``indices`` in this thread: ``([(i, outcome)], seconds)``."""
+    def _execute(self, func, calls, call_kwargs, indices, keys, loop):
+        """Run the calls at ``indices`` in this thread, storing each result under its key
+        as it is made: ``([(i, outcome)], seconds)``.
+
+        With a memory limit, a result that takes the worker over its pause mark holds the
+        rest of the batch back until spilling made room (each result is spillable as soon
+        as it is stored); if the disk refuses, the rest fail with that error.
+        """
         start = time.perf_counter()
         substitute = lambda ref: self.values[ref.key]  # noqa: E731
         outcomes = []
@@ -278,8 +327,18 @@ class Worker(Server):
             try:
                 args = map_leaves(calls[i], KeyRef, substitute)
                 kwargs = map_leaves(call_kwargs[i], KeyRef, substitute) or {}
-                outcomes.append((i, ("OK", func(*args, **kwargs), None)))
+                value = func(*args, **kwargs)
             except BaseException as e:  # SystemExit too: an error of this call, not ours
+                outcomes.append((i, ("error", error_reply(e))))
+                continue
+            try:
+                self.values.put(keys[i], *self._share(value))
+                nbytes = self.values.nbytes(keys[i])
+                outcomes.append((i, ("OK", nbytes, type(value).__name__,
+                                     _small(value, nbytes))))
+                del value  # spilling it must be able to free it
+                self.memory.room_from_thread(loop)
+            except BaseException as e:  # a full disk (SpillError)
                 outcomes.append((i, ("error", error_reply(e))))
         return outcomes, time.perf_counter() - start
 
@@ -290,10 +349,22 @@ class Worker(Server):
         return await asyncio.get_running_loop().run_in_executor(None, load, serialized)
 
 
-def _open_store(capacity, shared):
+_NOT_SMALL = object()
+
+
+def _small(value, nbytes):
+    """``value`` if it is small enough to travel back with its compute reply (only where
+    its size is known: getsizeof of a dict says nothing of the arrays inside), else
+    ``_NOT_SMALL``."""
+    if nbytes <= INLINE_BYTES and (is_plain(value) or type(value) is np.ndarray):
+        return value
+    return _NOT_SMALL
+
+
+def _open_store(capacity, shared, tight=False):
     """The worker's store; without shared memory, one that only receives (or none)."""
     try:
-        return SharedStore(capacity, shared=shared)
+        return SharedStore(capacity, shared=shared, tight=tight)
     except (OSError, AttributeError) as e:  # no memfd_create, no memory, no Unix sockets
         if shared:
             logger.warning("no shared-memory store (%s): co-located workers will use TCP", e)

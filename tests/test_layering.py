@@ -11,7 +11,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d3arrow"
 LAYERS = [
     {"errors", "addressing", "task", "arena", "keys"},
     {"serialize", "security", "scheduling"},
-    {"protocol", "store", "values"},
+    {"protocol", "spill"},
+    {"store", "values", "memory"},
     {"comm", "eventloop"},
     {"core"},
     {"transfer", "center_link", "placement", "references"},

@@ -6,6 +6,7 @@ import sys
 from ..addressing import normalize_address
 from ..errors import CommClosedError
 from ..eventloop import run
+from ..memory import PAUSE, TARGET, parse_memory_limit
 from ..worker import Worker
 from .serving import (add_common_arguments, configure_logging, security_from_args,
                       serve_until_stopped)
@@ -25,8 +26,24 @@ def main(argv=None):
     parser.add_argument("--shm-size", type=parse_size, default=None,
                         help="bytes of shared memory at most, e.g. 4G or 512M "
                              "(default: a quarter of this machine's memory)")
+    memory = parser.add_argument_group("memory")
+    memory.add_argument("--memory-limit", type=memory_limit, default=None,
+                        help="bytes this worker may hold in memory: 4GiB, 512MB, 50%% (of "
+                             "this machine), auto (all of it), 0 for no limit (default)")
+    memory.add_argument("--memory-target", type=fraction, default=TARGET,
+                        help=f"spill least recently used values to disk above this fraction "
+                             f"of the limit (default {TARGET})")
+    memory.add_argument("--memory-pause", type=fraction, default=PAUSE,
+                        help=f"above this fraction of the limit, start no task and take no "
+                             f"value until spilling made room (default {PAUSE})")
+    memory.add_argument("--local-directory", default=None,
+                        help="where to spill (default: the system's temporary directory); "
+                             "files there have no name and vanish with the worker")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
+    if args.memory_target > args.memory_pause:
+        parser.error(f"--memory-target ({args.memory_target}) is above --memory-pause "
+                     f"({args.memory_pause})")
     configure_logging(args.log_level)
     try:
         center = normalize_address(args.center)
@@ -36,8 +53,14 @@ def main(argv=None):
 
 
 async def _serve(args, center, security):
-    worker = Worker(center, ncores=args.ncores, name=args.name, shm=not args.no_shm,
-                    shm_size=args.shm_size, security=security)
+    try:
+        worker = Worker(center, ncores=args.ncores, name=args.name, shm=not args.no_shm,
+                        shm_size=args.shm_size, security=security,
+                        memory_limit=args.memory_limit, local_directory=args.local_directory,
+                        memory_target=args.memory_target, memory_pause=args.memory_pause)
+    except ValueError as e:  # a local directory that is missing or not writable
+        print(f"Cannot start worker: {e}", file=sys.stderr)
+        return 1
     try:
         await worker.listen(args.host, args.port)
     except OSError as e:  # also unreadable TLS files, or a public address without a token
@@ -71,6 +94,25 @@ def parse_size(text):
         raise argparse.ArgumentTypeError(f"{given!r}: a store needs a positive size (or "
                                          f"--no-shm for none)")
     return size
+
+
+def memory_limit(text):
+    """An argparse type: bytes, or None for no limit."""
+    try:
+        return parse_memory_limit(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def fraction(text):
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a fraction in (0, 1], e.g. 0.6")
+    return value
 
 
 if __name__ == "__main__":
