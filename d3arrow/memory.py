@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pyarrow as pa
+
 from .errors import SpillError
 from .spill import SpillDirectory
 
@@ -97,7 +99,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def _give_back_memory() -> None:
-    """Ask glibc to return freed heap memory to the kernel (it keeps it otherwise)."""
+    """Ask the allocators to return freed memory to the kernel (they keep it otherwise):
+    glibc's heap, and Arrow's pool, where received messages live."""
+    pa.default_memory_pool().release_unused()
     try:
         _libc.malloc_trim(0)
     except AttributeError:  # not glibc
@@ -178,6 +182,13 @@ class MemoryManager:
                 used = await self._spill(used - int(self.limit * self.target))
             if used <= self.limit * self.pause:
                 self._set_paused(False, used)
+            elif self.error is None and not self._has_spillable():
+                # what is left is not values (the interpreter, a user's globals): staying
+                # paused would wait forever
+                if self.paused:
+                    logger.warning("%d bytes in memory with nothing left to spill: resuming "
+                                   "over the pause mark", used)
+                self._set_paused(False, used)
 
     async def _spill(self, excess: int) -> int:
         """Spill least recently used values of ours until ``excess`` bytes went to disk;
@@ -202,6 +213,10 @@ class MemoryManager:
                         "all", count, freed, self.directory.path, time.perf_counter() - start,
                         self.values.spilled_bytes)
         return self.measure()
+
+    def _has_spillable(self) -> bool:
+        return any(self._spillable(k) and self.values.nbytes(k) >= MIN_SPILL_BYTES
+                   for k in self.values.in_memory() if k in self.values)
 
     async def spill_now(self, key: str) -> int:
         """Write ``key``'s value to disk and hold it there; the bytes it took in memory

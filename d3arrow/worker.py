@@ -211,13 +211,22 @@ class Worker(Server):
         return {"data": data}
 
     async def update_data(self, *, data, report=True):
-        await self.memory.room()  # paused: no new value until spilling made room
-        for key, value in data.items():
-            self.values.put(key, *await self._receive(value))
+        """Hold these values. Over the pause mark, the reply waits until spilling (them
+        too, as they are held already) made room: a client scatters no faster than we
+        spill. If the disk refuses, they are dropped again and SpillError raised."""
+        keys = list(data)
+        for key in keys:  # taken out of the message: once spilled, nothing holds the bytes
+            self.values.put(key, *await self._receive(data.pop(key)))
         self.memory.check_soon()
+        try:
+            await self.memory.room()
+        except SpillError:
+            for key in keys:
+                self.values.discard(key)
+            raise
         if report:
-            await self.link.tell("add_keys", list(data), applied=True)
-        return {"keys": list(data), "nbytes": self.values.nbytes_of(data)}
+            await self.link.tell("add_keys", keys, applied=True)
+        return {"keys": keys, "nbytes": self.values.nbytes_of(keys)}
 
     async def delete_data(self, *, keys, report=True):
         deleted = [k for k in keys if self.values.discard(k)]

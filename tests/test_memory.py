@@ -209,3 +209,14 @@ def test_spilled_files_hold_arrays_tables_and_objects_as_views(tmp_path):
     gone.close()
     with pytest.raises(SpillError, match="gone"):
         open_spilled(ref)
+
+
+def test_a_value_larger_than_the_limit_is_spilled_not_refused(tmp_path):
+    with LocalCluster(n_workers=1, ncores=1, memory_limit=96 * MiB,
+                      local_directory=tmp_path) as cluster, Pool(cluster.center_address) as pool:
+        big = pool.apply(np.arange, [24 * MiB], {"dtype": "f8"})  # 192 MiB, made there
+        (scattered,) = pool.scatter([np.ones(16 * MiB)])  # 128 MiB, sent there
+        assert pool.apply(lambda a: float(a[-1]), [big]).get() == 24 * MiB - 1
+        assert float(scattered.get().sum()) == 16 * MiB
+        (info,) = pool.memory_info().values()
+        assert info["spilled_count"] == 2 and info["memory"] <= 96 * MiB
