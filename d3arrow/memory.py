@@ -146,6 +146,7 @@ class MemoryManager:
         self._unpaused.set()
         self._wanted = asyncio.Event()
         self._spilling = asyncio.Lock()
+        self._checks = 0  # how many times keep_under_limit ran: threads wait for a verdict
 
     def measure(self) -> int:
         return private_memory() + self._store_used()
@@ -189,6 +190,7 @@ class MemoryManager:
                     logger.warning("%d bytes in memory with nothing left to spill: resuming "
                                    "over the pause mark", used)
                 self._set_paused(False, used)
+            self._checks += 1
 
     async def _spill(self, excess: int) -> int:
         """Spill least recently used values of ours until ``excess`` bytes went to disk;
@@ -267,7 +269,10 @@ class MemoryManager:
         if used <= self.limit * self.target:
             return
         loop.call_soon_threadsafe(self.check_soon)
+        checks = self._checks
         while used > self.limit * self.pause:
+            if self._checks > checks + 1 and not self.paused:  # resumed over the mark
+                return
             if self.error is not None:
                 raise SpillError(f"over {self.pause:.0%} of the memory limit ({self.limit} "
                                  f"bytes) and cannot spill: {self.error}")
