@@ -164,7 +164,7 @@ class Worker(Server):
         then we pin the object for it now, saving it a round trip.
         """
         if host is not None and self.store is not None and host == self.store.host:
-            ref_meta = self.values.ref_meta(key) or await self._move_to_store(key)
+            ref_meta = self.values.ref_meta(key) or await self._share_locally(key)
             if ref_meta is not None:
                 if session is not None and ref_meta.get("socket") == self.store.socket_name:
                     pin = self.store.pin_for(session, ref_meta["id"])
@@ -176,29 +176,33 @@ class Worker(Server):
             return serialize(value)  # arrays serialize without copying: no need to wait
         return await asyncio.get_running_loop().run_in_executor(None, serialize, value)
 
-    async def _move_to_store(self, key):
-        """Share a result a co-located reader asks for: its ref meta, or None if it stays
-        private. Results are computed into private memory and moved only when a reader on
-        this host wants them, so those used where they were made are never copied."""
-        value = self.values[key]
+    async def _share_locally(self, key):
+        """How a reader on this host views ``key`` in place (its ref meta), or None if it
+        travels as bytes: a value in private memory is moved into our store once, however
+        many ask at the same time; with a memory limit (or a full store) it is spilled
+        instead, and the reader maps its file."""
+        value = self.values.raw(key)
         if not self.store.shareable(value):
             return None
         moving = self._moving.get(key)
-        if moving is None:  # the first reader's request copies it; others wait for that
-            moving = self._moving[key] = asyncio.get_running_loop().run_in_executor(
-                None, self._share, value)
+        if moving is None:
+            moving = self._moving[key] = asyncio.ensure_future(self._make_shared(key, value))
             moving.add_done_callback(lambda _: self._moving.pop(key, None))
-        view, ref_meta = await asyncio.shield(moving)
-        if key not in self.values or self.values.raw(key) is not value:
-            return self.values.ref_meta(key) if key in self.values else None
-        if ref_meta is not None:
-            self.values.put(key, view, ref_meta)
-        elif self.store.shareable(value):  # the store is full: spill rather than copy
-            try:
-                await self.memory.spill_now(key)
-            except SpillError:  # the disk is full too: it travels as bytes
-                pass
-        return self.values.ref_meta(key)
+        await asyncio.shield(moving)
+        return self.values.ref_meta(key) if key in self.values else None
+
+    async def _make_shared(self, key, value):
+        if self.memory.limit is None:  # a copy into the store would be memory to account
+            view, ref_meta = await asyncio.get_running_loop().run_in_executor(
+                None, self._share, value)
+            if ref_meta is not None:
+                if key in self.values and self.values.raw(key) is value:
+                    self.values.put(key, view, ref_meta)
+                return
+        try:
+            await self.memory.spill_now(key)
+        except SpillError:  # the disk is full: it travels as bytes
+            pass
 
     # -- ops ---------------------------------------------------------------------------------
 
@@ -341,7 +345,10 @@ class Worker(Server):
                 outcomes.append((i, ("error", error_reply(e))))
                 continue
             try:
-                self.values.put(keys[i], *self._share(value))
+                # with a memory limit a result stays private until a local reader asks:
+                # a copy into the store costs memory, and spilled values are shared by file
+                self.values.put(keys[i], *(self._share(value) if self.memory.limit is None
+                                           else (value, None)))
                 nbytes = self.values.nbytes(keys[i])
                 outcomes.append((i, ("OK", nbytes, type(value).__name__,
                                      _small(value, nbytes))))
