@@ -21,10 +21,12 @@ import time
 MiB = 2**20
 
 # "pairs": how many (socket, d3arrow) pairs the two targets stated against the socket take
+# "spill": bytes of the spill-throughput figures; "pipeline": the 3x-memory pipeline
 FULL = {"sizes": [8 * MiB, 256 * MiB], "big": 256 * MiB, "tiny": 10_000, "repeat": 5,
-        "pairs": 7, "graphs": 3}
+        "pairs": 7, "graphs": 3, "spill": 256 * MiB, "pipeline": True}
 QUICK = {"sizes": [8 * MiB], "big": 32 * MiB, "tiny": 2_000, "repeat": 3, "pairs": 3,
-         "graphs": 0}
+         "graphs": 0, "spill": 32 * MiB, "pipeline": False}
+PIPELINE_SYSTEMS = ("d3arrow", "dask")
 GRAPH_SYSTEMS = {"d3arrow": "d3arrow", "dask": "dask.distributed", "ray": "Ray"}
 GRAPH_WORK = {"P1": "dask P1 (x + x.T).sum(axis=0), 12000^2, 1500^2 chunks",
               "P2": "dask P2 10,000 20x20 chunks, map_blocks, sum",
@@ -53,6 +55,16 @@ def rows(config):
         (f"receiving worker peak RSS, {big // MiB} MiB", "x payload", f"peak_rss_{big}", None,
          False),
     ]
+    if config.get("spill"):  # the limit column: dd to the same directory, same run
+        size = config["spill"] // MiB
+        out.append((f"spill write {size} MiB", "GB/s", "spill_write_gbps", "dd_write", True))
+        out.append((f"spill read back {size} MiB", "GB/s", "spill_read_gbps", "dd_read", True))
+    if config.get("pipeline"):
+        out.append(("pipeline 48 x 128 MiB through 2 x 1 GiB workers", "s", "pipeline_s", None,
+                    False))
+        out.append(("  peak RSS of a worker (VmRSS)", "GiB", "pipeline_rss_gib", None, False))
+        out.append(("  peak private memory of a worker", "GiB", "pipeline_private_gib", None,
+                    False))
     if config.get("graphs"):  # the limit column: dask's threaded scheduler, same run
         for name, label in GRAPH_WORK.items():
             out.append((label, "s", f"graph_{name}_s", f"threaded_{name}", False))
@@ -90,6 +102,19 @@ def measure_in_this_process(name, config):
     else:
         from . import peers
         figures = peers.SYSTEMS[name][1](*args)
+    if config.get("spill") and name == "d3arrow":
+        import tempfile
+
+        from . import spill
+        figures.update(spill.spill_figures(tempfile.gettempdir(), config["spill"],
+                                           config["repeat"]))
+    if config.get("pipeline") and name in PIPELINE_SYSTEMS:
+        from . import spill
+        found = spill.pipeline(name)
+        figures.update(pipeline_s=found["seconds"],
+                       pipeline_rss_gib=max(found["peak_rss"]) / 2**30,
+                       pipeline_private_gib=max(found["peak_private"]) / 2**30,
+                       pipeline_restarted=found["restarted"])
     if config.get("graphs") and name in GRAPH_SYSTEMS:
         from . import graphs
         found = graphs.figures(GRAPH_SYSTEMS[name], config["graphs"],
@@ -147,6 +172,16 @@ def targets(results, config):
             ratio = ours / limits[f"threaded_{work}"]
             add(f"dask {work} within {threaded}x of dask threaded", f"{ratio:.2f}x",
                 ratio <= threaded)
+    if "spill_write_gbps" in d3:
+        for way in ("write", "read"):
+            ratio = d3[f"spill_{way}_gbps"] / limits[f"dd_{way}"]
+            add(f"spill {way} >= 0.8 x dd to the same directory", f"{ratio:.2f}x", ratio >= 0.8)
+    if "pipeline_s" in d3 and "pipeline_s" in dask:
+        ratio = dask["pipeline_s"] / d3["pipeline_s"]
+        add("pipeline of 3x the workers' memory >= 1.5x faster than dask.distributed, no "
+            "worker restarted", f"{ratio:.2f}x, restarted: d3arrow "
+            f"{d3['pipeline_restarted']}, dask {dask['pipeline_restarted']}",
+            ratio >= 1.5 and not d3["pipeline_restarted"])
     if "submit_chain_ms" in d3:
         add("pool.submit chain <= 1 ms a task", f"{d3['submit_chain_ms']:.2f} ms",
             d3["submit_chain_ms"] <= 1)
@@ -246,6 +281,9 @@ def main(argv=None):
     if "error" in results["systems"]["d3arrow"]:
         print(f"d3arrow failed: {results['systems']['d3arrow']['error']}", file=sys.stderr)
         return 1
+    for way in ("write", "read"):  # measured beside the spills, in the d3arrow run
+        if f"dd_{way}_gbps" in results["systems"]["d3arrow"]:
+            results["limits"][f"dd_{way}"] = results["systems"]["d3arrow"].pop(f"dd_{way}_gbps")
     results["targets"] = targets(results, config)
     results["seconds"] = time.perf_counter() - started
     print_table(results, config)

@@ -173,6 +173,16 @@ def pipeline_dask(directory):
 PIPELINES = {"d3arrow": pipeline_d3arrow, "dask": pipeline_dask}
 
 
+def pipeline(system, directory=None):
+    """The pipeline on ``system``, spilling to a scratch directory under ``directory``
+    (default: the system's temporary directory), removed afterwards."""
+    scratch = tempfile.mkdtemp(prefix=f"spill-{system}-", dir=directory)
+    try:
+        return PIPELINES[system](scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def figures(directory, nbytes=256 * MiB, repeat=5, systems=("d3arrow", "dask"),
             report=print):
     """Every figure of this module: ``{name: value}``."""
@@ -183,11 +193,7 @@ def figures(directory, nbytes=256 * MiB, repeat=5, systems=("d3arrow", "dask"),
            f"(dd {out['dd_read_gbps']:.2f}, "
            f"{read / out['dd_read_gbps']:.2f}x)")
     for system in systems:
-        scratch = tempfile.mkdtemp(prefix=f"spill-{system}-", dir=directory)
-        try:
-            found = PIPELINES[system](scratch)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        found = pipeline(system, directory)
         out[f"pipeline_{system}_s"] = found["seconds"]
         out[f"pipeline_{system}_rss"] = found["peak_rss"]
         out[f"pipeline_{system}_private"] = found["peak_private"]

@@ -22,4 +22,6 @@ def test_compare_quick_writes_every_figure(tmp_path):
     pairs = figures[f"task_input_tcp_{results['config']['big']}_per_socket_pairs"]
     assert len(pairs) == results["config"]["pairs"] and all(r > 0 for r in pairs)
     assert results["limits"]["socket"] > 0 and results["limits"]["memcpy"] > 0
+    assert figures["spill_write_gbps"] > 0 and figures["spill_read_gbps"] > 0
+    assert results["limits"]["dd_write"] > 0 and results["limits"]["dd_read"] > 0
     assert "targets:" in done.stdout and "d3arrow/limit" in done.stdout
