@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 ALIGNMENT = 64
 CHUNK = 64 * 2**20  # reserve and fault in this much at a time
 PREFAULT_AHEAD = 256 * 2**20  # at most this much faulted in beyond the highest allocation
+TRIM_DELAY = 2.0  # memory freed is given back once not needed for this many seconds
 MADV_POPULATE_WRITE = 23
 MADV_REMOVE = 9  # free a range of shared pages and their backing store
 
@@ -80,7 +82,8 @@ class Arena:
         self._free = [(0, self.capacity)]  # sorted (offset, size)
         self._used = 0
         self._reserved = 0  # fallocated and faulted in: [0, _reserved)
-        self._high = 0  # the highest end of any allocation so far
+        self._high = 0  # the highest end of any allocation now
+        self._peak, self._peak_at = 0, 0.0  # the highest of late, and since when
         self._reserve_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._blocks = {}  # id -> weakref to the allocation
@@ -127,6 +130,8 @@ class Arena:
                 self._free[i] = (offset + need, length - need)
             self._used += need
             self._high = max(self._high, offset + need)
+            if self._high >= self._peak or time.monotonic() - self._peak_at >= TRIM_DELAY:
+                self._peak, self._peak_at = self._high, time.monotonic()
         try:
             if self.tight:  # back just this allocation: a full machine is an error, not SIGBUS
                 os.posix_fallocate(self.fd, offset, need)
@@ -184,9 +189,15 @@ class Arena:
                     self._prefault_wanted.set()  # the prefault thread trims
 
     def _keep_reserved(self):
-        """How far memory stays reserved: the highest allocation and some room ahead."""
-        ahead = min(PREFAULT_AHEAD, max(CHUNK, self._high // 4))
-        return min(self.capacity, _round_up(self._high + ahead, CHUNK))
+        """How far memory stays reserved: the highest allocation of the last TRIM_DELAY
+        seconds (a pipeline that frees its values and makes the next ones at once keeps its
+        pages faulted in, rather than giving them back and faulting them in again) and some
+        room ahead."""
+        high = self._high
+        if time.monotonic() - self._peak_at < TRIM_DELAY:
+            high = max(high, self._peak)
+        ahead = min(PREFAULT_AHEAD, max(CHUNK, high // 4))
+        return min(self.capacity, _round_up(high + ahead, CHUNK))
 
     def _trim(self):
         """Give back the reserved memory far above every allocation (a value deleted, a
@@ -234,7 +245,8 @@ class Arena:
 
     def _prefault_loop(self):
         while True:
-            self._prefault_wanted.wait()
+            # woken by allocations and frees, and once the recent peak may be trimmed
+            self._prefault_wanted.wait(TRIM_DELAY if self._reserved > CHUNK else None)
             self._prefault_wanted.clear()
             if self._closed:
                 return
