@@ -111,7 +111,7 @@ def measure_in_this_process(name, config):
     if config.get("pipeline") and name in PIPELINE_SYSTEMS:
         from . import spill
         found = spill.pipeline(name)
-        figures.update(pipeline_s=found["seconds"],
+        figures.update(pipeline_s=found["seconds"], pipeline_runs=found["runs"],
                        pipeline_rss_gib=max(found["peak_rss"]) / 2**30,
                        pipeline_private_gib=max(found["peak_private"]) / 2**30,
                        pipeline_restarted=found["restarted"])
