@@ -17,15 +17,15 @@ import contextlib
 import importlib.util
 import operator
 import statistics
-import threading
 import time
 
 import dask
 import dask.array as da
 import numpy as np
-import psutil
 
 from d3arrow import Pool
+
+from .sampling import PeakMemory
 
 
 def p1():
@@ -62,36 +62,6 @@ def submit_chain(pool, func, n=1000):
 # __main__ (a lambda is pickled the same way); and one the workers import by name
 CHAIN_FUNCTIONS = {"submit_chain_ms": ("a function of the script", lambda x, one: x + one),
                    "submit_chain_importable_ms": ("operator.add, sent by name", operator.add)}
-
-
-class PeakRSS:
-    """Samples the summed resident memory of this process's children (the cluster)."""
-
-    def __init__(self, interval=0.05):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for child in me.children(recursive=True):
-                try:
-                    total += child.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 @contextlib.contextmanager
@@ -151,16 +121,16 @@ def figures(system, repeat=3, expected=None, report=print):
     with make() as (scheduler, pool):
         for name, build in WORK.items():
             runs = []
-            with PeakRSS() as memory:
+            with PeakMemory(interval=0.05) as memory:
                 for _ in range(repeat):
                     seconds, result = timed(build, scheduler)
                     np.testing.assert_allclose(result, expected[name])
                     runs.append(seconds)
             out[f"graph_{name}_s"] = statistics.median(runs)
-            out[f"graph_{name}_rss"] = memory.peak
+            out[f"graph_{name}_rss"] = memory.total
             report(f"{name} {system:17s} median {out[f'graph_{name}_s']:6.2f} s  runs "
                    f"{' '.join(f'{s:.2f}' for s in runs)}  cluster peak RSS "
-                   f"{memory.peak / 2**30:.2f} GiB")
+                   f"{memory.total / 2**30:.2f} GiB")
         if pool is not None:
             for key, (label, func) in CHAIN_FUNCTIONS.items():
                 chain = [submit_chain(pool, func) for _ in range(repeat)]

@@ -16,18 +16,18 @@ docs/benchmarks.md quotes the output.
 """
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 import psutil
+
+from .sampling import PeakMemory
 
 MiB = 2**20
 ARRAYS, ARRAY_BYTES, LIMIT = 48, 128 * MiB, 2**30
@@ -86,37 +86,6 @@ def make_array(i):
     return np.full(ARRAY_BYTES // 8, float(i))
 
 
-class PeakRSSPerProcess:
-    """The peak resident memory of each of some processes, sampled: all of it (VmRSS,
-    which also counts a co-located peer's shared pages and mapped files while they are
-    read), and its private part (RssAnon)."""
-
-    def __init__(self, pids):
-        self.peaks = {pid: 0 for pid in pids}
-        self.private = {pid: 0 for pid in pids}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while not self._stop.is_set():
-            for pid in self.peaks:
-                with contextlib.suppress(OSError, ValueError):
-                    with open(f"/proc/{pid}/status") as f:
-                        status = {line.split(":")[0]: int(line.split()[1]) * 1024
-                                  for line in f if line.startswith(("VmRSS", "RssAnon"))}
-                    self.peaks[pid] = max(self.peaks[pid], status["VmRSS"])
-                    self.private[pid] = max(self.private[pid], status["RssAnon"])
-            time.sleep(0.01)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def tree_sum(submit, values):
     """Add ``values`` pairwise until one is left (``submit(np.add, a, b)``)."""
     while len(values) > 1:
@@ -135,7 +104,7 @@ def pipeline_d3arrow(directory):
                       local_directory=directory) as cluster, \
             Pool(cluster.center_address) as pool:
         pids = [p.pid for p in cluster.worker_processes]
-        with PeakRSSPerProcess(pids) as rss:
+        with PeakMemory(pids) as rss:
             start = time.perf_counter()
             arrays = pool.map(make_array, range(ARRAYS))
             total = pool.apply(np.sum, [tree_sum(pool.submit, arrays)]).get()
@@ -158,7 +127,7 @@ def pipeline_dask(directory):
                          local_directory=directory) as cluster, Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
         workers_before = set(client.scheduler_info()["workers"])
-        with PeakRSSPerProcess(pids) as rss:
+        with PeakMemory(pids) as rss:
             start = time.perf_counter()
             arrays = client.map(make_array, range(ARRAYS))
             total = client.submit(np.sum, tree_sum(client.submit, arrays)).result()

@@ -21,7 +21,8 @@ from typing import Any
 import pyarrow as pa
 
 from .errors import SpillError
-from .serialize import Serialized, arrow_meta, deserialize, serialize, write_arrow_stream
+from .serialize import (Serialized, arrow_meta, deserialize, nbytes, serialize,
+                        write_arrow_stream)
 
 ALIGNMENT = 64  # each payload starts on this boundary in its file, as Arrow buffers like
 
@@ -53,45 +54,21 @@ class SpillDirectory:
         TypeError
             The value cannot be serialized.
         """
-        if isinstance(value, (pa.Table, pa.RecordBatch)):
-            return self._write_arrow(value)
-        serialized = serialize(value)
         fd = self._new_file()
         try:
-            offsets, end = [], 0
-            with open(fd, "wb", buffering=0, closefd=False) as file:
-                for payload in serialized.payloads:
-                    start = -end % ALIGNMENT + end
-                    if start != end:
-                        file.write(bytes(start - end))
-                    end = start
-                    for part in payload:
-                        end += _write_all(file, part)
-                    offsets.append((start, end - start))
-            return SpilledValue(fd, serialized.meta, offsets, end)
+            if isinstance(value, (pa.Table, pa.RecordBatch)):
+                meta, payloads, size = _write_arrow(fd, value)
+            else:
+                meta, payloads, size = _write_frames(fd, serialize(value))
         except OSError as e:
             os.close(fd)
-            raise SpillError(f"cannot spill {serialized.nbytes} bytes to {self.path}: "
-                             f"{os.strerror(e.errno) if e.errno else e}") from e
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise SpillError(f"cannot spill a {type(value).__name__} of {nbytes(value)} bytes "
+                             f"to {self.path}: {reason}") from e
         except BaseException:
             os.close(fd)
             raise
-
-    def _write_arrow(self, data: Any) -> "SpilledValue":
-        """An Arrow table as an IPC stream, written from its own buffers."""
-        fd = self._new_file()
-        try:
-            with pa.OSFile(f"/proc/self/fd/{fd}", "wb") as sink:
-                write_arrow_stream(sink, data)
-                size = sink.tell()
-            return SpilledValue(fd, arrow_meta(data), [(0, size)], size)
-        except OSError as e:
-            os.close(fd)
-            raise SpillError(f"cannot spill an Arrow {type(data).__name__} of "
-                             f"{data.nbytes} bytes to {self.path}: {e}") from e
-        except BaseException:
-            os.close(fd)
-            raise
+        return SpilledValue(fd, meta, payloads, size)
 
     def _new_file(self) -> int:
         try:
@@ -158,6 +135,30 @@ def _view(fd: int, meta: dict, payloads: list, nbytes: int) -> Any:
     mapped = pa.py_buffer(mmap.mmap(fd, nbytes, prot=mmap.PROT_READ))
     return deserialize(Serialized(meta, [mapped.slice(start, length)
                                          for start, length in payloads]))
+
+
+def _write_frames(fd: int, serialized: Serialized) -> tuple[dict, list, int]:
+    """Each payload's parts one after the other, each payload aligned: ``(meta, [(start,
+    length)], size)``."""
+    offsets, end = [], 0
+    with open(fd, "wb", buffering=0, closefd=False) as file:
+        for payload in serialized.payloads:
+            start = -end % ALIGNMENT + end
+            if start != end:
+                file.write(bytes(start - end))
+            end = start
+            for part in payload:
+                end += _write_all(file, part)
+            offsets.append((start, end - start))
+    return serialized.meta, offsets, end
+
+
+def _write_arrow(fd: int, data: Any) -> tuple[dict, list, int]:
+    """An Arrow table as an IPC stream, written from its own buffers."""
+    with pa.OSFile(f"/proc/self/fd/{fd}", "wb") as sink:
+        write_arrow_stream(sink, data)
+        size = sink.tell()
+    return arrow_meta(data), [(0, size)], size
 
 
 def _write_all(file: Any, part: Any) -> int:

@@ -5,17 +5,16 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import cloudpickle
 import numpy as np
-import psutil
 import pyarrow as pa
 import pytest
 from conftest import wait_until
 
 import d3arrow
+from benchmarks.sampling import PeakMemory
 from d3arrow import LocalCluster, Pool, SpillError
 from d3arrow.memory import parse_memory_limit, system_memory
 from d3arrow.spill import SpillDirectory, open_spilled
@@ -34,30 +33,6 @@ def is_made(a, i):
     return bool((a == i).all())
 
 
-class PeakRSS:
-    """The highest resident memory of a process, sampled every few milliseconds."""
-
-    def __init__(self, pid):
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while not self._stop.is_set():
-            with contextlib.suppress(psutil.Error):
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.003)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def test_memory_limits_parse_like_dasks():
     assert parse_memory_limit("256MiB") == 256 * MiB
     assert parse_memory_limit("4GB") == 4 * 2**30
@@ -74,7 +49,7 @@ def test_a_worker_limited_to_256_mib_holds_2_gib_and_every_value_comes_back(tmp_
     limit = 256 * MiB
     with LocalCluster(n_workers=1, ncores=1, memory_limit=limit,
                       local_directory=tmp_path) as cluster, Pool(cluster.center_address) as pool:
-        with PeakRSS(cluster.worker_processes[0].pid) as rss:
+        with PeakMemory([cluster.worker_processes[0].pid], interval=0.003) as rss:
             arrays = pool.map(make, range(128))  # 2 GiB in 16 MiB values
             checked = pool.gather(pool.map(is_made, arrays, range(128)))  # read back by tasks
         assert all(checked)
