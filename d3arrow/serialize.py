@@ -128,14 +128,29 @@ def _tensor_compatible(array):
 def _serialize_tensor(array):
     if not (array.flags.c_contiguous or array.flags.f_contiguous):
         array = np.ascontiguousarray(array)
-    tensor = pa.Tensor.from_numpy(array)
     if array.nbytes <= SMALL_TENSOR_BYTES:  # one message, body copied: cheaper than a split
-        sink = pa.BufferOutputStream()
-        pa.ipc.write_tensor(tensor, sink)
-        return Serialized({"kind": "tensor"}, [[sink.getvalue()]])
+        return Serialized({"kind": "tensor"}, [[_small_tensor_metadata(array)
+                                                + array.tobytes(order="A")]])
+    tensor = pa.Tensor.from_numpy(array)
     metadata = _tensor_ipc_metadata(tensor, array.nbytes)
     body = memoryview(array.reshape(-1, order="A").view(np.uint8)) if array.nbytes else b""
     return Serialized({"kind": "tensor"}, [[metadata, body]])
+
+
+def _small_tensor_metadata(array):
+    """The IPC metadata of a small tensor, made once per dtype, shape and layout: for
+    tiny results (a reduction's) Arrow's writer costs more than everything else."""
+    key = (array.dtype.str, array.shape, array.strides)
+    metadata = _small_metadata.get(key)
+    if metadata is None:
+        if len(_small_metadata) >= 1024:
+            _small_metadata.clear()
+        metadata = _small_metadata[key] = _tensor_ipc_metadata(
+            pa.Tensor.from_numpy(array), array.nbytes).to_pybytes()
+    return metadata
+
+
+_small_metadata = {}
 
 
 def _tensor_ipc_metadata(tensor, body_nbytes):
