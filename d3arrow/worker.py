@@ -138,6 +138,23 @@ class Worker(Server):
         return ref_meta is None or ref_meta.get("socket") == getattr(self.store, "socket_name",
                                                                       None)
 
+    def _hold(self, key, value, *, shared=True, ref_meta=None):
+        """Hold a new value: with ``shared``, moved into the shared store when worth it, and
+        spilled to disk when it would be worth it but the store is full (rather than kept
+        in private memory that nothing bounds). With a memory limit results stay private
+        until a local reader asks: a copy into the store is memory to account for, and
+        spilled values are shared by their files."""
+        if shared and ref_meta is None:
+            value, ref_meta = self._share(value)
+        self.values.put(key, value, ref_meta)
+        if shared and ref_meta is None and self.store is not None and \
+                self.store.shared and self.store.shareable(value):
+            try:  # the store is full
+                self.values.spill(key, value, self.memory.directory.write(value))
+            except (SpillError, TypeError) as e:
+                logger.warning("shared store full and cannot spill %s: keeping it in private "
+                               "memory (%s)", key, e)
+
     def _share(self, value):
         """``(value, ref_meta)``: the value moved into the shared store when worth it."""
         if self.store is not None:
@@ -220,7 +237,9 @@ class Worker(Server):
         spill. If the disk refuses, they are dropped again and SpillError raised."""
         keys = list(data)
         for key in keys:  # taken out of the message: once spilled, nothing holds the bytes
-            self.values.put(key, *await self._receive(data.pop(key)))
+            value, ref_meta = await self._receive(data.pop(key))
+            self._hold(key, value, shared=self.memory.limit is None and ref_meta is None,
+                       ref_meta=ref_meta)
         self.memory.check_soon()
         try:
             await self.memory.room()
@@ -345,10 +364,7 @@ class Worker(Server):
                 outcomes.append((i, ("error", error_reply(e))))
                 continue
             try:
-                # with a memory limit a result stays private until a local reader asks:
-                # a copy into the store costs memory, and spilled values are shared by file
-                self.values.put(keys[i], *(self._share(value) if self.memory.limit is None
-                                           else (value, None)))
+                self._hold(keys[i], value, shared=self.memory.limit is None)
                 nbytes = self.values.nbytes(keys[i])
                 outcomes.append((i, ("OK", nbytes, type(value).__name__,
                                      _small(value, nbytes))))

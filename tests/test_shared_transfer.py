@@ -100,15 +100,16 @@ def test_map_over_many_small_arrays_with_the_store(shm_cluster):
         assert sums == [10 * i for i in range(500)]
 
 
-def test_full_store_falls_back_to_private_memory():
-    with LocalCluster(n_workers=2, ncores=1, shm_size=4 * 2**20) as cluster, \
+def test_a_full_store_spills_rather_than_keep_values_in_private_memory(tmp_path):
+    with LocalCluster(n_workers=2, ncores=1, shm_size=4 * 2**20,
+                      local_directory=tmp_path) as cluster, \
             Pool(cluster.center_address) as pool:
         arrays = pool.map(lambda i: np.full(2**17, i, dtype="f8"), range(12))  # 1 MiB each
-        # read here: each moves into its worker's store, until that is full
-        totals = [float(a.sum()) for a in pool.gather(arrays)]
+        totals = pool.gather(pool.map(lambda a: float(a.sum()), arrays))
         assert totals == [float(i * 2**17) for i in range(12)]
-        fallbacks = sum(info["fallbacks"] for info in pool.store_info().values())
-        assert fallbacks > 0
+        assert [float(a[0]) for a in pool.gather(arrays)] == [float(i) for i in range(12)]
+        assert sum(info["fallbacks"] for info in pool.store_info().values()) > 0
+        assert sum(info["spilled_count"] for info in pool.memory_info().values()) > 0
 
 
 def test_no_shm_goes_over_tcp():
