@@ -203,7 +203,8 @@ class Worker(Server):
             return None
         moving = self._moving.get(key)
         if moving is None:
-            moving = self._moving[key] = asyncio.ensure_future(self._make_shared(key, value))
+            moving = self._moving[key] = self._tasks.spawn(self._make_shared(key, value),
+                                                           f"sharing {key} with local readers")
             moving.add_done_callback(lambda _: self._moving.pop(key, None))
         await asyncio.shield(moving)
         return self.values.ref_meta(key) if key in self.values else None
