@@ -358,11 +358,24 @@ def test_misuse_gets_errors_that_say_what_is_wrong(pool):
     (["--shm-size", "0"], "a store needs a positive size"),
     (["--shm-size", "-1"], "a store needs a positive size"),
     (["--log-level", "verbose"], "'verbose' is not a log level"),
+    (["--memory-limit", "lots"], "memory limit 'lots' is not a size"),
+    (["--memory-limit", "150%"], "a percentage must be in (0, 100]"),
+    (["--memory-target", "0.9", "--memory-pause", "0.8"], "--memory-target (0.9) is above"),
+    (["--memory-pause", "2"], "give a fraction in (0, 1]"),
 ])
 def test_bad_worker_options_are_refused_by_name(args, message):
     done = subprocess.run([sys.executable, "-m", "d3arrow.cli.worker", "127.0.0.1:1", *args],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_missing_local_directory_is_refused_at_start(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "d3arrow.cli.worker", "127.0.0.1:1",
+                           "--memory-limit", "1GiB", "--local-directory",
+                           str(tmp_path / "nowhere")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "does not exist" in done.stderr
     assert "Traceback" not in done.stderr
 
 
