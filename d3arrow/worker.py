@@ -6,7 +6,9 @@ caller's hints) and fetched from several peers at once.
 
 Large arrays and Arrow tables live in the worker's shared store (see :mod:`d3arrow.store`):
 results are copied there once, values arriving over TCP are received straight into it, and
-a co-located peer gets only a reference and views the same memory.
+a co-located peer gets only a reference and views the same memory. With a memory limit
+(:mod:`d3arrow.memory`) values beyond it are spilled to disk, and co-located peers map the
+spilled files instead.
 """
 
 import asyncio
@@ -210,7 +212,7 @@ class Worker(Server):
         return self.values.ref_meta(key) if key in self.values else None
 
     async def _make_shared(self, key, value):
-        if self.memory.limit is None:  # a copy into the store would be memory to account
+        if self.memory.limit is None:  # (with a limit, a copy would be memory to account for)
             view, ref_meta = await asyncio.get_running_loop().run_in_executor(
                 None, self._share, value)
             if ref_meta is not None:
