@@ -55,13 +55,24 @@ def _name_futures(nodes: dict) -> dict:
     for key, node in nodes.items():
         if type(node) is not Task:
             continue
-        found = find_leaves((node.args, node.kwargs), RemoteData)
-        if not found:
-            continue
-        futures.update((data.key, data) for data in found)
+        if not _holds_remote_data(node.args) and not _holds_remote_data(node.kwargs):
+            continue  # most nodes: checked without building anything
+        futures.update((data.key, data) for data in
+                       find_leaves((node.args, node.kwargs), RemoteData))
         nodes[key] = Task(key, node.func, *map(parse_input, node.args),
                           **{k: parse_input(v) for k, v in node.kwargs.items()})
     return futures
+
+
+def _holds_remote_data(obj: Any) -> bool:
+    kind = type(obj)
+    if kind is RemoteData:
+        return True
+    if kind in (list, tuple, set, frozenset):
+        return any(map(_holds_remote_data, obj))
+    if kind is dict:
+        return any(map(_holds_remote_data, obj.values()))
+    return False
 
 
 def priorities(graph: dict) -> dict:
