@@ -23,7 +23,6 @@ class Values:
         self._nbytes: dict[str, int] = {}
         self._shared: dict[str, dict] = {}
         self._recent: collections.OrderedDict = collections.OrderedDict()  # LRU first
-        self.spilled_bytes = 0
 
     def put(self, key: str, value: Any, ref_meta: dict | None = None) -> None:
         """Hold ``value`` under ``key``; ``ref_meta`` says where it lies in shared memory."""
@@ -45,7 +44,6 @@ class Values:
         self._data[key] = spilled
         self._shared.pop(key, None)
         self._recent.pop(key, None)
-        self.spilled_bytes += self._nbytes[key]
         return True
 
     def discard(self, key: str) -> bool:
@@ -61,7 +59,6 @@ class Values:
     def _forget_file(self, key: str) -> None:
         held = self._data.get(key)
         if type(held) is SpilledValue:
-            self.spilled_bytes -= self._nbytes[key]
             held.close()
 
     def __getitem__(self, key: str) -> Any:
@@ -118,6 +115,13 @@ class Values:
     @property
     def spilled_count(self) -> int:
         return len(self._data) - len(self._recent)
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes of the values held in spilled files (summed when asked: values are spilled
+        from compute threads as well as the loop, so no running total is kept)."""
+        return sum(self._nbytes.get(key, 0) for key, held in list(self._data.items())
+                   if type(held) is SpilledValue)
 
 
 _MISSING = object()
