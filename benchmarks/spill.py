@@ -167,10 +167,10 @@ def figures(directory, nbytes=256 * MiB, repeat=5, systems=("d3arrow", "dask"),
     """Every figure of this module: ``{name: value}``."""
     out = spill_figures(directory, nbytes, repeat)
     write, read = out["spill_write_gbps"], out["spill_read_gbps"]
+    dd_write, dd_read = out["dd_write_gbps"], out["dd_read_gbps"]
     report(f"spill {nbytes // MiB} MiB to {directory}: write {write:.2f} GB/s (dd "
-           f"{out['dd_write_gbps']:.2f}, {write / out['dd_write_gbps']:.2f}x), read back {read:.2f} GB/s "
-           f"(dd {out['dd_read_gbps']:.2f}, "
-           f"{read / out['dd_read_gbps']:.2f}x)")
+           f"{dd_write:.2f}, {write / dd_write:.2f}x), read back {read:.2f} GB/s (dd "
+           f"{dd_read:.2f}, {read / dd_read:.2f}x)")
     for system in systems:
         found = pipeline(system, directory)
         out[f"pipeline_{system}_s"] = found["seconds"]

@@ -212,8 +212,8 @@ class MemoryManager:
         if count:
             await asyncio.get_running_loop().run_in_executor(None, _give_back_memory)
             logger.info("spilled %d values (%d bytes) to %s in %.3f s; %d bytes in spilled "
-                        "files now", count, freed, self.directory.path, time.perf_counter() - start,
-                        self.values.spilled_bytes)
+                        "files now", count, freed, self.directory.path,
+                        time.perf_counter() - start, self.values.spilled_bytes)
         return self.measure()
 
     def _has_spillable(self) -> bool:
