@@ -29,6 +29,7 @@ TARGET = 0.6  # spill above this fraction of the limit, down to it
 PAUSE = 0.8  # above this fraction, start no task and take no scattered value
 CHECK_SECONDS = 0.05  # how often memory is measured while a limit is set
 MIN_SPILL_BYTES = 1024  # smaller values are not worth a file
+STALLED_SECONDS = 10.0  # a compute thread waits for room no longer without a memory check
 
 
 def parse_memory_limit(spec: Any, workers_on_host: int = 1) -> int | None:
@@ -221,13 +222,17 @@ class MemoryManager:
                    for k in self.values.in_memory() if k in self.values)
 
     async def spill_now(self, key: str) -> int:
+        """:meth:`spill` in a thread, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.spill, key)
+
+    def spill(self, key: str) -> int:
         """Write ``key``'s value to disk and hold it there; the bytes it took in memory
         (0 if it went meanwhile or cannot be serialized). Raises SpillError (also kept
-        in :attr:`error`) when the disk refuses it: the value stays in memory."""
+        in :attr:`error`) when the disk refuses it: the value stays in memory. Blocks on
+        the disk: call it from a thread."""
         value = self.values.raw(key)
         try:
-            spilled = await asyncio.get_running_loop().run_in_executor(
-                None, self.directory.write, value)
+            spilled = self.directory.write(value)
         except SpillError as e:
             if self.error is None:
                 logger.error("cannot spill: %s; keeping every value in memory", e)
@@ -269,9 +274,13 @@ class MemoryManager:
         if used <= self.limit * self.target:
             return
         loop.call_soon_threadsafe(self.check_soon)
-        checks = self._checks
+        checks, since = self._checks, time.monotonic()
         while used > self.limit * self.pause:
             if self._checks > checks + 1 and not self.paused:  # resumed over the mark
+                return
+            if self._checks == checks and time.monotonic() - since > STALLED_SECONDS:
+                logger.warning("no memory check for %.0f s (is the worker's loop stuck?): "
+                               "going on over the pause mark", STALLED_SECONDS)
                 return
             if self.error is not None:
                 raise SpillError(f"over {self.pause:.0%} of the memory limit ({self.limit} "

@@ -141,21 +141,25 @@ class Worker(Server):
                                                                       None)
 
     def _hold(self, key, value, *, shared=True, ref_meta=None):
-        """Hold a new value: with ``shared``, moved into the shared store when worth it, and
-        spilled to disk when it would be worth it but the store is full (rather than kept
-        in private memory that nothing bounds). With a memory limit results stay private
-        until a local reader asks: a copy into the store is memory to account for, and
-        spilled values are shared by their files."""
+        """Hold a new value: with ``shared``, moved into the shared store when worth it.
+        Whether it belongs in the store but the store is full: then the caller spills it
+        (:meth:`_spill_overflow`, in a thread) rather than keep it in private memory that
+        nothing bounds. With a memory limit results stay private until a local reader asks:
+        a copy into the store is memory to account for, and spilled values are shared by
+        their files."""
         if shared and ref_meta is None:
             value, ref_meta = self._share(value)
         self.values.put(key, value, ref_meta)
-        if shared and ref_meta is None and self.store is not None and \
-                self.store.shared and self.store.shareable(value):
-            try:  # the store is full
-                self.values.spill(key, value, self.memory.directory.write(value))
-            except (SpillError, TypeError) as e:
-                logger.warning("shared store full and cannot spill %s: keeping it in private "
-                               "memory (%s)", key, e)
+        return (shared and ref_meta is None and self.store is not None and self.store.shared
+                and self.store.shareable(value))
+
+    def _spill_overflow(self, key):
+        """Spill a value the full store could not take (blocks on the disk: in a thread)."""
+        try:
+            self.memory.spill(key)
+        except SpillError as e:
+            logger.warning("shared store full and cannot spill %s: keeping it in private "
+                           "memory (%s)", key, e)
 
     def _share(self, value):
         """``(value, ref_meta)``: the value moved into the shared store when worth it."""
@@ -241,8 +245,11 @@ class Worker(Server):
         keys = list(data)
         for key in keys:  # taken out of the message: once spilled, nothing holds the bytes
             value, ref_meta = await self._receive(data.pop(key))
-            self._hold(key, value, shared=self.memory.limit is None and ref_meta is None,
-                       ref_meta=ref_meta)
+            if self._hold(key, value, shared=self.memory.limit is None and ref_meta is None,
+                          ref_meta=ref_meta):
+                del value
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._spill_overflow, key)
         self.memory.check_soon()
         try:
             await self.memory.room()
@@ -367,7 +374,8 @@ class Worker(Server):
                 outcomes.append((i, ("error", error_reply(e))))
                 continue
             try:
-                self._hold(keys[i], value, shared=self.memory.limit is None)
+                if self._hold(keys[i], value, shared=self.memory.limit is None):
+                    self._spill_overflow(keys[i])
                 nbytes = self.values.nbytes(keys[i])
                 outcomes.append((i, ("OK", nbytes, type(value).__name__,
                                      _small(value, nbytes))))
