@@ -14,6 +14,7 @@ import ctypes.util
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from .errors import SpillError
-from .spill import SpillDirectory
+from .spill import SpillDirectory, SpilledValue
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,9 @@ class MemoryManager:
         self._wanted = asyncio.Event()
         self._spilling = asyncio.Lock()
         self._checks = 0  # how many times keep_under_limit ran: threads wait for a verdict
+        # the loop's spiller, a reader's share and a full store's overflow may pick the same
+        # value from different threads: one at a time, each sees what the last one did
+        self._one_spill = threading.Lock()
 
     def measure(self) -> int:
         return private_memory() + self._store_used()
@@ -230,22 +234,25 @@ class MemoryManager:
         (0 if it went meanwhile or cannot be serialized). Raises SpillError (also kept
         in :attr:`error`) when the disk refuses it: the value stays in memory. Blocks on
         the disk: call it from a thread."""
-        value = self.values.raw(key)
-        try:
-            spilled = self.directory.write(value)
-        except SpillError as e:
-            if self.error is None:
-                logger.error("cannot spill: %s; keeping every value in memory", e)
-            self.error = e
-            raise
-        except TypeError as e:  # cannot be serialized: it stays in memory
-            logger.info("cannot spill %s: %s", key, e)
-            return 0
-        self.error = None
-        if not self.values.spill(key, value, spilled):
-            spilled.close()
-            return 0
-        return self.values.nbytes(key)
+        with self._one_spill:
+            value = self.values.get_raw(key)
+            if value is None or type(value) is SpilledValue:  # gone, or spilled already
+                return 0
+            try:
+                spilled = self.directory.write(value)
+            except SpillError as e:
+                if self.error is None:
+                    logger.error("cannot spill: %s; keeping every value in memory", e)
+                self.error = e
+                raise
+            except TypeError as e:  # cannot be serialized: it stays in memory
+                logger.info("cannot spill %s: %s", key, e)
+                return 0
+            self.error = None
+            if not self.values.spill(key, value, spilled):
+                spilled.close()
+                return 0
+            return self.values.nbytes(key)
 
     def _set_paused(self, paused: bool, used: int) -> None:
         if paused == self.paused:

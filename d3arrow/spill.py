@@ -16,6 +16,7 @@ import errno
 import mmap
 import os
 import tempfile
+import threading
 from typing import Any
 
 import pyarrow as pa
@@ -83,27 +84,44 @@ class SpillDirectory:
 
 
 class SpilledValue:
-    """A value held in an unnamed file: ``load()`` maps it and gives a view of the value."""
+    """A value held in an unnamed file: ``load()`` maps it and gives a view of the value.
 
-    __slots__ = ("fd", "meta", "payloads", "nbytes", "__weakref__")
+    Compute threads load while the event loop may close: the descriptor is used and closed
+    under a lock, so a load never maps a closed descriptor, or its number reused for
+    another value's file. It is a handle of this process, never pickled."""
+
+    __slots__ = ("fd", "meta", "payloads", "nbytes", "_lock", "__weakref__")
 
     def __init__(self, fd: int, meta: dict, payloads: list, nbytes: int) -> None:
         self.fd, self.meta, self.payloads, self.nbytes = fd, meta, payloads, nbytes
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        raise TypeError("a spilled value's file handle belongs to its process and cannot "
+                        "be pickled")
 
     def load(self) -> Any:
-        return _view(self.fd, self.meta, self.payloads, self.nbytes)
+        """A view of the value. Raises SpillError if the file was dropped meanwhile."""
+        with self._lock:  # the mapping holds its own reference to the file once made
+            if self.fd < 0:
+                raise SpillError("the spilled value was dropped while it was read")
+            return _view(self.fd, self.meta, self.payloads, self.nbytes)
 
     def ref_meta(self) -> dict:
         """How a process on this host opens it: see :func:`open_spilled`."""
-        return {"kind": "spilled", "path": f"/proc/{os.getpid()}/fd/{self.fd}",
-                "inode": os.fstat(self.fd).st_ino, "payloads": self.payloads,
-                "size": self.nbytes, "inner": self.meta}
+        with self._lock:
+            if self.fd < 0:
+                raise SpillError("the spilled value was dropped while it was asked for")
+            return {"kind": "spilled", "path": f"/proc/{os.getpid()}/fd/{self.fd}",
+                    "inode": os.fstat(self.fd).st_ino, "payloads": self.payloads,
+                    "size": self.nbytes, "inner": self.meta}
 
     def close(self) -> None:
         """Drop the file (views already made keep their mapping)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self._lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def open_spilled(ref_meta: dict) -> Any:

@@ -39,7 +39,7 @@ class Values:
     def spill(self, key: str, value: Any, spilled: SpilledValue) -> bool:
         """Hold ``key`` in its spilled file from now on, if it still is ``value`` (not
         deleted or replaced while it was written); whether it was."""
-        if self._data.get(key) is not value:
+        if self._data.get(key) is not value or type(value) is SpilledValue:
             return False
         self._data[key] = spilled
         self._shared.pop(key, None)
@@ -105,6 +105,10 @@ class Values:
     def raw(self, key: str) -> Any:
         """What is held for ``key``: the value, or its SpilledValue (no file is read)."""
         return self._data[key]
+
+    def get_raw(self, key: str) -> Any:
+        """:meth:`raw`, or None if ``key`` is not held."""
+        return self._data.get(key)
 
     def close(self) -> None:
         """Close every spilled file (the worker stops)."""

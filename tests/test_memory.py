@@ -1,7 +1,9 @@
 """Memory limits: workers spill to disk, pause, and lose nothing (real processes)."""
 
+import concurrent.futures
 import contextlib
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,8 +18,9 @@ from conftest import wait_until
 import d3arrow
 from benchmarks.sampling import PeakMemory
 from d3arrow import LocalCluster, Pool, SpillError
-from d3arrow.memory import parse_memory_limit, system_memory
+from d3arrow.memory import MemoryManager, parse_memory_limit, system_memory
 from d3arrow.spill import SpillDirectory, open_spilled
+from d3arrow.values import Values
 
 pytestmark = pytest.mark.timeout(180)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
@@ -195,3 +198,29 @@ def test_a_value_larger_than_the_limit_is_spilled_not_refused(tmp_path):
         assert float(scattered.get().sum()) == 16 * MiB
         (info,) = pool.memory_info().values()
         assert info["spilled_count"] == 2 and info["memory"] <= 96 * MiB
+
+
+def test_a_value_spilled_from_several_threads_is_written_once_and_stays_itself(tmp_path):
+    # the loop's spiller, a co-located reader's share and a full store's overflow may pick
+    # the same value at once; before, the one that came second wrote the first one's file
+    # handle as the value, and readers mapped whatever file had that number in their process
+    values = Values()
+    memory = MemoryManager(values, 64 * MiB, store_used=lambda: 0, spillable=lambda k: True,
+                           directory=tmp_path)
+    for i in range(8):
+        values.put(f"x{i}", make(i))
+    with concurrent.futures.ThreadPoolExecutor(8) as threads:
+        freed = list(threads.map(memory.spill, [f"x{i}" for i in range(8) for _ in range(4)]))
+    assert sorted(freed, reverse=True)[:8] == [16 * MiB] * 8 and sum(freed) == 8 * 16 * MiB
+    assert values.spilled_count == 8 and memory.spill("x0") == 0
+    for i in range(8):
+        assert is_made(values[f"x{i}"], i)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(values.raw("x0"))
+    dropped = values.raw("x1")
+    values.discard("x1")
+    with pytest.raises(SpillError, match="dropped"):
+        dropped.load()
+    dropped.close()  # closing twice closes nothing of anyone else's
+    values.close()
+    assert os.listdir(tmp_path) == []
