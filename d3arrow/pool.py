@@ -10,6 +10,7 @@ to peer).
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +26,8 @@ from .core import RecentFailures
 from .errors import (CommClosedError, MissingDataError, RemoteExit, SpillError,
                      WorkerPausedError)
 from .references import RemoteData, wait_for
-from .scheduling import PAUSED_RETRY_SECONDS, Deaths, Pace, choose_worker, take_batch
+from .scheduling import (PAUSED_RETRY_SECONDS, Deaths, Pace, Turns, choose_worker,
+                         split_in_runs, take_batch)
 from .serialize import serialize
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ class Pool:
         self._running = collections.Counter()  # address -> calls in hand there, all runs
         self._ready = {}  # (function id, workers) -> submitted calls ready to run together
         self._paused = RecentFailures(1.0)  # workers that said they are over their limit
+        self._turns = Turns()  # requests in flight per worker, over all runs
+        self._runs = itertools.count()  # first come, first served among equals
         self.client = Client(address, **kwargs)
         try:
             self.sync_center()
@@ -159,6 +163,7 @@ class Pool:
     async def _submit(self, function, call, workers, name):
         state = concurrent.futures.Future()
         result = RemoteData(call.key, self.client, owned=True, state=state)
+        result._depth = _depth(call)
         task = self.client.spawn(self._run_submitted(function, call, result, workers, name),
                                  f"task {call.key}")
         loop = asyncio.get_running_loop()
@@ -188,7 +193,7 @@ class Pool:
         Calls of one function that become ready in the same turn of the loop run together,
         as one ``map`` would: batched per worker, stolen by idle ones.
         """
-        group = (id(function), None if workers is None else tuple(workers))
+        group = (id(function), None if workers is None else tuple(workers), _depth(call))
         if group not in self._ready:
             self._ready[group] = (function, workers, name, [])
             if len(self._ready) == 1:
@@ -204,23 +209,30 @@ class Pool:
                               "running submitted tasks")
 
     async def _run_ready(self, function, workers, name, entries):
+        """Run calls that became ready together; each one's waiter hears of its outcome as
+        its batch comes back, so what depends on it starts before the rest are done."""
         entries = [(call, done) for call, done in entries if not done.done()]  # cancelled
+
+        def settle(index, outcome):
+            done = entries[index][1]
+            if done.done():
+                return
+            if isinstance(outcome, BaseException):
+                done.set_exception(outcome)
+            else:
+                done.set_result(outcome)
+
         try:
             outcomes = await self._run_calls(function, [call for call, _ in entries], workers,
-                                             name=name)
+                                             name=name, on_outcome=settle)
         except asyncio.CancelledError:  # the client closes
             for _, done in entries:
                 done.cancel()
             raise
         except Exception as e:  # no worker left to run them
             outcomes = [e] * len(entries)
-        for (_, done), outcome in zip(entries, outcomes):
-            if done.done():
-                continue
-            if isinstance(outcome, BaseException):
-                done.set_exception(outcome)
-            else:
-                done.set_result(outcome)
+        for index, outcome in enumerate(outcomes):  # those lost for good, or never run
+            settle(index, outcome)
 
     def apply(self, func: Callable, args: Sequence = (), kwargs: dict | None = None, *,
               workers: Workers = None, timeout: float | None = None) -> RemoteData:
@@ -358,6 +370,10 @@ class Pool:
         ``on_outcome(index, outcome)``, if given, hears of each call's outcome as soon as
         its batch is back (not of inputs found missing: those calls run again).
 
+        Where runs compete for a worker, the one whose calls are deeper in a chain of
+        submitted tasks goes first (it finishes what was started, and frees its inputs),
+        then the older one.
+
         A call whose input was lost with its workers runs again once the input has been
         made again from its lineage. A call in hand each time a worker died is given up
         after ``allowed_failures + 1`` deaths (KilledWorkerError).
@@ -374,10 +390,12 @@ class Pool:
         pending = [i for i in range(len(calls)) if outcomes[i] is None]
         deaths = Deaths(client.allowed_failures, name)
         pace = pace or Pace()
+        priority = (-max(map(_depth, calls), default=0), next(self._runs))
 
         async def attempt():
             nonlocal pending
-            await self._run_some(function, calls, pending, outcomes, workers, deaths, pace)
+            await self._run_some(function, calls, pending, outcomes, workers, deaths, pace,
+                                 priority)
             pending = [i for i in pending if type(outcomes[i]) is MissingDataError]
             return {k for i in pending for k in outcomes[i].keys}
 
@@ -388,86 +406,101 @@ class Pool:
                 outcomes.arrived(i, e)
         return list(outcomes)
 
-    async def _run_some(self, function, calls, indices, outcomes, workers, deaths, pace):
+    async def _run_some(self, function, calls, indices, outcomes, workers, deaths, pace,
+                        priority):
         client = self.client
         chosen = client.choose_workers(workers)
         live = client.placement.reachable(chosen) or chosen
         queues = {address: collections.deque() for address in live}
+        loose = []  # calls that nothing ties to a worker
         for index in indices:
-            queues[self._place(calls[index], queues)].append(index)
+            address = self._place(calls[index], queues)
+            if address is None:
+                loose.append(index)
+            else:
+                queues[address].append(index)
+        running = self._running
+        for address, run in split_in_runs(loose, list(queues), client.ncores, {
+                a: len(queues[a]) + running[a] for a in queues}).items():
+            queues[address].extend(run)
         while any(queues.values()):
             if len(indices) == 1:  # one slot is enough: no tasks to create, no loop turns
                 (address,) = (a for a in queues if queues[a])
-                await self._slot(address, function, calls, queues, outcomes, pace, deaths)
+                await self._slot(address, function, calls, queues, outcomes, pace, deaths,
+                                 priority)
             else:
                 await asyncio.gather(*(
-                    self._slot(address, function, calls, queues, outcomes, pace, deaths)
+                    self._slot(address, function, calls, queues, outcomes, pace, deaths,
+                               priority)
                     for address in list(queues)
                     for _ in range(SLOTS_PER_CORE * client.ncores.get(address, 1))))
             if not queues:
                 raise CommClosedError("every worker this computation could use has died")
 
     def _place(self, call, queues):
-        """The worker holding the most input bytes; else the one the call prefers, if it is
-        live; else the least loaded one (its queue here and the calls other runs have in
-        hand there)."""
-        ncores, running = self.client.ncores, self._running
+        """The worker holding the most input bytes (the least loaded among equals: its
+        queue here and the calls other runs have in hand there); else the one the call
+        prefers, if it is live; else None: nothing ties the call anywhere."""
         held = self.client.placement.held_bytes(call.needs)
-        if not held and call.prefer in queues:
-            return call.prefer
+        if not held:
+            return call.prefer if call.prefer in queues else None
+        ncores, running = self.client.ncores, self._running
         return choose_worker(held, list(queues),
                              lambda a: (len(queues[a]) + running[a] + 1) / ncores.get(a, 1))
 
-    async def _slot(self, address, function, calls, queues, outcomes, pace, deaths):
+    async def _slot(self, address, function, calls, queues, outcomes, pace, deaths,
+                    priority):
         """Run batches from ``address``'s queue (or stolen ones) until none is left.
 
         They run on ``address``, unless it said lately that it is over its memory limit:
         then on the least loaded worker that did not.
         """
+        limit = SLOTS_PER_CORE * self.client.ncores.get(address, 1)
         while address in queues:
-            batch = take_batch(address, queues, self.client.ncores, pace.batch_size())
-            if not batch:
-                return
-            if len(batch) > 1 and deaths.suspects.intersection(batch):
-                queues[address].extendleft(reversed(batch[1:]))  # suspects travel alone
-                batch = batch[:1]
-            target = self._unpaused(address, queues)
-            sent = []
-            self._running[target] += len(batch)
-            try:
-                results, seconds = await self.client.compute(
-                    target, function, [calls[i] for i in batch],
-                    on_sent=lambda: sent.append(True))
-                pace.record(len(batch), seconds)
-            except WorkerPausedError as e:  # over its memory limit: the calls go elsewhere
-                self._paused.add(target)
-                if self._unpaused(address, queues) in self._paused.recent():
-                    if e.cannot_spill:  # nowhere else, and it will not make room
-                        for index in batch:
-                            outcomes.arrived(index, SpillError(e.cannot_spill))
-                        continue
-                    await asyncio.sleep(PAUSED_RETRY_SECONDS)  # all spilling: ask later
-                queues[address].extendleft(reversed(batch))
-                continue
-            except CommClosedError as e:  # the client leaves it out from now on
-                retry = batch
-                if sent:  # it died (or froze) with these calls in hand
-                    for index, error in deaths.record(batch, target).items():
-                        outcomes.arrived(index, error)
-                    retry = [i for i in batch if outcomes[i] is None]
-                logger.warning("worker %s failed (%s): moving %d calls elsewhere",
-                               target, e, len(retry))
-                orphans = queues.pop(target, collections.deque())
-                if queues:
-                    survivor = min(queues, key=lambda a: len(queues[a]))
-                    queues[survivor].extend([*retry, *orphans])
-                if target == address:
+            async with self._turns.turn(address, limit, priority):
+                batch = take_batch(address, queues, self.client.ncores, pace.batch_size())
+                if not batch:
                     return
-                continue
-            finally:
-                self._running[target] -= len(batch)
-            for index, outcome in zip(batch, results):
-                outcomes.arrived(index, outcome)
+                if len(batch) > 1 and deaths.suspects.intersection(batch):
+                    queues[address].extendleft(reversed(batch[1:]))  # suspects travel alone
+                    batch = batch[:1]
+                target = self._unpaused(address, queues)
+                sent = []
+                self._running[target] += len(batch)
+                try:
+                    results, seconds = await self.client.compute(
+                        target, function, [calls[i] for i in batch],
+                        on_sent=lambda: sent.append(True))
+                    pace.record(len(batch), seconds)
+                except WorkerPausedError as e:  # over its memory limit: the calls go elsewhere
+                    self._paused.add(target)
+                    if self._unpaused(address, queues) in self._paused.recent():
+                        if e.cannot_spill:  # nowhere else, and it will not make room
+                            for index in batch:
+                                outcomes.arrived(index, SpillError(e.cannot_spill))
+                            continue
+                        await asyncio.sleep(PAUSED_RETRY_SECONDS)  # all spilling: ask later
+                    queues[address].extendleft(reversed(batch))
+                    continue
+                except CommClosedError as e:  # the client leaves it out from now on
+                    retry = batch
+                    if sent:  # it died (or froze) with these calls in hand
+                        for index, error in deaths.record(batch, target).items():
+                            outcomes.arrived(index, error)
+                        retry = [i for i in batch if outcomes[i] is None]
+                    logger.warning("worker %s failed (%s): moving %d calls elsewhere",
+                                   target, e, len(retry))
+                    orphans = queues.pop(target, collections.deque())
+                    if queues:
+                        survivor = min(queues, key=lambda a: len(queues[a]))
+                        queues[survivor].extend([*retry, *orphans])
+                    if target == address:
+                        return
+                    continue
+                finally:
+                    self._running[target] -= len(batch)
+                for index, outcome in zip(batch, results):
+                    outcomes.arrived(index, outcome)
 
     def _unpaused(self, address, queues):
         """``address``, or if it is over its memory limit the least loaded live worker
@@ -494,6 +527,11 @@ class _Outcomes(list):
         self[index] = outcome
         if self.on_outcome is not None and type(outcome) is not MissingDataError:
             self.on_outcome(index, outcome)
+
+
+def _depth(call):
+    """How many submitted tasks lead up to ``call``: one more than its deepest input."""
+    return max((ref._depth + 1 for ref in call.inputs), default=0)
 
 
 def _name(func):

@@ -44,7 +44,7 @@ class RemoteData:
         Address of the center that knows where the value lives.
     """
 
-    __slots__ = ("key", "_client", "_owned", "_recipe", "_state", "__weakref__")
+    __slots__ = ("key", "_client", "_owned", "_recipe", "_state", "_depth", "__weakref__")
     __dask_future__ = True  # inside a dask graph it names a value the workers hold
 
     def __init__(self, key: str, client: Any, *, owned: bool = False,
@@ -54,6 +54,7 @@ class RemoteData:
         self._owned = owned
         self._recipe = recipe  # how it was made (Pool results): kept alive with it
         self._state = state  # done once the value exists (or its task failed)
+        self._depth = 0  # how many submitted tasks lead up to it: deeper ones go first
         if owned:
             client.refs.add(key)
 

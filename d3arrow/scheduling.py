@@ -1,11 +1,16 @@
-"""Scheduling a Pool's calls: where each goes, how many travel together, who steals.
+"""Scheduling a Pool's calls: where each goes, how many travel together, who steals, whose
+request goes first.
 
 Pure functions and small state objects, no I/O: the Pool applies them to its queues
 (``{address: deque of call indices}``) and tests exercise them on plain data.
 """
 
+import asyncio
 import collections
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from .errors import KilledWorkerError
 
@@ -23,6 +28,32 @@ def choose_worker(held: Mapping[str, int], candidates: Sequence[str],
         most = max(held.values())
         return min((a for a in held if held[a] == most), key=load)
     return min(candidates, key=load)
+
+
+def split_in_runs(items: Sequence, workers: Sequence[str], ncores: Mapping[str, int],
+                  calls: Mapping[str, int]) -> dict[str, list]:
+    """``items`` cut into one contiguous run per worker, sized so that each ends with the
+    same number of calls per core (``calls``: what each has queued or running already).
+
+    For calls that no input ties anywhere: neighbours in a sequence are usually combined
+    later (pairs of a reduction, a window), and a run keeps them on one worker, as dask
+    co-assigns sibling root tasks, where dealing them out in turn would put every pair on
+    two workers.
+    """
+    counts = collections.Counter()
+    heap = [((calls.get(a, 0) + 1) / ncores.get(a, 1), i, a) for i, a in enumerate(workers)]
+    heapq.heapify(heap)
+    for _ in items:
+        _, i, address = heap[0]
+        counts[address] += 1
+        heapq.heapreplace(heap, ((calls.get(address, 0) + counts[address] + 1)
+                                 / ncores.get(address, 1), i, address))
+    runs, start = {}, 0
+    for address in workers:
+        if counts[address]:
+            runs[address] = list(items[start:start + counts[address]])
+            start += counts[address]
+    return runs
 
 
 def take_batch(address: str, queues: dict[str, collections.deque], ncores: Mapping[str, int],
@@ -99,3 +130,51 @@ class Deaths:
                 given_up[index] = KilledWorkerError.after(
                     f"a call of {self.name}", self.workers[index], self.allowed)
         return given_up
+
+
+class Turns:
+    """At most ``limit`` requests in flight to each worker, over every run of calls; those
+    waiting for a turn get it by priority (lowest first, then first come).
+
+    Every run (a ``map``, calls of a function that became ready together) sends its own
+    requests. Without a common limit, tasks submitted one by one would all be sent at once
+    and queue on their worker in arrival order: a task whose inputs just appeared would
+    wait behind every task sent before it, and a reduction would make every intermediate
+    result before combining any (holding them all, spilling them all).
+    """
+
+    def __init__(self) -> None:
+        self.in_flight: collections.Counter = collections.Counter()
+        self._waiting: dict[str, list] = collections.defaultdict(list)
+        self._arrival = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, address: str, limit: int, priority: tuple) -> AsyncIterator[None]:
+        await self._enter(address, limit, priority)
+        try:
+            yield
+        finally:
+            self._leave(address)
+
+    async def _enter(self, address, limit, priority):
+        if self.in_flight[address] < limit and not self._waiting[address]:
+            self.in_flight[address] += 1
+            return
+        granted = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting[address], (priority, next(self._arrival), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():  # handed over as we were cancelled
+                self._leave(address)
+            raise
+
+    def _leave(self, address):
+        """The turn passes to the first waiter still waiting, else back to the pool."""
+        waiting = self._waiting[address]
+        while waiting:
+            granted = heapq.heappop(waiting)[2]
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self.in_flight[address] -= 1

@@ -124,8 +124,9 @@ class SpilledValue:
             os.close(fd)
 
 
-def open_spilled(ref_meta: dict) -> Any:
-    """The value a co-located worker spilled, as a view of its file.
+def adopt_spilled(ref_meta: dict) -> SpilledValue:
+    """Hold the file a co-located worker spilled a value to, as our own: it lives until
+    both have dropped it, and nothing is written again.
 
     Raises
     ------
@@ -138,13 +139,21 @@ def open_spilled(ref_meta: dict) -> Any:
     except OSError as e:
         raise SpillError(f"spilled value at {ref_meta['path']} is gone: "
                          f"{os.strerror(e.errno)}") from None
+    if os.fstat(fd).st_ino != ref_meta["inode"]:
+        os.close(fd)
+        raise SpillError(f"spilled value at {ref_meta['path']} is gone (its descriptor "
+                         f"names another file now)")
+    return SpilledValue(fd, ref_meta["inner"], ref_meta["payloads"], ref_meta["size"])
+
+
+def open_spilled(ref_meta: dict) -> Any:
+    """The value a co-located worker spilled, as a view of its file (see
+    :func:`adopt_spilled` for the errors)."""
+    held = adopt_spilled(ref_meta)
     try:
-        if os.fstat(fd).st_ino != ref_meta["inode"]:
-            raise SpillError(f"spilled value at {ref_meta['path']} is gone (its descriptor "
-                             f"names another file now)")
-        return _view(fd, ref_meta["inner"], ref_meta["payloads"], ref_meta["size"])
+        return held.load()
     finally:
-        os.close(fd)  # the mapping keeps the file
+        held.close()  # the mapping keeps the file
 
 
 def _view(fd: int, meta: dict, payloads: list, nbytes: int) -> Any:

@@ -25,8 +25,15 @@ class Values:
         self._recent: collections.OrderedDict = collections.OrderedDict()  # LRU first
 
     def put(self, key: str, value: Any, ref_meta: dict | None = None) -> None:
-        """Hold ``value`` under ``key``; ``ref_meta`` says where it lies in shared memory."""
+        """Hold ``value`` under ``key``; ``ref_meta`` says where it lies in shared memory.
+        A SpilledValue (a co-located peer's file, adopted) is held as spilled."""
         self._forget_file(key)
+        if type(value) is SpilledValue:
+            self._nbytes[key] = value.nbytes
+            self._shared.pop(key, None)
+            self._data[key] = value
+            self._recent.pop(key, None)
+            return
         self._nbytes[key] = size_of(value)
         if ref_meta is None:
             self._shared.pop(key, None)

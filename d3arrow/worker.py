@@ -27,7 +27,8 @@ from .fetching import PeerFetcher
 from .protocol import allocate_buffers
 from .security import NO_SECURITY, Security
 from .serialize import Serialized, is_plain, serialize
-from .store import SharedStore, load
+from .spill import adopt_spilled
+from .store import SharedDataGone, SharedStore, load
 from .task import KeyRef, map_leaves
 from .memory import PAUSE, TARGET, MemoryManager
 from .values import Values
@@ -171,9 +172,15 @@ class Worker(Server):
 
     async def _receive(self, serialized, peer=None):
         """``(value, ref_meta)`` for a value that arrived in a message (from ``peer``)."""
-        if serialized.meta.get("kind") == "shm":  # a view of a co-located peer's memory
+        kind = serialized.meta.get("kind")
+        if kind == "shm":  # a view of a co-located peer's memory
             ref_meta = {k: v for k, v in serialized.meta.items() if k not in ("pin", "token")}
             return load(serialized, peer=peer), ref_meta
+        if kind == "spilled":  # a co-located peer's spilled file: we hold it too, unwritten
+            try:
+                return adopt_spilled(serialized.meta), None
+            except SpillError as e:
+                raise SharedDataGone(str(e)) from None
         if self.store is not None:
             adopted = self.store.adopt(serialized)  # received straight into our store
             if adopted is not None:

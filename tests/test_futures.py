@@ -38,6 +38,18 @@ def test_a_chain_of_pending_tasks_runs_as_inputs_appear(pool):
     assert pool.gather([x, y]) == [2, 12]
 
 
+def test_a_task_starts_when_its_inputs_exist_not_when_their_siblings_finish(pool):
+    # calls of one function sent by name that become ready together run as one group:
+    # builtins.eval is one, and reads its input from the globals it is given
+    x = pool.submit(slow_inc, 1)
+    quick = pool.submit(eval, "x + 1", {"x": x})
+    slow = pool.submit(eval, "__import__('time').sleep(5) or x + 1", {"x": x})
+    after_quick = pool.submit(slow_inc, quick, 0.0)
+    assert after_quick.result(timeout=4) == 4
+    assert not slow.done()  # before: after_quick waited for slow, its sibling
+    slow.cancel()
+
+
 def test_a_task_whose_input_failed_fails_with_that_error(pool):
     bad = pool.submit(fails, "no such file")
     after = pool.submit(slow_inc, bad)

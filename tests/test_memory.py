@@ -224,3 +224,31 @@ def test_a_value_spilled_from_several_threads_is_written_once_and_stays_itself(t
     dropped.close()  # closing twice closes nothing of anyone else's
     values.close()
     assert os.listdir(tmp_path) == []
+
+
+def _written(pid):
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
+
+
+def test_a_co_located_reader_holds_the_spilled_file_itself_without_writing_it_again(tmp_path):
+    with LocalCluster(n_workers=2, ncores=1, memory_limit=96 * MiB,
+                      local_directory=tmp_path) as cluster, Pool(cluster.center_address) as pool:
+        a, b = cluster.worker_addresses
+        writer, reader = cluster.worker_processes
+        big = pool.apply(np.arange, [16 * MiB], {"dtype": "f8"}, workers=[a])  # 128 MiB
+        assert wait_until(lambda: pool.memory_info()[a]["spilled_count"] == 1)
+        before = _written(reader.pid)
+        assert pool.apply(lambda x: float(x[-1]), [big], workers=[b]).get() == 16 * MiB - 1
+        pool.apply(np.sum, [big], workers=[b]).get()  # held there now: not fetched again
+        pressure = pool.map(make, range(6), workers=[b])  # 96 MiB more: b spills its own
+        assert wait_until(lambda: pool.memory_info()[b]["memory"] <= 96 * 0.8 * MiB)
+        # before: the reader held a view of the file as its own value, and wrote it again
+        assert _written(reader.pid) - before < 6 * 16 * MiB  # at most its own values
+        assert pool.memory_info()[b]["spilled_count"] >= 1  # the file, held as spilled
+        del pressure
+        # the file lives while either holds it: the writer's death loses nothing
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        assert float(big.get()[-1]) == 16 * MiB - 1
+    assert os.listdir(tmp_path) == []

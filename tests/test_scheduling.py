@@ -1,9 +1,11 @@
 """Scheduling rules on plain data: placement by held bytes, batch sizes, stealing, deaths."""
 
+import asyncio
 import collections
 
 from d3arrow.errors import KilledWorkerError
-from d3arrow.scheduling import MAX_BATCH, Deaths, Pace, choose_worker, take_batch
+from d3arrow.scheduling import (MAX_BATCH, Deaths, Pace, Turns, choose_worker, split_in_runs,
+                                take_batch)
 
 
 def test_the_worker_holding_most_input_bytes_is_chosen_even_when_busier():
@@ -20,6 +22,15 @@ def test_without_inputs_or_with_inputs_on_other_workers_the_least_loaded_is_chos
     load = {"a": 2.0, "b": 1.0}.get
     assert choose_worker({}, ["a", "b"], load) == "b"
     assert choose_worker({"gone": 10**9}, ["a", "b"], load) == "b"
+
+
+def test_calls_tied_to_no_worker_go_in_contiguous_runs_that_even_out_the_load():
+    # neighbours (the pairs of a reduction) land on one worker, not dealt out in turn
+    assert split_in_runs(range(8), ["a", "b"], {}, {}) == {"a": [0, 1, 2, 3], "b": [4, 5, 6, 7]}
+    # by cores, and counting what each already has in hand
+    runs = split_in_runs(range(12), ["a", "b", "c"], {"a": 2, "b": 1, "c": 1}, {"c": 3})
+    assert runs == {"a": list(range(8)), "b": [8, 9, 10, 11]}  # 4 calls a core each; c: 3
+    assert split_in_runs([], ["a"], {}, {}) == {}
 
 
 def _queues(**lengths):
@@ -61,3 +72,32 @@ def test_a_call_is_given_up_after_more_deaths_than_allowed_and_batches_make_susp
     assert isinstance(given_up[3], KilledWorkerError)
     assert "a call of f" in str(given_up[3]) and "killed 2 workers (w1, w2)" in str(given_up[3])
     assert list(deaths.record([4], "w3")) == [4]  # its second death, as for 3
+
+
+def test_turns_limit_requests_per_worker_and_go_to_the_deepest_then_the_oldest():
+    async def scenario():
+        turns, order = Turns(), []
+        release = {name: asyncio.Event() for name in "abcdef"}
+
+        async def request(name, address, priority):
+            async with turns.turn(address, 2, priority):
+                order.append(name)
+                await release[name].wait()
+
+        tasks = [asyncio.create_task(request(n, w, p)) for n, w, p in [
+            ("a", "w1", (0, 0)), ("b", "w1", (0, 1)),  # take w1's two turns
+            ("c", "w1", (0, 2)), ("d", "w1", (-2, 3)), ("e", "w1", (-1, 4)),  # wait
+            ("f", "w2", (0, 5))]]  # another worker's turns are its own
+        await asyncio.sleep(0.01)
+        assert order == ["a", "b", "f"]
+        cancelled = tasks[4]  # e gives up waiting: its place goes to the next one
+        cancelled.cancel()
+        for name in "abd":
+            release[name].set()
+        release["f"].set()
+        release["c"].set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert order == ["a", "b", "f", "d", "c"]
+        assert turns.in_flight["w1"] == 0 and turns.in_flight["w2"] == 0
+
+    asyncio.run(scenario())
