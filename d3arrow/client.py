@@ -32,7 +32,7 @@ from .lineage import Lineage
 from .placement import Placement
 from .references import RemoteData, References, wait_for
 from .security import TOKEN_ENV, Security
-from .serialize import serialize
+from .serialize import Serialized, serialize
 from .store import host_id, load
 from .transfer import get_data
 
@@ -335,7 +335,7 @@ class Client:
             raise MissingDataError(deleted, reason="deleted (Client.delete / Pool.delete) "
                                                    "while this RemoteData still names it")
         # small results came back with their computation: rebuild them, fetch the rest
-        values = {key: self._inline[key] for key in keys if key in self._inline}
+        values = {key: self._inline_value(key) for key in keys if key in self._inline}
         remote = set(keys) - values.keys()
 
         async def attempt():  # every copy of some lost: they are made again, see Lineage
@@ -493,8 +493,8 @@ class Client:
                 self.placement.placed(call.key, address, result["nbytes"])
                 if "plain" in result:
                     self._inline[call.key] = result["plain"]
-                elif "value" in result:
-                    self._inline[call.key] = load(result["value"])
+                elif "value" in result:  # rebuilt when asked for: most are never read here
+                    self._inline[call.key] = result["value"]
                 outcomes.append(RemoteData(call.key, self, owned=True,
                                            recipe=self.lineage.recipe(function, call)))
             elif result["status"] == "missing-data":
@@ -504,6 +504,13 @@ class Client:
             else:
                 outcomes.append(rebuild_error(result))
         return outcomes, reply["seconds"]
+
+    def _inline_value(self, key):
+        """A small result that came back with its compute, rebuilt the first time."""
+        value = self._inline[key]
+        if type(value) is Serialized:
+            value = self._inline[key] = load(value)
+        return value
 
     # -- published values: beyond the life of their client ------------------------------------
 
