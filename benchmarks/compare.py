@@ -102,6 +102,15 @@ def measure_in_this_process(name, config):
     else:
         from . import peers
         figures = peers.SYSTEMS[name][1](*args)
+    # the graphs first: the pipeline leaves memory fragmented (fewer huge pages) and the
+    # page cache churned, which would slow what follows it
+    if config.get("graphs") and name in GRAPH_SYSTEMS:
+        from . import graphs
+        found = graphs.figures(GRAPH_SYSTEMS[name], config["graphs"],
+                               report=lambda text: print(text, file=sys.stderr, flush=True))
+        figures.update(found)
+        for work in GRAPH_WORK:
+            figures[f"graph_{work}_gib"] = found[f"graph_{work}_rss"] / 2**30
     if config.get("spill") and name == "d3arrow":
         import tempfile
 
@@ -115,13 +124,6 @@ def measure_in_this_process(name, config):
                        pipeline_rss_gib=max(found["peak_rss"]) / 2**30,
                        pipeline_private_gib=max(found["peak_private"]) / 2**30,
                        pipeline_restarted=found["restarted"])
-    if config.get("graphs") and name in GRAPH_SYSTEMS:
-        from . import graphs
-        found = graphs.figures(GRAPH_SYSTEMS[name], config["graphs"],
-                               report=lambda text: print(text, file=sys.stderr, flush=True))
-        figures.update(found)
-        for work in GRAPH_WORK:
-            figures[f"graph_{work}_gib"] = found[f"graph_{work}_rss"] / 2**30
     return figures
 
 
