@@ -10,7 +10,9 @@ import time
 
 from .addressing import normalize_address
 from .core import HEARTBEAT_INTERVAL, Server, Tasks
+from .dashboard import Dashboard
 from .keys import owner_of
+from .metrics import Rates
 from .security import NO_SECURITY
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ class Center(Server):
         self._orphaned = {}
         self._published = {}
         self._to_release = {}
+        self._metrics = {}  # worker -> the totals and gauges of its last heartbeat
+        self._rates = Rates()
+        self.dashboard = None  # HTTP, when asked for
+        self.started = time.time()
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self._tasks = Tasks()
@@ -80,16 +86,34 @@ class Center(Server):
             "publish": self.publish,
             "unpublish": self.unpublish,
             "published": self.published,
+            "status": self.status,
         }
 
-    async def start(self, host="127.0.0.1", port=0):
+    async def start(self, host="127.0.0.1", port=0, *, http_port=None):
+        """Serve on ``host:port``; with ``http_port`` (0: any free one) also the status
+        page, ``/status.json``, ``/metrics`` and ``/health`` on that host
+        (:attr:`dashboard_address`)."""
         await self.listen(host, port)
         self._tasks.spawn(self._monitor(), "watching heartbeats")
         logger.info("center listening at %s (workers drop out after %.1f s of silence)",
                     self.address, self.heartbeat_timeout)
+        if http_port is not None:
+            self.dashboard = Dashboard(self)
+            try:
+                await self.dashboard.start(host, http_port)
+            except OSError:
+                await self.close()
+                raise
+            logger.info("status page at %s", self.dashboard.address)
         return self.address
 
+    @property
+    def dashboard_address(self):
+        return self.dashboard.address if self.dashboard is not None else None
+
     async def close(self, *, grace=0.0):
+        if self.dashboard is not None:
+            await self.dashboard.close()
         await self._tasks.close()
         await super().close(grace=grace)
 
@@ -158,6 +182,8 @@ class Center(Server):
         self._ncores.pop(address, None)
         self._names.pop(address, None)
         self._last_seen.pop(address, None)
+        self._metrics.pop(address, None)
+        self._rates.forget(address)
 
     def _discard(self, address, keys):
         held = self._has_what.get(address, set())
@@ -208,9 +234,13 @@ class Center(Server):
         self._remove_worker(address)
         return {"status": "OK" if known else "unknown-worker"}
 
-    def heartbeat(self, *, address):
+    def heartbeat(self, *, address, metrics=None):
         if not self._touch(address):
             return {"status": "unknown-worker"}
+        if isinstance(metrics, dict):
+            metrics = {part: _numbers(metrics.get(part)) for part in ("counters", "gauges")}
+            self._metrics[address] = metrics
+            self._rates.update(address, metrics["counters"])
         release = self._to_release.pop(address, None)
         return {"release": sorted(release)} if release else {}
 
@@ -320,6 +350,46 @@ class Center(Server):
                       "nkeys": len(self._has_what[address]),
                       "last_seen": now - self._last_seen[address]}
             for address, n in self._ncores.items()}}
+
+
+    def status(self):
+        """The cluster as the center sees it: each worker (its identity, keys, last
+        heartbeat, the totals and gauges it sent and their rates per second) and totals.
+        What ``/status.json``, ``d3arrow status`` and ``Pool.status()`` show."""
+        now = time.monotonic()
+        workers = []
+        for address, ncores in self._ncores.items():
+            metrics = self._metrics.get(address, {})
+            workers.append({
+                "address": address, "name": self._names[address], "ncores": ncores,
+                "nkeys": len(self._has_what[address]),
+                "last_seen": now - self._last_seen[address],
+                "counters": metrics.get("counters", {}), "gauges": metrics.get("gauges", {}),
+                "rates": self._rates.rates.get(address, {})})
+        totals = {"workers": len(workers), "ncores": sum(self._ncores.values()),
+                  "keys": len(self._who_has), "clients": len(self._clients)}
+        for name in _SUMMED:
+            totals[name] = sum(w["counters"].get(name, 0) + w["gauges"].get(name, 0)
+                               for w in workers)
+        for name in _RATES:
+            totals[f"{name}_per_second"] = sum(w["rates"].get(name, 0.0) for w in workers)
+        return {"center": self.address, "uptime": time.time() - self.started,
+                "heartbeat_interval": self.heartbeat_interval, "workers": workers,
+                "totals": totals, "requests": dict(self.requests)}
+
+
+_SUMMED = ("tasks", "tasks_failed", "compute_seconds", "calls_running", "memory_bytes",
+           "spilled_bytes", "store_used_bytes", "store_capacity_bytes", "bytes_sent_tcp",
+           "bytes_received_tcp", "bytes_sent_shm", "bytes_received_shm")
+_RATES = ("tasks", "bytes_sent_tcp", "bytes_received_tcp", "bytes_sent_shm",
+          "bytes_received_shm")
+
+
+def _numbers(part):
+    """Only ``{str: number}`` of a worker's metrics is kept: they are shown and exported."""
+    if not isinstance(part, dict):
+        return {}
+    return {k: v for k, v in part.items() if isinstance(k, str) and type(v) in (int, float, bool)}
 
 
 def _check_owner(owner):

@@ -41,6 +41,7 @@ class CenterLink:
 
     def __init__(self, center: str, pool: ConnectionPool, values: Values, *,
                  on_release: Callable[[list[str]], Awaitable[object]],
+                 metrics: Callable[[], dict] = dict,
                  security: Security = NO_SECURITY) -> None:
         self.center = center
         self.pool = pool
@@ -50,6 +51,7 @@ class CenterLink:
         self.address: str | None = None
         self._identity: dict = {}
         self._on_release = on_release
+        self._metrics = metrics  # what each heartbeat carries to the center
         self._tasks = Tasks()
         self._updates_comm = None  # a connection to the center for add/remove_keys only
         self._updates_pending = collections.deque()  # their answers, in order
@@ -96,7 +98,8 @@ class CenterLink:
             delay = self.heartbeat_interval * min(2 ** failures, MAX_BACKOFF_FACTOR)
             await asyncio.sleep(delay * random.uniform(0.8, 1.0) if failures else delay)
             try:
-                reply = await self.rpc.heartbeat(address=self.address)
+                reply = await self.rpc.heartbeat(address=self.address,
+                                                 metrics=self._metrics())
                 if reply["status"] == "unknown-worker":
                     self.register_again()
                 elif reply.get("release"):  # values of clients that are gone

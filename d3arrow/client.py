@@ -207,6 +207,19 @@ class Client:
         it spills) and ``error`` (why the last spill failed, while it still matters)."""
         return self.sync(self._identities, "memory", what="memory_info")
 
+    def status(self) -> dict:
+        """The cluster as its center sees it: ``{"center", "uptime", "workers": [...],
+        "totals": {...}, "requests": {...}}``, each worker with its ``counters`` (tasks,
+        bytes sent and received by TCP and shared memory, ...), ``gauges`` (memory, store,
+        spilled bytes, event loop lag, ...) and ``rates`` per second. The same as
+        ``d3arrow status --json`` and the center's ``/status.json``."""
+        return self.sync(self._status)
+
+    async def _status(self):
+        reply = await self._rpc(self.center).status()
+        reply.pop("status", None)
+        return reply
+
     async def _identities(self, field):
         """``{address: the worker's identity reply's field}`` for every worker."""
         if not self.ncores:

@@ -61,11 +61,17 @@ class LocalCluster:
         among these workers), ``None`` / ``0`` for none (default).
     local_directory : str, optional
         Where workers spill (default: the system's temporary directory).
+    dashboard : bool
+        Serve the center's status page, ``/status.json``, ``/metrics`` and ``/health`` on a
+        free port of ``host`` (default True; see :attr:`dashboard_address`).
 
     Attributes
     ----------
     center_address : str
         ``'host:port'`` of the center.
+    dashboard_address : str or None
+        ``'http://host:port/'`` of the center's status page (add ``?token=`` and the
+        cluster's token when it has one).
     worker_addresses : list of str
         ``'host:port'`` of each worker, in start order.
     auth_token : str or None
@@ -80,7 +86,8 @@ class LocalCluster:
     def __init__(self, n_workers=2, ncores=None, *, host="127.0.0.1", heartbeat_interval=None,
                  heartbeat_timeout=None, shm=True, shm_size=None, log_level="WARNING",
                  startup_timeout=STARTUP_TIMEOUT, auth_token=None, tls_cert=None,
-                 tls_key=None, tls_ca=None, memory_limit=None, local_directory=None):
+                 tls_key=None, tls_ca=None, memory_limit=None, local_directory=None,
+                 dashboard=True):
         if auth_token is None:
             auth_token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
         self.auth_token = auth_token or None
@@ -102,17 +109,21 @@ class LocalCluster:
         self.processes = []
         self.worker_processes = []
         self.center_address = None
+        self.dashboard_address = None
         self.worker_addresses = []
         self._log_level = log_level
         self._finalizer = weakref.finalize(self, _stop_processes, self.processes)
         deadline = time.monotonic() + startup_timeout
         try:
-            center_args = ["--port", "0"]
+            center_args = ["--port", "0"] + (["--http-port", "-1"] if dashboard else [])
             if heartbeat_interval is not None:
                 center_args += ["--heartbeat-interval", str(heartbeat_interval)]
             if heartbeat_timeout is not None:
                 center_args += ["--heartbeat-timeout", str(heartbeat_timeout)]
             self.center_process = self._spawn("center", center_args)
+            if dashboard:
+                self.dashboard_address = _read_address(self.center_process, "Status page at ",
+                                                       deadline)
             self.center_address = _read_address(self.center_process, "Started center at ",
                                                 deadline)
             if self.auth_token is not None:

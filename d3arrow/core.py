@@ -109,28 +109,34 @@ class Server:
         self._waiting = set()  # connections waiting for their next request
         self._in_flight = 0  # requests being handled
         self._reply_silence = stall_timeout()
+        self.connections = 0  # open to us now
+        self.requests = collections.Counter()  # op -> requests handled (known ops only)
 
     async def listen(self, host="127.0.0.1", port=0):
         self.address = await self.listener.start(host, port)
         return self.address
 
     async def handle_comm(self, comm):
-        while not self.draining:
-            self._waiting.add(comm)
-            try:
-                msg = await comm.recv()
-            finally:
-                self._waiting.discard(comm)
-            self._in_flight += 1
-            try:
-                reply = await self.handle_message(msg)
-                try:  # a requester that stops reading our reply is gone too
-                    await comm.send(reply, silence=self._reply_silence)
-                except CommClosedError:
-                    await self.undelivered(reply)
-                    raise
-            finally:
-                self._in_flight -= 1
+        self.connections += 1
+        try:
+            while not self.draining:
+                self._waiting.add(comm)
+                try:
+                    msg = await comm.recv()
+                finally:
+                    self._waiting.discard(comm)
+                self._in_flight += 1
+                try:
+                    reply = await self.handle_message(msg)
+                    try:  # a requester that stops reading our reply is gone too
+                        await comm.send(reply, silence=self._reply_silence)
+                    except CommClosedError:
+                        await self.undelivered(reply)
+                        raise
+                finally:
+                    self._in_flight -= 1
+        finally:
+            self.connections -= 1
 
     async def undelivered(self, reply):
         """Called with a reply whose requester hung up first (it gave up, or died)."""
@@ -143,6 +149,7 @@ class Server:
         if handler is None:
             return error_reply(ProtocolError(
                 f"unknown operation {op!r}; this server knows {sorted(self.handlers)}"))
+        self.requests[op] += 1
         try:
             reply = handler(**msg)
             if inspect.isawaitable(reply):

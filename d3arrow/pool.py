@@ -340,6 +340,11 @@ class Pool:
         paused, ...}}`` (see :meth:`Client.memory_info`)."""
         return self.client.memory_info()
 
+    def status(self) -> dict:
+        """The cluster's workers and totals, as ``d3arrow status --json`` prints them (see
+        :meth:`Client.status`)."""
+        return self.client.status()
+
     def close(self) -> None:
         """Free this pool's values, close its connections and stop an owned cluster."""
         self.client.close()

@@ -31,6 +31,7 @@ from .spill import adopt_spilled
 from .store import SharedDataGone, SharedStore, load
 from .task import KeyRef, map_leaves
 from .memory import PAUSE, TARGET, MemoryManager
+from .metrics import Counters, LoopLag
 from .values import Values
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,12 @@ class Worker(Server):
                                    connect_timeout=min(self.peer_timeout, CONNECT_TIMEOUT),
                                    on_failure=self._peer_failed)
         self._tasks = Tasks()
+        self.counters = Counters()  # what this worker did, for the center's status
+        self.loop_lag = LoopLag()
+        self._calls_running = 0
         self.link = CenterLink(center, self.pool, self.values, security=security,
-                               on_release=lambda keys: self.delete_data(keys=keys))
+                               on_release=lambda keys: self.delete_data(keys=keys),
+                               metrics=self.metrics)
         self.fetcher = PeerFetcher(self.values, self.pool, self.link, receive=self._receive,
                                    host=self.store.host if self.store else None,
                                    peer_timeout=self.peer_timeout, tasks=self._tasks)
@@ -102,6 +107,7 @@ class Worker(Server):
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         await self.listen(host, port)
+        self._tasks.spawn(self.loop_lag.run(), "measuring the event loop's lag")
         await self.register_with_center()
         return self.address
 
@@ -131,6 +137,19 @@ class Worker(Server):
     def _shared_bytes(self):
         """Bytes of values in our shared store (a private receive arena is in RssAnon)."""
         return self.store.arena.used if self.store is not None and self.store.shared else 0
+
+    def metrics(self) -> dict:
+        """Totals of what this worker did and gauges of its state now (with each
+        heartbeat; see :mod:`d3arrow.metrics`)."""
+        memory = self.memory.info()
+        store = self.store.info() if self.store is not None else {}
+        return {"counters": self.counters.snapshot(), "gauges": {
+            "keys": len(self.values), "calls_running": self._calls_running,
+            "memory_bytes": memory["memory"], "memory_limit_bytes": memory["limit"] or 0,
+            "spilled_bytes": memory["spilled_bytes"], "paused": memory["paused"],
+            "store_used_bytes": store.get("used", 0),
+            "store_capacity_bytes": store.get("capacity", 0),
+            "loop_lag_seconds": self.loop_lag.read(), "connections": self.connections}}
 
     def _spillable(self, key):
         """Whether a value is ours to spill: not a view of a co-located peer's memory, not
@@ -170,9 +189,21 @@ class Worker(Server):
                 return shared
         return value, None
 
+    def _count_transfer(self, way, serialized, kind):
+        """A value sent or received: by reference on this host, or its bytes over TCP."""
+        if kind in ("shm", "spilled"):
+            self.counters.add(f"values_{way}_shm")
+            self.counters.add(f"bytes_{way}_shm", _ref_nbytes(serialized.meta))
+        else:
+            self.counters.add(f"values_{way}_tcp")
+            self.counters.add(f"bytes_{way}_tcp", serialized.nbytes)
+
     async def _receive(self, serialized, peer=None):
         """``(value, ref_meta)`` for a value that arrived in a message (from ``peer``)."""
         kind = serialized.meta.get("kind")
+        self._count_transfer("received", serialized, kind)
+        if peer is not None:
+            self.counters.add("fetches")
         if kind == "shm":  # a view of a co-located peer's memory
             ref_meta = {k: v for k, v in serialized.meta.items() if k not in ("pin", "token")}
             return load(serialized, peer=peer), ref_meta
@@ -240,6 +271,8 @@ class Worker(Server):
     async def get_data(self, *, keys, host=None, session=None):
         """Values by key; to a reader on our host (``host``), shared-memory references."""
         data = {k: await self._wire_form(k, host, session) for k in keys if k in self.values}
+        for serialized in data.values():
+            self._count_transfer("sent", serialized, serialized.meta.get("kind"))
         missing = [k for k in keys if k not in data]
         if missing:
             return {"status": "missing-data", "keys": missing, "data": data}
@@ -336,9 +369,17 @@ class Worker(Server):
         loop = asyncio.get_running_loop()
         run = lambda chunk: loop.run_in_executor(  # noqa: E731
             self.executor, self._execute, func, calls, call_kwargs, chunk, keys, loop)
-        done = [await run(chunks[0])] if len(chunks) == 1 else await asyncio.gather(
-            *map(run, chunks))
+        self._calls_running += len(runnable)
+        try:
+            done = [await run(chunks[0])] if len(chunks) == 1 else await asyncio.gather(
+                *map(run, chunks))
+        finally:
+            self._calls_running -= len(runnable)
         outcomes = {i: outcome for part, _ in done for i, outcome in part}
+        failed = sum(outcome[0] == "error" for outcome in outcomes.values())
+        self.counters.add("tasks", len(outcomes) - failed)
+        self.counters.add("tasks_failed", failed)
+        self.counters.add("compute_seconds", sum(seconds for _, seconds in done))
         results = []
         for i, key in enumerate(keys):
             if i not in outcomes:
@@ -400,6 +441,12 @@ class Worker(Server):
 
 
 _NOT_SMALL = object()
+
+
+def _ref_nbytes(meta):
+    """Bytes of the value a shared-memory or spilled-file reference names."""
+    size = meta.get("size")
+    return size if type(size) is int else 0
 
 
 def _small(value, nbytes):

@@ -10,13 +10,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d3arrow"
 # Lowest first. A module may import modules of lower layers only.
 LAYERS = [
     {"errors", "addressing", "task", "arena", "keys"},
-    {"serialize", "security", "scheduling"},
+    {"serialize", "security", "scheduling", "metrics"},
     {"protocol", "spill"},
     {"store", "values", "memory"},
     {"comm", "eventloop"},
     {"core"},
     {"transfer", "center_link", "placement", "references"},
-    {"fetching", "calls", "futures"},
+    {"fetching", "calls", "futures", "dashboard"},
     {"center", "worker", "cluster", "lineage"},
     {"client", "graphs"},
     {"pool"},

@@ -19,6 +19,10 @@ def main(argv=None):
                         help="seconds between worker heartbeats (default %(default)s)")
     parser.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
                         help="drop a worker silent this many seconds (default %(default)s)")
+    parser.add_argument("--http-port", type=int, default=0,
+                        help="serve the status page, /status.json, /metrics (Prometheus) and "
+                             "/health on this port of --host: 0 for none (default), -1 for "
+                             "any free one")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
@@ -29,10 +33,13 @@ async def _serve(args, security):
     center = Center(heartbeat_interval=args.heartbeat_interval,
                     heartbeat_timeout=args.heartbeat_timeout, security=security)
     try:
-        await center.start(args.host, args.port)
+        await center.start(args.host, args.port, http_port=(
+            None if args.http_port == 0 else max(args.http_port, 0)))
     except OSError as e:  # also unreadable TLS files, or a public address without a token
         print(f"Cannot start center on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
+    if center.dashboard_address:  # before the address line, which LocalCluster waits for
+        print(f"Status page at {center.dashboard_address}", flush=True)
     print(f"Started center at {center.address}", flush=True)
     return await serve_until_stopped(center, args)
 

@@ -22,6 +22,8 @@ def main(argv=None):
     print(f"Starting a local cluster: a center and {args.workers} workers on 127.0.0.1")
     with LocalCluster(n_workers=args.workers) as cluster:
         print(f"Started center at {cluster.center_address}")
+        print(f"Status page at {cluster.dashboard_address}?token=...  (d3arrow status "
+              f"{cluster.center_address} prints it as a table)")
         for address in cluster.worker_addresses:
             print(f"Start worker at {address}")
         with Pool(cluster.center_address) as pool:
