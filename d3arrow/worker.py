@@ -376,17 +376,15 @@ class Worker(Server):
         finally:
             self._calls_running -= len(runnable)
         outcomes = {i: outcome for part, _ in done for i, outcome in part}
-        failed = sum(outcome[0] == "error" for outcome in outcomes.values())
-        self.counters.add("tasks", len(outcomes) - failed)
-        self.counters.add("tasks_failed", failed)
-        self.counters.add("compute_seconds", sum(seconds for _, seconds in done))
-        results = []
+        seconds = sum(seconds for _, seconds in done)
+        results, failed = [], 0
         for i, key in enumerate(keys):
             if i not in outcomes:
                 results.append({"key": key, "status": "missing-data",
                                 "keys": sorted(missing.intersection(needed[i])),
                                 "unreachable": self.fetcher.unreachable.recent()})
             elif outcomes[i][0] == "error":
+                failed += 1
                 results.append({"key": key, **outcomes[i][1]})
             else:
                 _, nbytes, type_name, small = outcomes[i]
@@ -397,10 +395,13 @@ class Worker(Server):
                 elif small is not _NOT_SMALL:
                     result["plain"] = small
                 results.append(result)
+        self.counters.add("tasks", len(outcomes) - failed)
+        self.counters.add("tasks_failed", failed)
+        self.counters.add("compute_seconds", seconds)
         self.memory.check_soon()
         # written before our reply: the center hears of the results first
         await self.link.tell("add_keys", [r["key"] for r in results if r["status"] == "OK"])
-        return {"results": results, "seconds": sum(seconds for _, seconds in done)}
+        return {"results": results, "seconds": seconds}
 
     def _execute(self, func, calls, call_kwargs, indices, keys, loop):
         """Run the calls at ``indices`` in this thread, storing each result under its key
