@@ -22,12 +22,13 @@ from .errors import (
 from .executor import Executor
 from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
 from .pool import Pool
+from .progress import progress
 from .references import RemoteData
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "as_completed", "wait",
+    "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "as_completed", "wait", "progress",
     "AuthenticationError", "Client", "CommClosedError", "D3ArrowError", "Executor", "KilledWorkerError",
     "LocalCluster", "LostDataError", "NotACenterError", "PeerUnresponsiveError",
     "MissingDataError", "Pool", "ProtocolError", "RemoteData", "RemoteError", "SpillError",

@@ -12,7 +12,7 @@ import collections
 import dataclasses
 import heapq
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .calls import Call
@@ -93,8 +93,10 @@ def run_node(node: Any, values: dict) -> Any:
     return node(values)
 
 
-async def run_graph(pool: Any, function: Any, prepared: Prepared, wanted: list) -> dict:
+async def run_graph(pool: Any, function: Any, prepared: Prepared, wanted: list,
+                    on_node: Callable[[], None] | None = None) -> dict:
     """Run every node of ``graph`` on the cluster; ``{key: RemoteData}`` for ``wanted``.
+    ``on_node()`` hears of each node done (a progress bar).
 
     ``function`` is :func:`run_node` in wire form. The nodes whose inputs exist are
     dispatched together, highest priority first, as one ``map`` (batched per worker, each
@@ -128,6 +130,8 @@ async def run_graph(pool: Any, function: Any, prepared: Prepared, wanted: list) 
     def finished(key, value):
         """``key`` has its value: release what waited for it, and what it waited for."""
         results[key] = value
+        if on_node is not None:
+            on_node()
         for dependent in dependents[key]:
             waiting[dependent].discard(key)
             if not waiting[dependent]:

@@ -25,6 +25,7 @@ from .client import Client
 from .core import RecentFailures
 from .errors import (CommClosedError, MissingDataError, RemoteExit, SpillError,
                      WorkerPausedError)
+from .progress import progress_bar
 from .references import RemoteData, wait_for
 from .scheduling import (PAUSED_RETRY_SECONDS, Deaths, Pace, Turns, choose_worker,
                          split_in_runs, take_batch)
@@ -92,7 +93,7 @@ class Pool:
         return {address_tuple(a): n for a, n in self.client.ncores.items()}
 
     def map(self, func: Callable, seq: Iterable, *more: Iterable, workers: Workers = None,
-            timeout: float | None = None) -> list[RemoteData]:
+            timeout: float | None = None, progress: bool | None = None) -> list[RemoteData]:
         """Apply ``func`` to each element of ``seq`` on the cluster.
 
         Parameters
@@ -109,6 +110,9 @@ class Pool:
             Give up after this many seconds (TimeoutError); calls still running are
             abandoned and their results dropped. Without one, a map waits as long as its
             calls run, but never on a worker the center has dropped (its calls move on).
+        progress : bool, optional
+            Show a tqdm bar of the calls done (default: when standard error is a terminal
+            and tqdm is installed; True without tqdm raises ImportError).
 
         Returns
         -------
@@ -128,13 +132,21 @@ class Pool:
         TimeoutError
             Not done within ``timeout``.
         """
-        return self.client.sync(self._map, func, list(zip(seq, *more)), workers=workers,
-                                timeout=timeout)
+        arguments = list(zip(seq, *more))
+        bar = progress_bar(len(arguments), _name(func), progress)
+        try:
+            return self.client.sync(self._map, func, arguments, workers=workers,
+                                    timeout=timeout, on_outcome=None if bar is None else (
+                                        lambda index, outcome: bar.update(1)))
+        finally:
+            if bar is not None:
+                bar.close()
 
-    async def _map(self, func, arguments, *, workers=None):
+    async def _map(self, func, arguments, *, workers=None, on_outcome=None):
         function = _serialize_function(func)
         calls = [Call.of(self.client.keys.new(), args) for args in arguments]
-        return await self._run(function, calls, workers, name=_name(func))
+        return await self._run(function, calls, workers, name=_name(func),
+                               on_outcome=on_outcome)
 
     def submit(self, func: Callable, /, *args: Any, workers: Workers = None,
                **kwargs: Any) -> RemoteData:
@@ -263,13 +275,22 @@ class Pool:
         Runs any graph of the installed dask (``pip install d3arrow[dask]``) on the
         cluster: each task on the worker holding most of its input bytes, intermediate
         results freed as soon as no pending task needs them; only ``keys`` travel back.
-        Other keyword arguments dask passes to schedulers are accepted and ignored.
+        ``progress=True`` (``dask.compute(x, scheduler=pool.get, progress=True)``) shows a
+        tqdm bar of the graph's tasks (default: when standard error is a terminal and tqdm
+        is installed). Other keyword arguments dask passes to schedulers are accepted and
+        ignored.
         """
         prepared = graphs.prepare(dsk)
-        return self.client.sync(self._get, prepared, keys, what="get")
+        bar = progress_bar(len(prepared.nodes), "graph", kwargs.get("progress"))
+        try:
+            return self.client.sync(self._get, prepared, keys,
+                                    None if bar is None else lambda: bar.update(1), what="get")
+        finally:
+            if bar is not None:
+                bar.close()
 
-    async def _get(self, prepared, keys):
-        futures = await self._run_graph(prepared, graphs.wanted_keys(keys))
+    async def _get(self, prepared, keys, on_node=None):
+        futures = await self._run_graph(prepared, graphs.wanted_keys(keys), on_node)
         values = await self.client.values_of(list(futures.values()))
         return graphs.nested(keys, dict(zip(futures, values)))
 
@@ -285,10 +306,10 @@ class Pool:
         rebuild, extra = collection.__dask_postpersist__()
         return rebuild(futures, *extra)
 
-    async def _run_graph(self, prepared, keys):
+    async def _run_graph(self, prepared, keys, on_node=None):
         """``{key: RemoteData}`` of ``keys``, once the graph has run on the cluster."""
         return await graphs.run_graph(self, _serialize_function(graphs.run_node), prepared,
-                                      keys)
+                                      keys, on_node)
 
     def gather(self, remote_data: RemoteData | str | Iterable[RemoteData | str], *,
                timeout: float | None = None) -> Any:
@@ -360,10 +381,11 @@ class Pool:
 
     # -- scheduling ----------------------------------------------------------------------------
 
-    async def _run(self, function, calls, workers, *, name):
+    async def _run(self, function, calls, workers, *, name, on_outcome=None):
         """Place each call, run them all, return their RemoteData in order (or raise the
         first call's exception)."""
-        outcomes = await self._run_calls(function, calls, workers, name=name)
+        outcomes = await self._run_calls(function, calls, workers, name=name,
+                                         on_outcome=on_outcome)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome

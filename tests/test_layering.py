@@ -17,7 +17,7 @@ LAYERS = [
     {"core"},
     {"transfer", "center_link", "placement", "references"},
     {"fetching", "calls", "futures", "dashboard"},
-    {"center", "worker", "cluster", "lineage"},
+    {"center", "worker", "cluster", "lineage", "progress"},
     {"client", "graphs"},
     {"pool"},
     {"executor"},
