@@ -122,9 +122,11 @@ class Client:
         """
         if self.closed:
             raise RuntimeError("this client is closed")
-        what = what or coro_function.__name__.lstrip("_")
+        coro = coro_function(*args, **kwargs)
+        if timeout is not None:
+            coro = _limited(coro, timeout, what or coro_function.__name__.lstrip("_"))
         try:
-            return self._loop.run(_limited(coro_function(*args, **kwargs), timeout, what))
+            return self._loop.run(coro)
         except RemoteExit as e:
             raise e.exc  # its __cause__ is the remote traceback
 
@@ -329,7 +331,25 @@ class Client:
         if isinstance(items, (str, RemoteData)):
             raise TypeError(f"gather takes a list of RemoteData or keys, not one "
                             f"{type(items).__name__}: gather([{items!r}])")
+        items = list(items)
+        inline = self._inline_values(items)
+        if inline is not None:
+            return inline
         return self.sync(self.values_of, list(items), timeout=timeout, what="gather")
+
+    def _inline_values(self, items):
+        """The values of finished RemoteData whose results came back with their compute,
+        read in the caller's thread (no trip to the loop); None if any is not one."""
+        values = []
+        for item in items:
+            if type(item) is not RemoteData or not item._state.done():
+                return None
+            held = self._inline.get(item.key, _NOT_INLINE)
+            if (held is _NOT_INLINE or item._state.cancelled()
+                    or item._state.exception() is not None or item.key in self.refs.deleted):
+                return None
+            values.append(load(held) if type(held) is Serialized else held)
+        return values
 
     def _key_of(self, item):
         """The key a RemoteData, a name we scattered, or a key names."""
@@ -603,6 +623,9 @@ class Client:
 
     def __repr__(self):
         return f"<Client center={self.center} workers={len(self.ncores)}>"
+
+
+_NOT_INLINE = object()
 
 
 async def _limited(coro, timeout, what):

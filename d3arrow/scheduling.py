@@ -7,10 +7,9 @@ Pure functions and small state objects, no I/O: the Pool applies them to its que
 
 import asyncio
 import collections
-import contextlib
 import heapq
 import itertools
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from .errors import KilledWorkerError
 
@@ -148,18 +147,11 @@ class Turns:
         self._waiting: dict[str, list] = collections.defaultdict(list)
         self._arrival = itertools.count()
 
-    @contextlib.asynccontextmanager
-    async def turn(self, address: str, limit: int, priority: tuple) -> AsyncIterator[None]:
-        await self._enter(address, limit, priority)
-        try:
-            yield
-        finally:
-            self._leave(address)
+    def turn(self, address: str, limit: int, priority: tuple) -> "_Turn":
+        """``async with turns.turn(address, limit, priority):`` one request's turn."""
+        return _Turn(self, address, limit, priority)
 
     async def _enter(self, address, limit, priority):
-        if self.in_flight[address] < limit and not self._waiting[address]:
-            self.in_flight[address] += 1
-            return
         granted = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting[address], (priority, next(self._arrival), granted))
         try:
@@ -168,6 +160,13 @@ class Turns:
             if granted.done() and not granted.cancelled():  # handed over as we were cancelled
                 self._leave(address)
             raise
+
+    def _free(self, address, limit):
+        """Take a turn at once if one is free and nobody waits for it."""
+        if self.in_flight[address] < limit and not self._waiting.get(address):
+            self.in_flight[address] += 1
+            return True
+        return False
 
     def _leave(self, address):
         """The turn passes to the first waiter still waiting, else back to the pool."""
@@ -178,3 +177,19 @@ class Turns:
                 granted.set_result(None)
                 return
         self.in_flight[address] -= 1
+
+
+class _Turn:
+    """One request's turn (a class, not a generator: it is taken for every request)."""
+
+    __slots__ = ("turns", "address", "limit", "priority")
+
+    def __init__(self, turns, address, limit, priority):
+        self.turns, self.address, self.limit, self.priority = turns, address, limit, priority
+
+    async def __aenter__(self):
+        if not self.turns._free(self.address, self.limit):
+            await self.turns._enter(self.address, self.limit, self.priority)
+
+    async def __aexit__(self, *exc):
+        self.turns._leave(self.address)
