@@ -91,3 +91,21 @@ def test_a_failed_remote_data_fails_the_graph_that_uses_it(pool):
     bad = pool.submit(operator.truediv, 1, 0)
     with pytest.raises(ZeroDivisionError):
         dask.compute(dask.delayed(operator.neg)(bad), scheduler=pool.get)
+
+
+def test_a_fused_node_runs_its_inner_tasks_as_dask_would(pool):
+    # workers run a fused node's inner graph in dependency order, without dask.order:
+    # a value used twice stays until its last user, the result equals dask's own
+    from dask._task_spec import Task, TaskRef, _execute_subgraph
+
+    from d3arrow.graphs import _run_subgraph, run_node
+
+    inner = {"b": Task("b", operator.mul, TaskRef("a"), 2),
+             "c": Task("c", operator.add, TaskRef("a"), TaskRef("b")),
+             "out": Task("out", operator.sub, TaskRef("c"), TaskRef("b"))}
+    assert _run_subgraph(inner, "out", ("a",), 5) == _execute_subgraph(inner, "out", ("a",), 5)
+    node = Task("n", _execute_subgraph, inner, "out", ("a",), 7)
+    assert run_node(node, {}) == 7 + 14 - 14
+    x = da.arange(64, chunks=8)  # and on the cluster, fused chains of array tasks
+    y = ((x + 1) * 2 - x).sum()
+    assert y.compute(scheduler=pool.get) == y.compute(scheduler="threads")
