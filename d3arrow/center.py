@@ -351,7 +351,6 @@ class Center(Server):
                       "last_seen": now - self._last_seen[address]}
             for address, n in self._ncores.items()}}
 
-
     def status(self):
         """The cluster as the center sees it: each worker (its identity, keys, last
         heartbeat, the totals and gauges it sent and their rates per second) and totals.

@@ -348,7 +348,7 @@ class Client:
             if (held is _NOT_INLINE or item._state.cancelled()
                     or item._state.exception() is not None or item.key in self.refs.deleted):
                 return None
-            values.append(load(held) if type(held) is Serialized else held)
+            values.append(_rebuilt(held))
         return values
 
     def _key_of(self, item):
@@ -542,7 +542,7 @@ class Client:
         """A small result that came back with its compute, rebuilt the first time."""
         value = self._inline[key]
         if type(value) is Serialized:
-            value = self._inline[key] = load(value)
+            value = self._inline[key] = _rebuilt(value)
         return value
 
     # -- published values: beyond the life of their client ------------------------------------
@@ -626,6 +626,11 @@ class Client:
 
 
 _NOT_INLINE = object()
+
+
+def _rebuilt(inline):
+    """A small result as it came back with its compute: plain, or serialized (an array)."""
+    return load(inline) if type(inline) is Serialized else inline
 
 
 async def _limited(coro, timeout, what):

@@ -17,7 +17,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 16384  # a request line and headers; anything longer is refused
-READ_SECONDS = 10.0  # a client that sends its request no faster than this is dropped
+READ_SECONDS = 10.0  # a client that sends its request, or reads the answer, no faster
+# than this is dropped
 
 
 class Dashboard:
@@ -57,7 +58,11 @@ class Dashboard:
                      f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
                      f"Connection: close\r\n\r\n".encode() + body)
         try:
-            await writer.drain()
+            async with asyncio.timeout(READ_SECONDS):
+                await writer.drain()
+        except TimeoutError:  # it does not read: drop what is left unsent
+            writer.transport.abort()
+            return
         except ConnectionError:
             pass
         writer.close()

@@ -483,7 +483,11 @@ class Pool:
         then on the least loaded worker that did not.
         """
         limit = SLOTS_PER_CORE * self.client.ncores.get(address, 1)
+        every_worker_paused = False
         while address in queues:
+            if every_worker_paused:  # all spilling: ask later, holding no turn meanwhile
+                await asyncio.sleep(PAUSED_RETRY_SECONDS)
+                every_worker_paused = False
             async with self._turns.turn(address, limit, priority):
                 batch = take_batch(address, queues, self.client.ncores, pace.batch_size())
                 if not batch:
@@ -506,7 +510,7 @@ class Pool:
                             for index in batch:
                                 outcomes.arrived(index, SpillError(e.cannot_spill))
                             continue
-                        await asyncio.sleep(PAUSED_RETRY_SECONDS)  # all spilling: ask later
+                        every_worker_paused = True
                     queues[address].extendleft(reversed(batch))
                     continue
                 except CommClosedError as e:  # the client leaves it out from now on

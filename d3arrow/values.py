@@ -30,9 +30,7 @@ class Values:
         self._forget_file(key)
         if type(value) is SpilledValue:
             self._nbytes[key] = value.nbytes
-            self._shared.pop(key, None)
-            self._data[key] = value
-            self._recent.pop(key, None)
+            self._hold_spilled(key, value)
             return
         self._nbytes[key] = size_of(value)
         if ref_meta is None:
@@ -48,10 +46,13 @@ class Values:
         deleted or replaced while it was written); whether it was."""
         if self._data.get(key) is not value or type(value) is SpilledValue:
             return False
-        self._data[key] = spilled
-        self._shared.pop(key, None)
-        self._recent.pop(key, None)
+        self._hold_spilled(key, spilled)
         return True
+
+    def _hold_spilled(self, key: str, spilled: SpilledValue) -> None:
+        self._data[key] = spilled
+        self._shared.pop(key, None)  # its file is how a reader on this host sees it now
+        self._recent.pop(key, None)  # out of memory: not a candidate for spilling
 
     def discard(self, key: str) -> bool:
         """Forget ``key``; whether it was held."""
