@@ -1,0 +1,394 @@
+"""Same host, as a user's script sees it: d3arrow beside Ray, multiprocessing.Pool and dask.
+
+    python -m benchmarks.same_host [--systems d3arrow,ray,multiprocessing,dask] [--quick]
+
+Each system runs in its own process: this file run as a script, so the functions defined
+below are the script's own (``__main__``), as in a user's script; "importable" calls use
+``benchmarks.peers._inc``, sent by name. 2 worker processes of 1 core each (Ray: 2 CPUs,
+``multiprocessing.Pool(2)``, dask: 2 workers x 1 thread). Medians; ``first`` figures are
+the first call on a freshly started pool. ``python -m benchmarks.compare`` prints these rows
+too, docs/benchmarks.md quotes them.
+
+- get: the client gets a 256 MiB array a task made on a worker (Ray: ``ray.get`` of a
+  task's result).
+- apply: one call with its value back: ``pool.apply(f, [i]).get()``; Ray
+  ``ray.get(f.remote(i))``; multiprocessing ``pool.apply(f, (i,))``.
+- task input: a task on worker B whose 256 MiB input a task made on worker A, until its
+  RemoteData is back (Ray: a task on the ref of another task's result, with its value).
+- tiny map: ``map`` of the script's ``inc`` over 10,000 integers; d3arrow also over 10,000
+  values held remotely (the results of the first map), and the same with a function sent by
+  name.
+- pipeline: 32 arrays of 32 MiB made on the workers, ``np.sqrt`` of each, ``np.sum`` of each (all
+  functions of the script),
+  the sums added by one more call, its value back; five runs in a row, each freeing the
+  previous run's values first. d3arrow also without its shared-memory store
+  (``shm=False``); "warm" is the median of runs 2-5.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+if __name__ == "__main__":  # run as a script: the repository's root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+MiB = 2**20
+SYSTEMS = ["d3arrow", "ray", "multiprocessing", "dask"]
+FULL = {"big": 256 * MiB, "calls": 300, "repeat": 10, "tiny": 10_000, "tiny_repeat": 3,
+        "pipeline": {"arrays": 32, "nbytes": 32 * MiB, "runs": 5}}
+QUICK = {"big": 32 * MiB, "calls": 50, "repeat": 3, "tiny": 1_000, "tiny_repeat": 1,
+         "pipeline": {"arrays": 4, "nbytes": 4 * MiB, "runs": 2}}
+
+
+# -- the script's own functions (``__main__`` when this file runs as a script) ------------------
+
+def inc(x):
+    return x + 1
+
+
+def make(nbytes, seed):
+    return np.random.default_rng(seed).random(nbytes // 8)
+
+
+def total(*sums):
+    return sum(sums)
+
+
+def root(array):
+    return np.sqrt(array)
+
+
+def summed(array):
+    return np.sum(array)
+
+
+def length(value):
+    return len(value)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+def _timed(call, n):
+    """(seconds of the first call, median seconds of the ``n`` calls after it)."""
+    start = time.perf_counter()
+    call(0)
+    first = time.perf_counter() - start
+    seconds = []
+    for i in range(1, n + 1):
+        start = time.perf_counter()
+        call(i)
+        seconds.append(time.perf_counter() - start)
+    return first, statistics.median(seconds)
+
+
+def _ms(figures, name, pair):
+    figures[f"{name}_first_ms"], figures[f"{name}_ms"] = (s * 1e3 for s in pair)
+
+
+def _pipeline_runs(run_once, runs):
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run_once()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _pipeline_figures(figures, name, seconds):
+    figures[f"{name}_s"] = statistics.median(seconds)
+    figures[f"{name}_runs"] = seconds
+    if len(seconds) > 1:
+        figures[f"{name}_warm_s"] = statistics.median(seconds[1:])
+
+
+def run_d3arrow(config):
+    from d3arrow import LocalCluster, Pool
+
+    from benchmarks.peers import _inc
+
+    figures = {}
+    with LocalCluster(n_workers=2, ncores=1) as local, Pool(local.center_address) as pool:
+        a, b = local.worker_addresses
+        _ms(figures, "apply_main", _timed(lambda i: pool.apply(inc, [i]).get(),
+                                          config["calls"]))
+        _ms(figures, "apply_importable", _timed(lambda i: pool.apply(_inc, [i]).get(),
+                                                config["calls"]))
+        big = pool.apply(make, [config["big"], 0], workers=[a])
+        _ms(figures, "get_shm", _timed(lambda i: big.get(), config["repeat"]))
+
+        def task_on_b(i):
+            result = pool.apply(len, [big], workers=[b])
+            assert result.get() == config["big"] // 8
+            client = pool.client  # B's copy goes: the next call fetches again
+            client.sync(client._rpc(b).delete_data, keys=[big.key])
+
+        _ms(figures, "task_input", _timed(task_on_b, config["repeat"]))
+        pool.delete([big])
+        n = config["tiny"]
+        pool.map(inc, range(1000))
+
+        def rate(call):
+            return n / statistics.median(_pipeline_runs(call, config["tiny_repeat"]))
+
+        held = pool.map(_inc, range(n))
+        figures["tiny_main_per_s"] = rate(lambda: pool.map(inc, range(n)))
+        figures["tiny_importable_per_s"] = rate(lambda: pool.map(_inc, range(n)))
+        figures["tiny_remote_per_s"] = rate(lambda: pool.map(_inc, held))
+        figures["tiny_main_remote_per_s"] = rate(lambda: pool.map(inc, held))
+    for shm, name in ((True, "pipeline"), (False, "pipeline_storeless")):
+        with LocalCluster(n_workers=2, ncores=1, shm=shm) as local, \
+                Pool(local.center_address, shm=shm) as pool:
+            _pipeline_figures(figures, name, _pipeline_runs(
+                lambda: _d3arrow_pipeline(pool, config["pipeline"]),
+                config["pipeline"]["runs"]))
+    return figures
+
+
+def _d3arrow_pipeline(pool, config):
+    made = pool.map(make, [config["nbytes"]] * config["arrays"], range(config["arrays"]))
+    roots = pool.map(root, made)
+    sums = pool.map(summed, roots)
+    result = pool.apply(total, sums)
+    value = result.get()
+    pool.delete([*made, *roots, *sums, result])
+    return value
+
+
+def run_ray(config):
+    import ray
+
+    from benchmarks.peers import _inc
+
+    figures = {}
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
+    try:
+        inc_main, inc_importable = ray.remote(inc), ray.remote(_inc)
+        make_remote, length_remote = ray.remote(make), ray.remote(length)
+        _ms(figures, "apply_main", _timed(lambda i: ray.get(inc_main.remote(i)),
+                                          config["calls"]))
+        _ms(figures, "apply_importable", _timed(lambda i: ray.get(inc_importable.remote(i)),
+                                                config["calls"]))
+        big = make_remote.remote(config["big"], 0)
+        ray.wait([big])
+        _ms(figures, "get_shm", _timed(lambda i: ray.get(big), config["repeat"]))
+        _ms(figures, "task_input", _timed(lambda i: ray.get(length_remote.remote(big)),
+                                          config["repeat"]))
+        del big
+        n = config["tiny"]
+        ray.get([inc_main.remote(i) for i in range(1000)])
+        seconds = _pipeline_runs(lambda: ray.get([inc_main.remote(i) for i in range(n)]),
+                                 config["tiny_repeat"])
+        figures["tiny_main_per_s"] = n / statistics.median(seconds)
+        sqrt, add_up, sum_ = ray.remote(root), ray.remote(total), ray.remote(summed)
+        p = config["pipeline"]
+
+        def pipeline():
+            made = [make_remote.remote(p["nbytes"], i) for i in range(p["arrays"])]
+            sums = [sum_.remote(sqrt.remote(m)) for m in made]
+            return ray.get(add_up.remote(*sums))
+
+        _pipeline_figures(figures, "pipeline", _pipeline_runs(pipeline, p["runs"]))
+    finally:
+        ray.shutdown()
+    return figures
+
+
+def run_multiprocessing(config):
+    import multiprocessing
+
+    from benchmarks.peers import _inc
+
+    figures = {}
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        _ms(figures, "apply_main", _timed(lambda i: pool.apply(inc, (i,)), config["calls"]))
+        _ms(figures, "apply_importable", _timed(lambda i: pool.apply(_inc, (i,)),
+                                                config["calls"]))
+        n = config["tiny"]
+        pool.map(inc, range(1000))
+        seconds = _pipeline_runs(lambda: pool.map(inc, range(n), chunksize=1),
+                                 config["tiny_repeat"])
+        figures["tiny_main_per_s"] = n / statistics.median(seconds)
+        p = config["pipeline"]
+
+        def pipeline():  # every array travels back to this process between the steps
+            made = pool.starmap(make, [(p["nbytes"], i) for i in range(p["arrays"])])
+            sums = pool.map(summed, pool.map(root, made))
+            return pool.apply(total, sums)
+
+        _pipeline_figures(figures, "pipeline", _pipeline_runs(pipeline, 1))  # ~20 s a run
+    return figures
+
+
+def run_dask(config):
+    from distributed import Client, LocalCluster
+
+    figures = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        _ms(figures, "apply_main", _timed(
+            lambda i: client.submit(inc, i, pure=False).result(), config["calls"] // 10))
+        p = config["pipeline"]
+
+        def pipeline():
+            made = client.map(make, [p["nbytes"]] * p["arrays"], range(p["arrays"]),
+                              pure=False)
+            sums = client.map(summed, client.map(root, made, pure=False), pure=False)
+            return client.submit(total, *sums, pure=False).result()
+
+        _pipeline_figures(figures, "pipeline", _pipeline_runs(pipeline, p["runs"]))
+    return figures
+
+
+RUNNERS = {"d3arrow": run_d3arrow, "ray": run_ray, "multiprocessing": run_multiprocessing,
+           "dask": run_dask}
+NEEDS = {"dask": "distributed", "ray": "ray"}
+
+
+def measure(name, config):
+    """Figures of one system, measured in a fresh process running this file as a script."""
+    import importlib.util
+
+    if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+        return {"skipped": f"{NEEDS[name]} is not installed"}
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--system", name,
+                           "--config", json.dumps(config)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+    return json.loads(lines[-1])
+
+
+ROWS = [  # (label, unit, key, higher is better)
+    ("client gets a 256 MiB value a co-located worker holds", "ms", "get_shm_ms", False),
+    ("  first get", "ms", "get_shm_first_ms", False),
+    ("apply(f, [i]).get(), f of the script", "ms", "apply_main_ms", False),
+    ("  first call", "ms", "apply_main_first_ms", False),
+    ("apply(f, [i]).get(), f importable", "ms", "apply_importable_ms", False),
+    ("  first call", "ms", "apply_importable_first_ms", False),
+    ("task on B, 256 MiB input made on A", "ms", "task_input_ms", False),
+    ("  first", "ms", "task_input_first_ms", False),
+    ("map of 10,000 tiny calls, f of the script", "tasks/s", "tiny_main_per_s", True),
+    ("  f importable", "tasks/s", "tiny_importable_per_s", True),
+    ("  f importable, over 10,000 remote values", "tasks/s", "tiny_remote_per_s", True),
+    ("  f of the script, over 10,000 remote values", "tasks/s", "tiny_main_remote_per_s",
+     True),
+    ("pipeline 32 x 32 MiB (make, sqrt, sum, add), median of runs", "s", "pipeline_s", False),
+    ("  warm runs (2-5)", "s", "pipeline_warm_s", False),
+    ("  d3arrow without its store (shm=False)", "s", "pipeline_storeless_s", False),
+    ("  d3arrow without its store, warm runs", "s", "pipeline_storeless_warm_s", False),
+]
+
+
+def targets(systems):
+    """Issue 13's targets: [{target, measured, met}]."""
+    d3 = systems.get("d3arrow", {})
+    ray, mp, dask = (systems.get(s, {}) for s in ("ray", "multiprocessing", "dask"))
+    out = []
+
+    def add(text, ours, theirs, limit, *, faster=False):
+        if ours is None or theirs is None:
+            return
+        ratio = theirs / ours if faster else ours / theirs
+        met = ratio >= limit if faster else ratio <= limit
+        out.append({"target": text, "measured": f"{ours:.3g} vs {theirs:.3g}: {ratio:.2f}x",
+                    "met": met})
+
+    add("get of a co-located 256 MiB value <= Ray's ray.get", d3.get("get_shm_ms"),
+        ray.get("get_shm_ms"), 1.0)
+    add("apply(f of the script).get() <= 1.2x multiprocessing", d3.get("apply_main_ms"),
+        mp.get("apply_main_ms"), 1.2)
+    add("apply(f importable).get() <= multiprocessing", d3.get("apply_importable_ms"),
+        mp.get("apply_importable_ms"), 1.0)
+    add("task on B with a 256 MiB input on co-located A <= 1 ms", d3.get("task_input_ms"),
+        1.0, 1.0)
+    add("pipeline >= 1.5x faster than dask.distributed", d3.get("pipeline_s"),
+        dask.get("pipeline_s"), 1.5, faster=True)
+    add("pipeline warm runs within 1.2x of d3arrow without its store",
+        d3.get("pipeline_warm_s"), d3.get("pipeline_storeless_warm_s"), 1.2)
+    add("map of a script's function >= 20,000 tasks/s", 20_000, d3.get("tiny_main_per_s"),
+        1.0, faster=True)
+    add("map over remote values no slower than over plain values",
+        d3.get("tiny_importable_per_s"), d3.get("tiny_remote_per_s"), 1.0, faster=True)
+    return out
+
+
+def print_table(systems, print=print):
+    present = [s for s in SYSTEMS if s in systems and "error" not in systems[s]
+               and "skipped" not in systems[s]]
+    header = ["measure", "unit"] + present + [f"d3arrow vs {s}" for s in present[1:]]
+    table = [header]
+    for label, unit, key, higher in ROWS:
+        values = [systems[s].get(key) for s in present]
+        if all(v is None for v in values):
+            continue
+        d3 = systems.get("d3arrow", {}).get(key)
+        ratios = []
+        for other in values[1:]:
+            ratios.append(f"{(d3 / other if higher else other / d3):.2f}x"
+                          if d3 and other else "")
+        table.append([label, unit] + [_fmt(v) for v in values] + ratios)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print(" | ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                         for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+    for name in SYSTEMS:
+        if name in systems and name not in present:
+            print(f"{name}: {systems[name].get('skipped') or systems[name].get('error')}")
+    runs = {s: " ".join(f"{x:.2f}" for x in systems[s]["pipeline_runs"]) for s in present
+            if "pipeline_runs" in systems[s]}
+    print("pipeline runs (s): " + "; ".join(f"{s} {r}" for s, r in runs.items()) +
+          ("; d3arrow without its store " + " ".join(
+              f"{x:.2f}" for x in systems["d3arrow"]["pipeline_storeless_runs"])
+           if "pipeline_storeless_runs" in systems.get("d3arrow", {}) else ""))
+    print("'vs': how many times better d3arrow did (the peer's time over d3arrow's, or the "
+          "throughput ratio)")
+
+
+def _fmt(value):
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure here")
+    parser.add_argument("--system", help=argparse.SUPPRESS)  # measure one, print JSON
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.system:
+        print(json.dumps(RUNNERS[args.system](json.loads(args.config))))
+        return 0
+    config = QUICK if args.quick else FULL
+    systems = {}
+    for name in args.systems.split(","):
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        systems[name] = measure(name, config)
+    print_table(systems)
+    print("\ntargets:")
+    for t in targets(systems):
+        print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": config, "systems": systems, "targets": targets(systems)}, f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
