@@ -23,9 +23,9 @@ MiB = 2**20
 # "pairs": how many (socket, d3arrow) pairs the two targets stated against the socket take
 # "spill": bytes of the spill-throughput figures; "pipeline": the 3x-memory pipeline
 FULL = {"sizes": [8 * MiB, 256 * MiB], "big": 256 * MiB, "tiny": 10_000, "repeat": 5,
-        "pairs": 7, "graphs": 3, "spill": 256 * MiB, "pipeline": True}
+        "pairs": 7, "graphs": 3, "spill": 256 * MiB, "pipeline": True, "same_host": "full"}
 QUICK = {"sizes": [8 * MiB], "big": 32 * MiB, "tiny": 2_000, "repeat": 3, "pairs": 3,
-         "graphs": 0, "spill": 32 * MiB, "pipeline": False}
+         "graphs": 0, "spill": 32 * MiB, "pipeline": False, "same_host": "quick"}
 PIPELINE_SYSTEMS = ("d3arrow", "dask")
 GRAPH_SYSTEMS = {"d3arrow": "d3arrow", "dask": "dask.distributed", "ray": "Ray"}
 GRAPH_WORK = {"P1": "dask P1 (x + x.T).sum(axis=0), 12000^2, 1500^2 chunks",
@@ -280,6 +280,15 @@ def main(argv=None):
             results["systems"][name] = run_system(name, config)
         else:
             results["systems"][name] = {"skipped": "not asked for"}
+    if config.get("same_host"):  # a user's script on one host: benchmarks.same_host
+        from . import same_host
+        shape = same_host.FULL if config["same_host"] == "full" else same_host.QUICK
+        results["same_host"] = {}
+        for name in same_host.SYSTEMS:
+            if name in chosen:
+                print(f"measuring {name} on one host, as a script ...", file=sys.stderr,
+                      flush=True)
+                results["same_host"][name] = same_host.measure(name, shape)
     if "error" in results["systems"]["d3arrow"]:
         print(f"d3arrow failed: {results['systems']['d3arrow']['error']}", file=sys.stderr)
         return 1
@@ -289,6 +298,13 @@ def main(argv=None):
     results["targets"] = targets(results, config)
     results["seconds"] = time.perf_counter() - started
     print_table(results, config)
+    if results.get("same_host"):
+        from . import same_host
+        print("\none host, as a user's script writes it (benchmarks.same_host):")
+        same_host.print_table(results["same_host"])
+        results["targets"] += same_host.targets(results["same_host"])
+        for t in same_host.targets(results["same_host"]):
+            print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']}")
     print(f"\n(whole run {results['seconds']:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -9,8 +9,8 @@ below are the script's own (``__main__``), as in a user's script; "importable" c
 the first call on a freshly started pool. ``python -m benchmarks.compare`` prints these rows
 too, docs/benchmarks.md quotes them.
 
-- get: the client gets a 256 MiB array a task made on a worker (Ray: ``ray.get`` of a
-  task's result).
+- get: the client gets a 256 MiB array a task made on a worker since the last get (Ray:
+  ``ray.get`` of a task's result); again: the same value a second time.
 - apply: one call with its value back: ``pool.apply(f, [i]).get()``; Ray
   ``ray.get(f.remote(i))``; multiprocessing ``pool.apply(f, (i,))``.
 - task input: a task on worker B whose 256 MiB input a task made on worker A, until its
@@ -55,6 +55,10 @@ def make(nbytes, seed):
     return np.random.default_rng(seed).random(nbytes // 8)
 
 
+def filled(nbytes, seed):
+    return np.full(nbytes // 8, float(seed))
+
+
 def total(*sums):
     return sum(sums)
 
@@ -86,6 +90,46 @@ def _timed(call, n):
     return first, statistics.median(seconds)
 
 
+def _timed_once(call):
+    start = time.perf_counter()
+    result = call()
+    seconds = time.perf_counter() - start
+    del result
+    return seconds
+
+
+def _timed_each(call, n):
+    """Like :func:`_timed`, where ``call(i)`` times itself (returns its seconds)."""
+    seconds = [call(i) for i in range(n + 1)]
+    return seconds[0], statistics.median(seconds[1:])
+
+
+def _gets(figures, get_new, n):
+    """First, median and second-get figures of ``get_new(i) -> (seconds, seconds again)``."""
+    measured = [get_new(i) for i in range(n + 1)]
+    figures["get_shm_first_ms"] = measured[0][0] * 1e3
+    figures["get_shm_ms"] = statistics.median(m[0] for m in measured[1:]) * 1e3
+    figures["get_shm_again_ms"] = statistics.median(m[1] for m in measured[1:]) * 1e3
+
+
+def _round_trips(figures, calls, n, rounds=3):
+    """First calls, then medians of ``n`` calls each, taken in alternating rounds: the
+    machine's state drifts over a run, and both functions should see the same drift."""
+    seconds = {name: [] for name in calls}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call(0)
+        figures[f"{name}_first_ms"] = (time.perf_counter() - start) * 1e3
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for i in range(n // rounds):
+                start = time.perf_counter()
+                call(i)
+                seconds[name].append(time.perf_counter() - start)
+    for name in calls:
+        figures[f"{name}_ms"] = statistics.median(seconds[name]) * 1e3
+
+
 def _ms(figures, name, pair):
     figures[f"{name}_first_ms"], figures[f"{name}_ms"] = (s * 1e3 for s in pair)
 
@@ -114,20 +158,27 @@ def run_d3arrow(config):
     figures = {}
     with LocalCluster(n_workers=2, ncores=1) as local, Pool(local.center_address) as pool:
         a, b = local.worker_addresses
-        _ms(figures, "apply_main", _timed(lambda i: pool.apply(inc, [i]).get(),
-                                          config["calls"]))
-        _ms(figures, "apply_importable", _timed(lambda i: pool.apply(_inc, [i]).get(),
-                                                config["calls"]))
+        _round_trips(figures, {"apply_main": lambda i: pool.apply(inc, [i]).get(),
+                               "apply_importable": lambda i: pool.apply(_inc, [i]).get()},
+                     config["calls"])
+
+        def get_new(i):  # a value made on A since the last get, then its value here
+            made = pool.apply(filled, [config["big"], i], workers=[a])
+            seconds = _timed_once(made.get)
+            seconds_again = _timed_once(made.get)
+            pool.delete([made])
+            return seconds, seconds_again
+
+        _gets(figures, get_new, config["repeat"])
         big = pool.apply(make, [config["big"], 0], workers=[a])
-        _ms(figures, "get_shm", _timed(lambda i: big.get(), config["repeat"]))
 
-        def task_on_b(i):
-            result = pool.apply(len, [big], workers=[b])
-            assert result.get() == config["big"] // 8
-            client = pool.client  # B's copy goes: the next call fetches again
+        def task_on_b(i):  # B's copy goes after each call: the next one fetches again
+            seconds = _timed_once(lambda: pool.apply(len, [big], workers=[b]))
+            client = pool.client
             client.sync(client._rpc(b).delete_data, keys=[big.key])
+            return seconds
 
-        _ms(figures, "task_input", _timed(task_on_b, config["repeat"]))
+        _ms(figures, "task_input", _timed_each(task_on_b, config["repeat"]))
         pool.delete([big])
         n = config["tiny"]
         pool.map(inc, range(1000))
@@ -170,16 +221,23 @@ def run_ray(config):
     try:
         inc_main, inc_importable = ray.remote(inc), ray.remote(_inc)
         make_remote, length_remote = ray.remote(make), ray.remote(length)
-        _ms(figures, "apply_main", _timed(lambda i: ray.get(inc_main.remote(i)),
-                                          config["calls"]))
-        _ms(figures, "apply_importable", _timed(lambda i: ray.get(inc_importable.remote(i)),
-                                                config["calls"]))
+        _round_trips(figures, {"apply_main": lambda i: ray.get(inc_main.remote(i)),
+                               "apply_importable": lambda i: ray.get(inc_importable.remote(i))},
+                     config["calls"])
+        filled_remote = ray.remote(filled)
+
+        def get_new(i):
+            made = filled_remote.remote(config["big"], i)
+            ray.wait([made])
+            seconds = _timed_once(lambda: ray.get(made))
+            seconds_again = _timed_once(lambda: ray.get(made))
+            return seconds, seconds_again
+
+        _gets(figures, get_new, config["repeat"])
         big = make_remote.remote(config["big"], 0)
         ray.wait([big])
-        _ms(figures, "get_shm", _timed(lambda i: ray.get(big), config["repeat"]))
         _ms(figures, "task_input", _timed(lambda i: ray.get(length_remote.remote(big)),
                                           config["repeat"]))
-        del big
         n = config["tiny"]
         ray.get([inc_main.remote(i) for i in range(1000)])
         seconds = _pipeline_runs(lambda: ray.get([inc_main.remote(i) for i in range(n)]),
@@ -206,9 +264,9 @@ def run_multiprocessing(config):
 
     figures = {}
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        _ms(figures, "apply_main", _timed(lambda i: pool.apply(inc, (i,)), config["calls"]))
-        _ms(figures, "apply_importable", _timed(lambda i: pool.apply(_inc, (i,)),
-                                                config["calls"]))
+        _round_trips(figures, {"apply_main": lambda i: pool.apply(inc, (i,)),
+                               "apply_importable": lambda i: pool.apply(_inc, (i,))},
+                     config["calls"])
         n = config["tiny"]
         pool.map(inc, range(1000))
         seconds = _pipeline_runs(lambda: pool.map(inc, range(n), chunksize=1),
@@ -268,7 +326,8 @@ def measure(name, config):
 
 ROWS = [  # (label, unit, key, higher is better)
     ("client gets a 256 MiB value a co-located worker holds", "ms", "get_shm_ms", False),
-    ("  first get", "ms", "get_shm_first_ms", False),
+    ("  the first get of this client", "ms", "get_shm_first_ms", False),
+    ("  the same value again", "ms", "get_shm_again_ms", False),
     ("apply(f, [i]).get(), f of the script", "ms", "apply_main_ms", False),
     ("  first call", "ms", "apply_main_first_ms", False),
     ("apply(f, [i]).get(), f importable", "ms", "apply_importable_ms", False),

@@ -25,3 +25,9 @@ def test_compare_quick_writes_every_figure(tmp_path):
     assert figures["spill_write_gbps"] > 0 and figures["spill_read_gbps"] > 0
     assert results["limits"]["dd_write"] > 0 and results["limits"]["dd_read"] > 0
     assert "targets:" in done.stdout and "d3arrow/limit" in done.stdout
+    same_host = results["same_host"]["d3arrow"]  # as a script: functions of __main__
+    for key in ("get_shm_ms", "apply_main_ms", "apply_importable_ms", "task_input_ms",
+                "tiny_main_per_s", "tiny_remote_per_s", "pipeline_s",
+                "pipeline_storeless_s"):
+        assert same_host[key] > 0, key
+    assert "one host, as a user's script writes it" in done.stdout
