@@ -20,6 +20,37 @@ def run(coro):
         return runner.run(coro)
 
 
+_on_loop = threading.local()
+
+
+class MustLeaveLoop(BaseException):
+    """Raised inside a call running on a worker's event loop that made a blocking d3arrow
+    call (a client inside a task): it would wait on the very loop it blocks. The worker
+    runs the call again in a compute thread."""
+
+
+def running_on_loop():
+    """Whether this thread is running a user's call on a worker's event loop."""
+    return getattr(_on_loop, "active", False)
+
+
+class on_loop:
+    """While a user's call runs on the event loop: blocking d3arrow calls are refused
+    (:class:`MustLeaveLoop`), and the loop is not 'running' for it, so ``asyncio.run``
+    inside the call works as in a compute thread."""
+
+    def __enter__(self):
+        self._loop = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(None)
+        _on_loop.active = True
+        return self
+
+    def __exit__(self, *exc):
+        _on_loop.active = False
+        asyncio.events._set_running_loop(self._loop)
+        asyncio.set_event_loop(self._loop)  # asyncio.run in the call unset it
+
+
 class LoopThread:
     """A uvloop loop running forever in a daemon thread."""
 
@@ -40,6 +71,12 @@ class LoopThread:
         """Run ``coro`` on the loop and block for its result (its exception is raised here)."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("a blocking d3arrow call was made from its own event loop thread")
+        if running_on_loop():
+            coro.close()
+            raise MustLeaveLoop()
+        return self._wait(coro, timeout)
+
+    def _wait(self, coro, timeout):
         future = self.submit(coro)
         try:
             return future.result(timeout)
@@ -58,7 +95,7 @@ class LoopThread:
         if self.loop.is_closed():
             return
         try:
-            self.run(_cancel_other_tasks(), timeout=10)
+            self._wait(_cancel_other_tasks(), timeout=10)
         except Exception:
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)

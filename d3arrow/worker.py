@@ -1,7 +1,9 @@
 """A worker: serves a dict of values, computes on them, fetches missing inputs from peers.
 
 User functions run in a thread pool of ``ncores`` threads, so the event loop keeps serving
-data and heartbeats while they run. Missing inputs are located through the center (or the
+data and heartbeats while they run; a function whose calls have all been quick (under half a
+millisecond) runs on the loop, where the hops to a thread and back would cost more than the
+call (see :mod:`d3arrow.functions`). Missing inputs are located through the center (or the
 caller's hints) and fetched from several peers at once.
 
 Large arrays and Arrow tables live in the worker's shared store (see :mod:`d3arrow.store`):
@@ -23,7 +25,9 @@ from .center_link import CenterLink
 from .comm import CONNECT_TIMEOUT
 from .core import ConnectionPool, Server, Tasks, error_reply, peer_timeout
 from .errors import SpillError
+from .eventloop import MustLeaveLoop, on_loop
 from .fetching import PeerFetcher
+from .functions import Function, Functions
 from .protocol import allocate_buffers
 from .security import NO_SECURITY, Security
 from .serialize import Serialized, is_plain, serialize
@@ -77,6 +81,7 @@ class Worker(Server):
             pause=memory_pause, spillable=self._spillable,
             store_used=self._shared_bytes)
         self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix="d3arrow-compute")
+        self.functions = Functions()
         self.peer_timeout = peer_timeout()  # a peer silent this long is skipped
         self.pool = ConnectionPool(allocate=allocate, security=security,  # center and peers
                                    connect_timeout=min(self.peer_timeout, CONNECT_TIMEOUT),
@@ -227,15 +232,21 @@ class Worker(Server):
         if host is not None and self.store is not None and host == self.store.host:
             ref_meta = self.values.ref_meta(key) or await self._share_locally(key)
             if ref_meta is not None:
-                if session is not None and ref_meta.get("socket") == self.store.socket_name:
-                    pin = self.store.pin_for(session, ref_meta["id"])
-                    if pin is not None:
-                        ref_meta = {**ref_meta, "pin": pin, "token": session}
-                return Serialized(ref_meta, [])
+                return self._pinned(ref_meta, session) or Serialized(ref_meta, [])
         value = self.values[key]
         if isinstance(value, np.ndarray) or self.values.nbytes(key) < LARGE_BYTES:
             return serialize(value)  # arrays serialize without copying: no need to wait
         return await asyncio.get_running_loop().run_in_executor(None, serialize, value)
+
+    def _pinned(self, ref_meta, session):
+        """A reference to an object of our store, pinned for the reader whose session
+        ``session`` names (so it needs no pin round trip); None if it cannot be."""
+        if session is None or ref_meta.get("socket") != self.store.socket_name:
+            return None
+        pin = self.store.pin_for(session, ref_meta["id"])
+        if pin is None:
+            return None
+        return Serialized({**ref_meta, "pin": pin, "token": session}, [])
 
     async def _share_locally(self, key):
         """How a reader on this host views ``key`` in place (its ref meta), or None if it
@@ -356,7 +367,8 @@ class Worker(Server):
         needed = needed or [()] * len(keys)
         missing = await self.fetcher.gather({k for ks in needed for k in ks}, who_has or {})
         try:
-            func = await self._load(function)
+            func = (self.functions.load(function) if function.nbytes < LARGE_BYTES
+                    else Function(await self._load(function)))
             calls = await self._load(args)
             call_kwargs = await self._load(kwargs) if kwargs is not None else [None] * len(keys)
         except asyncio.CancelledError:
@@ -364,15 +376,20 @@ class Worker(Server):
         except BaseException as e:  # what unpickling ran was user code too
             return {"results": [{"key": key, **error_reply(e)} for key in keys], "seconds": 0.0}
         runnable = [i for i, ks in enumerate(needed) if not missing.intersection(ks)]
+        loop = asyncio.get_running_loop()
+        done = []
+        if self.memory.limit is None and func.quick(len(runnable)):  # no thread hop
+            part, seconds, runnable = self._execute(func, calls, call_kwargs, runnable, keys,
+                                                    loop, on_the_loop=True)
+            done.append((part, seconds))
         # one trip to the thread pool per core, not per call: small calls stay cheap
         chunks = [runnable[i::self.ncores] for i in range(min(self.ncores, len(runnable)))]
-        loop = asyncio.get_running_loop()
         run = lambda chunk: loop.run_in_executor(  # noqa: E731
             self.executor, self._execute, func, calls, call_kwargs, chunk, keys, loop)
         self._calls_running += len(runnable)
         try:
-            done = [await run(chunks[0])] if len(chunks) == 1 else await asyncio.gather(
-                *map(run, chunks))
+            done += [(await run(chunks[0]))[:2]] if len(chunks) == 1 else [
+                d[:2] for d in await asyncio.gather(*map(run, chunks))]
         finally:
             self._calls_running -= len(runnable)
         outcomes = {i: outcome for part, _ in done for i, outcome in part}
@@ -403,23 +420,34 @@ class Worker(Server):
         await self.link.tell("add_keys", [r["key"] for r in results if r["status"] == "OK"])
         return {"results": results, "seconds": seconds}
 
-    def _execute(self, func, calls, call_kwargs, indices, keys, loop):
+    def _execute(self, func, calls, call_kwargs, indices, keys, loop, *, on_the_loop=False):
         """Run the calls at ``indices`` in this thread, storing each result under its key
-        as it is made: ``([(i, outcome)], seconds)``.
+        as it is made: ``([(i, outcome)], seconds, indices not run)``.
 
         With a memory limit, a result that takes the worker over its pause mark holds the
         rest of the batch back until spilling made room (each result is spillable as soon
         as it is stored); if the disk refuses, the rest fail with that error.
+        ``on_the_loop``: on the event loop, stopping at the first call that was slow or
+        made a blocking d3arrow call (that one is run again); the rest are left.
         """
         start = time.perf_counter()
         substitute = lambda ref: self.values[ref.key]  # noqa: E731
         outcomes = []
-        for i in indices:
+        for position, i in enumerate(indices):
+            began = time.perf_counter()
             try:
                 args = map_leaves(calls[i], KeyRef, substitute)
                 kwargs = map_leaves(call_kwargs[i], KeyRef, substitute) or {}
-                value = func(*args, **kwargs)
+                if on_the_loop:
+                    with on_loop():
+                        value = func.func(*args, **kwargs)
+                else:
+                    value = func.func(*args, **kwargs)
+            except MustLeaveLoop:  # a client inside the call: it needs our loop free
+                func.off_loop = True
+                return outcomes, time.perf_counter() - start, indices[position:]
             except BaseException as e:  # SystemExit too: an error of this call, not ours
+                func.record(time.perf_counter() - began)
                 outcomes.append((i, ("error", error_reply(e))))
                 continue
             try:
@@ -432,7 +460,10 @@ class Worker(Server):
                 self.memory.room_from_thread(loop)
             except BaseException as e:  # a full disk (SpillError)
                 outcomes.append((i, ("error", error_reply(e))))
-        return outcomes, time.perf_counter() - start
+            quick = func.record(time.perf_counter() - began)  # storing it counts too
+            if on_the_loop and not quick:  # the rest go to a compute thread
+                return outcomes, time.perf_counter() - start, indices[position + 1:]
+        return outcomes, time.perf_counter() - start, []
 
     async def _load(self, serialized):
         """Deserialize; large values in a thread, so the loop keeps serving meanwhile."""

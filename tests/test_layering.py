@@ -16,7 +16,7 @@ LAYERS = [
     {"comm", "eventloop"},
     {"core"},
     {"transfer", "center_link", "placement", "references"},
-    {"fetching", "calls", "futures", "dashboard"},
+    {"fetching", "calls", "futures", "dashboard", "functions"},
     {"center", "worker", "cluster", "lineage", "progress"},
     {"client", "graphs"},
     {"pool"},

@@ -1,0 +1,108 @@
+"""Quick calls run on the worker's event loop (no thread hops); anything else does not."""
+
+import asyncio
+import os
+import sys
+import threading
+import time
+
+import cloudpickle
+import pytest
+
+from d3arrow import LocalCluster, Pool
+from d3arrow.functions import QUICK_AFTER
+
+pytestmark = pytest.mark.timeout(120)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+
+
+def thread_of(seconds=0.0):
+    """The thread the call ran in, after sleeping ``seconds``."""
+    if seconds:
+        time.sleep(seconds)
+    return threading.current_thread().name
+
+
+def sometimes_a_client(center):
+    """Quick, unless given a center: then it stores and reads a value through a Pool of its
+    own on that cluster (which needs the worker's loop, not its busy compute thread)."""
+    if center is None:
+        return threading.current_thread().name
+    with Pool(center) as pool:
+        (remote,) = pool.scatter([3])
+        return pool.gather([remote])[0]
+
+
+def with_asyncio(x):
+    async def twice():
+        await asyncio.sleep(0)
+        return 2 * x
+    return asyncio.run(twice()), threading.current_thread().name
+
+
+def exits(code):
+    if code:
+        raise SystemExit(code)
+    return threading.current_thread().name
+
+
+SLOW = 0.2  # seconds: a slow call here (quick: under 50 ms, so a busy machine does not
+# decide what runs where in these tests)
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    os.environ["D3ARROW_QUICK_CALL_SECONDS"] = "0.05"  # the worker's, read as it starts
+    try:
+        with LocalCluster(n_workers=1, ncores=1) as cluster, \
+                Pool(cluster.center_address) as pool:
+            yield cluster, pool
+    finally:
+        del os.environ["D3ARROW_QUICK_CALL_SECONDS"]
+
+
+def test_a_function_whose_calls_were_quick_runs_on_the_loop(one_worker):
+    _, pool = one_worker
+    threads = [pool.apply(thread_of).get() for _ in range(QUICK_AFTER + 3)]
+    assert all(t.startswith("d3arrow-compute") for t in threads[:QUICK_AFTER])
+    assert threads[QUICK_AFTER:] == ["MainThread"] * 3
+
+
+def test_the_first_slow_call_sends_a_function_back_to_the_threads_for_good(one_worker):
+    _, pool = one_worker
+    for _ in range(QUICK_AFTER + 1):
+        pool.apply(thread_of, [0.0]).get()
+    assert pool.apply(thread_of, [0.0]).get() == "MainThread"
+    assert pool.apply(thread_of, [SLOW]).get() == "MainThread"  # not known to be slow yet
+    assert [pool.apply(thread_of, [0.0]).get() for _ in range(3)] == [
+        "d3arrow-compute_0"] * 3
+
+
+def test_a_client_inside_a_quick_function_is_run_again_in_a_thread(one_worker):
+    cluster, pool = one_worker
+    for _ in range(QUICK_AFTER + 1):
+        pool.apply(sometimes_a_client, [None]).get()
+    assert pool.apply(sometimes_a_client, [None]).get() == "MainThread"
+    # on the loop, its Pool would wait for the loop it blocks: it runs in a thread instead
+    result = pool.apply(sometimes_a_client, [cluster.center_address], timeout=60)
+    assert result.get() == 3
+    assert pool.apply(sometimes_a_client, [None]).get().startswith("d3arrow-compute")
+
+
+def test_asyncio_run_inside_a_call_on_the_loop_works(one_worker):
+    _, pool = one_worker
+    values = [pool.apply(with_asyncio, [i]).get() for i in range(QUICK_AFTER + 3)]
+    assert [v for v, _ in values] == [2 * i for i in range(QUICK_AFTER + 3)]
+    assert values[-1][1] == "MainThread"
+    assert pool.gather(pool.map(abs, [-1, -2])) == [1, 2]  # the loop still serves
+
+
+def test_system_exit_in_a_call_on_the_loop_is_the_callers_error(one_worker):
+    _, pool = one_worker
+    for _ in range(QUICK_AFTER + 1):
+        pool.apply(exits, [0]).get()
+    assert pool.apply(exits, [0]).get() == "MainThread"
+    with pytest.raises(SystemExit):
+        pool.apply(exits, [3]).get()
+    assert pool.map(exits, [0, 0]) is not None  # the worker is still there
+    assert pool.gather(pool.map(exits, [0, 0])) == ["MainThread"] * 2
