@@ -1,5 +1,11 @@
-"""Functions as a worker receives them: unpickled once per distinct pickle, with how long
-their calls take.
+"""Functions on the wire: pickled once while they stay the same, unpickled once per
+distinct pickle by the worker, which learns how long their calls take.
+
+A function sent by name is pickled once. One of the user's script (``__main__``), a lambda
+or a closure travels by value, with the globals it uses as they are at the call: it is
+pickled again only when something its pickle depends on changed (its code, defaults,
+closure, or the globals it names); where that cannot be told cheaply (it names a list, a
+dict, an array: changeable in place) it is pickled at every call.
 
 A caller sends a function of its script by value with every request; the same bytes
 unpickle to the same function, so they are unpickled once (keyed by a digest of the bytes:
@@ -10,10 +16,16 @@ call itself. The first slow call sends it back to the compute threads for good.
 """
 
 import collections
+import functools
 import hashlib
 import os
+import sys
+import types
+import weakref
 
-from .serialize import Serialized, payload_nbytes
+import cloudpickle
+
+from .serialize import Serialized, payload_nbytes, serialize
 from .store import load
 
 CACHED = 256  # distinct functions kept per worker
@@ -82,3 +94,108 @@ def _digest(serialized):
         for piece in payload if isinstance(payload, list) else [payload]:
             h.update(piece)
     return h.digest()
+
+
+# -- the caller's side -----------------------------------------------------------------------
+
+def wire_form(func) -> Serialized:
+    """``func`` serialized, from the cache while nothing it is pickled with has changed."""
+    if not callable(func):
+        raise TypeError(f"{func!r} is not callable")
+    # by name: nothing in it can change; its entry must not hold it (a weak key)
+    fingerprint = None if _sent_by_reference(func) else _fingerprint(func)
+    if fingerprint is not _CHANGEABLE:
+        try:
+            cached = _sent.get(func)
+        except TypeError:  # neither hashable nor weakly referable
+            cached = None
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+    try:
+        serialized = serialize(func)
+    except TypeError as e:
+        raise TypeError(f"cannot send function {getattr(func, '__qualname__', func)!r} to "
+                        f"the workers: {e}") from e
+    if fingerprint is not _CHANGEABLE:
+        try:
+            _sent[func] = (fingerprint, serialized)
+        except TypeError:
+            pass
+    return serialized
+
+
+_sent = weakref.WeakKeyDictionary()  # function -> (fingerprint, serialized)
+_CHANGEABLE = object()
+_SCALARS = frozenset([int, float, complex, str, bytes, bool, type(None), type(Ellipsis)])
+
+
+def _sent_by_reference(func):
+    """Whether pickling ``func`` names it (module + qualified name) rather than copying it."""
+    module, name = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    if not module or not name or module == "__main__" or "<" in name:
+        return False
+    if any(module == m or module.startswith(m + ".")
+           for m in cloudpickle.list_registry_pickle_by_value()):
+        return False
+    found = sys.modules.get(module)
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found is func
+
+
+def _fingerprint(func, seen=frozenset()):
+    """What the by-value pickle of a plain function depends on, as a tuple of objects that
+    compare by value (scalars, code) or identity (modules, functions sent by name); or
+    _CHANGEABLE where it depends on something that can change in place."""
+    if type(func) is not types.FunctionType or func.__dict__:
+        return _CHANGEABLE
+    seen = seen | {id(func)}
+    values = [_part(value, seen) for value in (
+        *(func.__globals__[name] for name in _names(func.__code__)
+          if name in func.__globals__),
+        *(func.__defaults__ or ()),
+        *(func.__kwdefaults__ or {}).values(),
+        *(_contents(cell) for cell in func.__closure__ or ()))]
+    if any(value is _CHANGEABLE for value in values):
+        return _CHANGEABLE
+    # the names beside the values: a global the code names that appears or goes counts
+    return (func.__code__, func.__qualname__, func.__module__,
+            tuple(func.__annotations__.items()),
+            tuple(name for name in _names(func.__code__) if name in func.__globals__),
+            tuple(func.__kwdefaults__ or ()), tuple(values))
+
+
+def _contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _part(value, seen):
+    """``value`` as part of a fingerprint, or _CHANGEABLE."""
+    kind = type(value)
+    if kind in _SCALARS or kind in (types.ModuleType, types.BuiltinFunctionType):
+        return value
+    if kind is tuple:
+        parts = tuple(_part(v, seen) for v in value)
+        return _CHANGEABLE if any(p is _CHANGEABLE for p in parts) else ("tuple", parts)
+    if kind is types.FunctionType:
+        if _sent_by_reference(value):
+            return value
+        if id(value) in seen:  # recursion: its code is in the fingerprint already
+            return ("self", value.__qualname__)
+        return _fingerprint(value, seen)
+    if isinstance(value, type) and _sent_by_reference(value):
+        return value
+    return _CHANGEABLE
+
+
+@functools.lru_cache(maxsize=1024)
+def _names(code):
+    """Every name a code object (and the code nested in it) looks up, in order."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_names(const))
+    return tuple(sorted(names))

@@ -12,24 +12,21 @@ import collections
 import concurrent.futures
 import itertools
 import logging
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-
-import cloudpickle
 
 from .addressing import address_tuple
 from .calls import Call
 from . import graphs
 from .client import Client
 from .core import RecentFailures
+from .functions import wire_form as _serialize_function
 from .errors import (CommClosedError, MissingDataError, RemoteExit, SpillError,
                      WorkerPausedError)
 from .progress import progress_bar
 from .references import RemoteData, wait_for
 from .scheduling import (PAUSED_RETRY_SECONDS, Deaths, Pace, Turns, choose_worker,
                          split_in_runs, take_batch)
-from .serialize import serialize
 
 logger = logging.getLogger(__name__)
 
@@ -567,52 +564,6 @@ def _depth(call):
 
 def _name(func):
     return getattr(func, "__qualname__", None) or repr(func)
-
-
-_BY_REFERENCE_CACHE = 256
-
-
-def _serialize_function(func):
-    """The function in wire form; kept for functions sent by name (nothing in them can change).
-
-    Lambdas, closures and functions of ``__main__`` travel by value, with the globals they
-    use as they are at this call, so those are serialized every time.
-    """
-    if not callable(func):
-        raise TypeError(f"{func!r} is not callable")
-    try:
-        cached = _by_reference.get(func)
-    except TypeError:  # unhashable callable
-        cached = None
-    if cached is not None:
-        return cached
-    try:
-        serialized = serialize(func)
-    except TypeError as e:
-        raise TypeError(f"cannot send function {getattr(func, '__qualname__', func)!r} to "
-                        f"the workers: {e}") from e
-    if _sent_by_reference(func):
-        if len(_by_reference) >= _BY_REFERENCE_CACHE:
-            _by_reference.clear()
-        _by_reference[func] = serialized
-    return serialized
-
-
-_by_reference = {}
-
-
-def _sent_by_reference(func):
-    """Whether pickling ``func`` names it (module + qualified name) rather than copying it."""
-    module, name = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
-    if not module or not name or module == "__main__" or "<" in name:
-        return False
-    if any(module == m or module.startswith(m + ".")
-           for m in cloudpickle.list_registry_pickle_by_value()):
-        return False
-    found = sys.modules.get(module)
-    for part in name.split("."):
-        found = getattr(found, part, None)
-    return found is func
 
 
 class AsyncResult:

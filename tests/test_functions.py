@@ -1,4 +1,5 @@
-"""Quick calls run on the worker's event loop (no thread hops); anything else does not."""
+"""Functions on the wire: pickled again only when what they are pickled with changed; quick
+calls run on the worker's event loop (no thread hops), anything else does not."""
 
 import asyncio
 import os
@@ -10,7 +11,7 @@ import cloudpickle
 import pytest
 
 from d3arrow import LocalCluster, Pool
-from d3arrow.functions import QUICK_AFTER
+from d3arrow.functions import QUICK_AFTER, wire_form
 
 pytestmark = pytest.mark.timeout(120)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
@@ -38,6 +39,23 @@ def with_asyncio(x):
         await asyncio.sleep(0)
         return 2 * x
     return asyncio.run(twice()), threading.current_thread().name
+
+
+FACTOR = 2
+OFFSETS = [1]
+
+
+def helper(x):
+    return x
+
+
+def scaled(x, extra=0):
+    """Pickled by value (this module is registered so): with the globals it names."""
+    return helper(x) * FACTOR + extra
+
+
+def shifted(x):
+    return x + OFFSETS[0]
 
 
 def exits(code):
@@ -106,3 +124,39 @@ def test_system_exit_in_a_call_on_the_loop_is_the_callers_error(one_worker):
         pool.apply(exits, [3]).get()
     assert pool.map(exits, [0, 0]) is not None  # the worker is still there
     assert pool.gather(pool.map(exits, [0, 0])) == ["MainThread"] * 2
+
+
+def test_a_script_function_is_pickled_again_only_when_what_it_uses_changed(one_worker):
+    global FACTOR, helper
+    _, pool = one_worker
+    assert pool.apply(scaled, [10]).get() == 20
+    FACTOR = 3  # a global it names, rebound
+    assert pool.apply(scaled, [10]).get() == 30
+    original = helper
+    try:
+        helper = lambda x: -x  # noqa: E731 (a function it calls, replaced)
+        assert pool.apply(scaled, [10]).get() == -30
+    finally:
+        helper = original
+    scaled.__defaults__ = (100,)
+    try:
+        assert pool.apply(scaled, [10]).get() == 130
+    finally:
+        scaled.__defaults__ = (0,)
+        FACTOR = 2
+    assert pool.apply(scaled, [10]).get() == 20
+    assert pool.apply(shifted, [10]).get() == 11
+    OFFSETS[0] = 5  # changed in place: a list is pickled at every call
+    try:
+        assert pool.apply(shifted, [10]).get() == 15
+    finally:
+        OFFSETS[0] = 1
+
+
+def test_an_unchanged_script_function_is_pickled_once():
+    def quick(x):
+        return helper(x) * FACTOR
+
+    assert wire_form(quick) is wire_form(quick)
+    assert wire_form(scaled) is wire_form(scaled)
+    assert wire_form(shifted) is not wire_form(shifted)  # names a list: pickled every time
