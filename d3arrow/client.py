@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,7 +34,8 @@ from .placement import Placement
 from .references import RemoteData, References, wait_for
 from .security import TOKEN_ENV, Security
 from .serialize import Serialized, serialize
-from .store import host_id, load
+from .store import (SharedDataGone, has_session, host_id, load, note_store_of, release_pin,
+                    session_token)
 from .transfer import get_data
 
 logger = logging.getLogger(__name__)
@@ -99,7 +101,9 @@ class Client:
             on_failure=self._failed)
         self.ncores = {}
         self.lineage = Lineage(self)
-        self._inline = {}  # key -> small result that came back with its compute
+        self._inline = {}  # key -> small result that came back with its compute (or a
+        # reference to a co-located worker's memory, pinned for us)
+        self._inline_lock = threading.Lock()
         self._tasks = Tasks()  # heartbeats, the watch on busy workers
         self._watching = None
         self._round_robin = itertools.count()
@@ -344,11 +348,13 @@ class Client:
         for item in items:
             if type(item) is not RemoteData or not item._state.done():
                 return None
-            held = self._inline.get(item.key, _NOT_INLINE)
-            if (held is _NOT_INLINE or item._state.cancelled()
+            if (item.key not in self._inline or item._state.cancelled()
                     or item._state.exception() is not None or item.key in self.refs.deleted):
                 return None
-            values.append(_rebuilt(held))
+            value = self._inline_value(item.key)
+            if value is _NOT_INLINE:
+                return None
+            values.append(value)
         return values
 
     def _key_of(self, item):
@@ -368,7 +374,9 @@ class Client:
             raise MissingDataError(deleted, reason="deleted (Client.delete / Pool.delete) "
                                                    "while this RemoteData still names it")
         # small results came back with their computation: rebuild them, fetch the rest
-        values = {key: self._inline_value(key) for key in keys if key in self._inline}
+        values = {key: self._inline_value(key, on_loop=True) for key in keys
+                  if key in self._inline}
+        values = {key: value for key, value in values.items() if value is not _NOT_INLINE}
         remote = set(keys) - values.keys()
 
         async def attempt():  # every copy of some lost: they are made again, see Lineage
@@ -482,7 +490,7 @@ class Client:
         for key in keys:
             for address in set(who_has.get(key, ())) | self.placement.drop(key):
                 holders[address].add(key)
-            self._inline.pop(key, None)
+            self._drop_inline(key)
         addresses = self.placement.reachable(holders)  # the unreachable took theirs along
         replies = await asyncio.gather(*(
             self._rpc(address).delete_data(keys=list(holders[address]))
@@ -505,6 +513,11 @@ class Client:
         needed = [list(call.needs) for call in calls]
         msg = {"op": "compute", "function": function, "keys": [call.key for call in calls],
                "args": serialize([call.args for call in calls])}
+        if self.host:  # results in a co-located store come back as references to view
+            msg["host"] = self.host
+            session = session_token(address)
+            if session is not None:  # pinned for us: viewing them costs no round trip
+                msg["session"] = session
         if any(call.kwargs for call in calls):
             msg["kwargs"] = serialize([call.kwargs for call in calls])
         if any(needed):
@@ -524,10 +537,14 @@ class Client:
         for call, result in zip(calls, reply["results"]):
             if result["status"] == "OK":
                 self.placement.placed(call.key, address, result["nbytes"])
+                self._drop_inline(call.key)  # made again: the old one goes
                 if "plain" in result:
                     self._inline[call.key] = result["plain"]
                 elif "value" in result:  # rebuilt when asked for: most are never read here
                     self._inline[call.key] = result["value"]
+                elif "ref" in result:  # the place in the worker's memory, to view
+                    self._inline[call.key] = result["ref"]
+                    note_store_of(address, result["ref"].meta["socket"])
                 outcomes.append(RemoteData(call.key, self, owned=True,
                                            recipe=self.lineage.recipe(function, call)))
             elif result["status"] == "missing-data":
@@ -538,12 +555,41 @@ class Client:
                 outcomes.append(rebuild_error(result))
         return outcomes, reply["seconds"]
 
-    def _inline_value(self, key):
-        """A small result that came back with its compute, rebuilt the first time."""
-        value = self._inline[key]
-        if type(value) is Serialized:
-            value = self._inline[key] = _rebuilt(value)
-        return value
+    def _inline_value(self, key, *, on_loop=False):
+        """A result that came back with its compute; _NOT_INLINE if there is none, or it
+        is a reference that cannot be viewed (then it is fetched as any other).
+
+        A small serialized array is rebuilt once and kept. A reference to a co-located
+        worker's memory gives a new view each time, as a fetch would: the first one takes
+        the pin the worker made for us, later ones pin for themselves. On the loop only a
+        pinned reference is viewed (pinning or opening a session blocks on the owner)."""
+        with self._inline_lock:  # one pin, one view: no two threads may take it
+            held = self._inline.get(key, _NOT_INLINE)
+            if type(held) is not Serialized:
+                return held
+            meta = held.meta
+            if meta.get("kind") != "shm":
+                value = self._inline[key] = _rebuilt(held)
+                return value
+            if on_loop and ("pin" not in meta or not has_session(meta["socket"])):
+                return _NOT_INLINE
+            try:
+                value = load(held)
+            except SharedDataGone:
+                del self._inline[key]
+                return _NOT_INLINE
+            if "pin" in meta:  # the view holds that pin now
+                self._inline[key] = Serialized(
+                    {k: v for k, v in meta.items() if k not in ("pin", "token")}, [])
+            return value
+
+    def _drop_inline(self, key):
+        """Forget what came back with ``key``'s compute; a reference never viewed is
+        unpinned (a view releases its pin when collected)."""
+        with self._inline_lock:
+            held = self._inline.pop(key, None)
+        if type(held) is Serialized and "pin" in held.meta:
+            release_pin(held.meta)
 
     # -- published values: beyond the life of their client ------------------------------------
 
@@ -629,7 +675,8 @@ _NOT_INLINE = object()
 
 
 def _rebuilt(inline):
-    """A small result as it came back with its compute: plain, or serialized (an array)."""
+    """A result as it came back with its compute: plain, serialized (a small array), or a
+    reference to a co-located worker's memory (then a view of it)."""
     return load(inline) if type(inline) is Serialized else inline
 
 

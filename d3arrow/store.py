@@ -404,6 +404,18 @@ def load(serialized, *, peer=None):
     return deserialize(Serialized(meta["inner"], [buffer]))
 
 
+def note_store_of(peer, socket_name):
+    """``peer``'s store is ``socket_name``: later requests to it name our session."""
+    _sessions.peer_stores[peer] = socket_name
+
+
+def release_pin(meta):
+    """Release the pin an owner made for us in a reference we will not view."""
+    session = _sessions._sessions.get(meta.get("socket"))
+    if session is not None and meta.get("token") == session.token and "pin" in meta:
+        session.release(meta["pin"])
+
+
 def _same_user(conn):
     """Whether the process at the other end of a Unix socket runs as our user (or root)."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

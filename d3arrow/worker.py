@@ -348,7 +348,8 @@ class Worker(Server):
         return {"nbytes": self.values.nbytes_of(keys),
                 "seconds": time.perf_counter() - start}
 
-    async def compute(self, *, function, keys, args, kwargs=None, needed=None, who_has=None):
+    async def compute(self, *, function, keys, args, kwargs=None, needed=None, who_has=None,
+                      host=None, session=None):
         """Run ``function`` once per key; store each result under its key.
 
         ``args`` (and ``kwargs``) is one serialized list with an entry per key, so a batch
@@ -356,7 +357,10 @@ class Worker(Server):
         keys listed for that call in ``needed``, which are fetched first (``who_has`` may
         say where they are). Each call gets a result entry: ``OK`` with the result's
         ``nbytes`` and ``type``, ``missing-data`` with the keys no live worker holds, or
-        ``error``. ``seconds`` is the time spent running the function.
+        ``error``. ``seconds`` is the time spent running the function. A caller on our
+        ``host`` gets each result held in our store as a reference (``ref``), pinned for it
+        if it names its session with the store (``session``): it views the value with no
+        request.
         """
         if self.memory.paused:  # over the pause mark: the caller places them elsewhere
             reply = {"status": "paused", "results": [], "seconds": 0.0}
@@ -411,6 +415,11 @@ class Worker(Server):
                     result["value"] = serialize(small)
                 elif small is not _NOT_SMALL:
                     result["plain"] = small
+                elif host is not None and self.store is not None and host == self.store.host:
+                    ref_meta = self.values.ref_meta(key)
+                    if ref_meta is not None and ref_meta.get("socket") == self.store.socket_name:
+                        result["ref"] = (self._pinned(ref_meta, session)
+                                         or Serialized(ref_meta, []))
                 results.append(result)
         self.counters.add("tasks", len(outcomes) - failed)
         self.counters.add("tasks_failed", failed)

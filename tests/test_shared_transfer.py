@@ -93,6 +93,53 @@ def test_client_on_the_same_host_reads_workers_memory_in_place(shm_cluster):
         assert info[a]["used"] >= 16_000_000 and info[b]["used"] == 0  # one copy, not two
 
 
+def test_a_result_comes_back_with_its_place_in_a_co_located_store(shm_cluster):
+    """No request to read it: the worker pinned it for us while replying."""
+    a, _ = shm_cluster.worker_addresses
+    pid = shm_cluster.worker_processes[0].pid
+    with Pool(shm_cluster.center_address) as pool:
+        opener = pool.apply(np.ones, [100_000], workers=[a])
+        opener.get()  # our session with a's store: later results come pinned
+        pins = pool.store_info()[a]["pins"]
+        made = pool.apply(lambda n: np.arange(n, dtype="f8"), [1_000_000], workers=[a])
+        assert pool.store_info()[a]["pins"] == pins + 1  # before we asked for it
+        os.kill(pid, signal.SIGSTOP)  # a frozen worker answers no request
+        try:
+            value = made.get()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        expected = np.arange(1_000_000, dtype="f8")
+        np.testing.assert_array_equal(value, expected)
+        assert mapping_of(value.ctypes.data).startswith("/memfd:d3arrow-store")
+        again = made.get()  # a view of its own, pinned for itself
+        assert again is not value and again.ctypes.data == value.ctypes.data
+        assert pool.store_info()[a]["pins"] == pins + 2
+        del value
+        gc.collect()
+        np.testing.assert_array_equal(again, expected)  # one view's end frees no other's
+        del again
+        pool.delete([made])
+        gc.collect()
+        assert wait_until(lambda: pool.store_info()[a]["pins"] == pins)
+
+
+def test_a_reference_nobody_read_is_unpinned_when_its_value_goes(shm_cluster):
+    a, _ = shm_cluster.worker_addresses
+    with Pool(shm_cluster.center_address) as pool:
+        opener = pool.apply(np.ones, [100_000], workers=[a])
+        opener.get()
+        gc.collect()
+        pins, used = (pool.store_info()[a][k] for k in ("pins", "used"))
+        unread = pool.map(np.zeros, [1_000_000] * 3, workers=[a])
+        deleted = unread.pop()
+        assert pool.store_info()[a]["pins"] == pins + 3
+        pool.delete([deleted])  # deleted by name
+        del unread  # forgotten: garbage collected
+        gc.collect()
+        assert wait_until(lambda: pool.store_info()[a]["pins"] == pins)
+        assert wait_until(lambda: pool.store_info()[a]["used"] == used)
+
+
 def test_map_over_many_small_arrays_with_the_store(shm_cluster):
     with Pool(shm_cluster.center_address) as pool:
         inputs = pool.scatter([np.full(10, i) for i in range(500)])
