@@ -12,6 +12,7 @@ from .references import RemoteData
 from .task import KeyRef, find_leaves, map_leaves
 
 REFERENCES = (RemoteData, KeyRef)  # how arguments name values held by the workers
+_CONTAINERS = frozenset([list, tuple, set, frozenset, dict])  # where references may nest
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,12 @@ class Call:
     @classmethod
     def of(cls, key: str, args: Any = (), kwargs: dict | None = None) -> "Call":
         args = tuple(args)
+        if not kwargs and not any(type(a) in _CONTAINERS for a in args):  # flat: a map's
+            refs = [a for a in args if isinstance(a, REFERENCES)]
+            if refs:
+                args = tuple(KeyRef(a.key) if isinstance(a, RemoteData) else a for a in args)
+            return cls(key, args, None, tuple(dict.fromkeys(r.key for r in refs)),
+                       tuple(r for r in refs if isinstance(r, RemoteData)))
         refs = find_leaves((args, kwargs), REFERENCES)
         if refs:
             to_keyref = lambda ref: KeyRef(ref.key)  # noqa: E731

@@ -523,9 +523,10 @@ class Client:
         if any(needed):
             hints = {}
             for key in {k for ks in needed for k in ks}:
-                holders = self.placement.holders(key)
-                if holders and address not in holders:
-                    hints[key] = holders
+                if not self.placement.holds(address, key):
+                    holders = self.placement.holders(key)
+                    if holders:
+                        hints[key] = holders
             msg.update(needed=needed, who_has=hints)
         if self._watching is None or self._watching.done():
             self._watching = self._tasks.spawn(self._watch_workers(), "watching busy workers")

@@ -47,6 +47,10 @@ class Placement:
         """Reachable holders of ``key``, as far as we know."""
         return self.reachable(self._where.get(key, ()))
 
+    def holds(self, address: str, key: str) -> bool:
+        """Whether we believe ``address`` holds ``key``."""
+        return address in self._where.get(key, ())
+
     def nbytes(self, key: str) -> int | None:
         return self._nbytes.get(key)
 

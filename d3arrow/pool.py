@@ -407,7 +407,7 @@ class Pool:
             await client.refresh_workers()
         outcomes = _Outcomes(len(calls), on_outcome)
         for i, call in enumerate(calls):  # pending inputs (from submit) must exist first
-            if call.inputs:
+            if call.inputs and not all(r.done() and r.failure() is None for r in call.inputs):
                 failure = await wait_for(call.inputs)
                 if failure is not None:
                     outcomes.arrived(i, failure)
@@ -465,12 +465,17 @@ class Pool:
         """The worker holding the most input bytes (the least loaded among equals: its
         queue here and the calls other runs have in hand there); else the one the call
         prefers, if it is live; else None: nothing ties the call anywhere."""
+        ncores, running = self.client.ncores, self._running
+        load = lambda a: (len(queues[a]) + running[a] + 1) / ncores.get(a, 1)  # noqa: E731
+        if len(call.needs) == 1:  # one input (a map's): where it is, no sizes to weigh
+            holders = [a for a in self.client.placement.holders(call.needs[0]) if a in queues]
+            if holders:
+                return holders[0] if len(holders) == 1 else min(holders, key=load)
+            return call.prefer if call.prefer in queues else None
         held = self.client.placement.held_bytes(call.needs)
         if not held:
             return call.prefer if call.prefer in queues else None
-        ncores, running = self.client.ncores, self._running
-        return choose_worker(held, list(queues),
-                             lambda a: (len(queues[a]) + running[a] + 1) / ncores.get(a, 1))
+        return choose_worker(held, list(queues), load)
 
     async def _slot(self, address, function, calls, queues, outcomes, pace, deaths,
                     priority):
