@@ -13,7 +13,7 @@ too, docs/benchmarks.md quotes them.
   ``ray.get`` of a task's result); again: the same value a second time.
 - apply: one call with its value back: ``pool.apply(f, [i]).get()``; Ray
   ``ray.get(f.remote(i))``; multiprocessing ``pool.apply(f, (i,))``.
-- task input: a task on worker B whose 256 MiB input a task made on worker A, until its
+- task input: a task on worker B whose 256 MiB input a task made on worker A (100 times), until its
   RemoteData is back (Ray: a task on the ref of another task's result, with its value).
 - tiny map: ``map`` of the script's ``inc`` over 10,000 integers; d3arrow also over 10,000
   values held remotely (the results of the first map), and the same with a function sent by
@@ -39,9 +39,11 @@ import numpy as np
 
 MiB = 2**20
 SYSTEMS = ["d3arrow", "ray", "multiprocessing", "dask"]
-FULL = {"big": 256 * MiB, "calls": 300, "repeat": 10, "tiny": 10_000, "tiny_repeat": 3,
+FULL = {"big": 256 * MiB, "calls": 300, "repeat": 10, "task_repeat": 100, "tiny": 10_000,
+        "tiny_repeat": 3,
         "pipeline": {"arrays": 32, "nbytes": 32 * MiB, "runs": 5}}
-QUICK = {"big": 32 * MiB, "calls": 50, "repeat": 3, "tiny": 1_000, "tiny_repeat": 1,
+QUICK = {"big": 32 * MiB, "calls": 50, "repeat": 3, "task_repeat": 3, "tiny": 1_000,
+         "tiny_repeat": 1,
          "pipeline": {"arrays": 4, "nbytes": 4 * MiB, "runs": 2}}
 
 
@@ -178,7 +180,7 @@ def run_d3arrow(config):
             client.sync(client._rpc(b).delete_data, keys=[big.key])
             return seconds
 
-        _ms(figures, "task_input", _timed_each(task_on_b, config["repeat"]))
+        _ms(figures, "task_input", _timed_each(task_on_b, config["task_repeat"]))
         pool.delete([big])
         n = config["tiny"]
         pool.map(inc, range(1000))
@@ -237,7 +239,7 @@ def run_ray(config):
         big = make_remote.remote(config["big"], 0)
         ray.wait([big])
         _ms(figures, "task_input", _timed(lambda i: ray.get(length_remote.remote(big)),
-                                          config["repeat"]))
+                                          config["task_repeat"]))
         n = config["tiny"]
         ray.get([inc_main.remote(i) for i in range(1000)])
         seconds = _pipeline_runs(lambda: ray.get([inc_main.remote(i) for i in range(n)]),
