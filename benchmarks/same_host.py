@@ -13,8 +13,9 @@ too, docs/benchmarks.md quotes them.
   ``ray.get`` of a task's result); again: the same value a second time.
 - apply: one call with its value back: ``pool.apply(f, [i]).get()``; Ray
   ``ray.get(f.remote(i))``; multiprocessing ``pool.apply(f, (i,))``.
-- task input: a task on worker B whose 256 MiB input a task made on worker A (100 times), until its
-  RemoteData is back (Ray: a task on the ref of another task's result, with its value).
+- task input: a task on worker B whose 256 MiB input a task made on worker A, until its
+  RemoteData is back (Ray: a task on the ref of another task's result, with its value);
+  the median of 100 calls.
 - tiny map: ``map`` of the script's ``inc`` over 10,000 integers; d3arrow also over 10,000
   values held remotely (the results of the first map), and the same with a function sent by
   name.
