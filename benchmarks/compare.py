@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from .same_host import fmt as _fmt
+
 MiB = 2**20
 
 # "pairs": how many (socket, d3arrow) pairs the two targets stated against the socket take
@@ -232,12 +234,6 @@ def print_table(results, config):
     print("\ntargets:")
     for t in results["targets"]:
         print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']}")
-
-
-def _fmt(value):
-    if value is None:
-        return "-"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
 
 
 def main(argv=None):

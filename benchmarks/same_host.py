@@ -396,7 +396,7 @@ def print_table(systems, print=print):
         for other in values[1:]:
             ratios.append(f"{(d3 / other if higher else other / d3):.2f}x"
                           if d3 and other else "")
-        table.append([label, unit] + [_fmt(v) for v in values] + ratios)
+        table.append([label, unit] + [fmt(v) for v in values] + ratios)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
         print(" | ".join(c.ljust(w) if j == 0 else c.rjust(w)
@@ -416,7 +416,8 @@ def print_table(systems, print=print):
           "throughput ratio)")
 
 
-def _fmt(value):
+def fmt(value):
+    """A figure for a table: thousands with separators, smaller ones with two decimals."""
     if value is None:
         return "-"
     return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
