@@ -198,8 +198,10 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         if self._handshake is not None:  # exactly the handshake's bytes, nothing beyond
             buffer, filled, _ = self._handshake
             return memoryview(buffer)[filled:]
-        if self.ready.done() and self.ready.exception() is not None:
-            return bytearray(SCRATCH_AFTER_REFUSAL)  # turned away: read and drop
+        if (self.ready.done() and self.ready.exception() is not None) or self._reader is None:
+            # turned away, or lost (the loop may read once more after connection_lost):
+            # read and drop
+            return bytearray(SCRATCH_AFTER_REFUSAL)
         return self._reader.get_buffer()
 
     def buffer_updated(self, nbytes):
@@ -211,7 +213,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
             if filled == len(buffer):
                 step(buffer)
             return
-        if not self.ready.done() or self.ready.exception() is not None:
+        if not self.ready.done() or self.ready.exception() is not None or self._reader is None:
             return
         try:
             messages = self._reader.buffer_updated(nbytes)
