@@ -23,16 +23,17 @@ HEARTBEAT_TIMEOUT = 10.0
 class Center(Server):
     """Metadata server.
 
-    State
+    State (a million keys take ~200 bytes each: one holder is kept as its address alone,
+    a key's size with its holder, and an owner's keys are counted, not listed)
     -----
-    _who_has : {key: {address}}
-    _has_what : {address: {key}}
+    _who_has : {key: address, or {address} when several hold it}
+    _has_what : {address: {key: nbytes, or -1 when not told}}
     _ncores : {address: int}
     _names : {address: str}
-    _nbytes : {key: int}
     _last_seen : {address: float}, ``time.monotonic()`` of the last message from the worker
     _clients : {owner: float}, clients alive and when they were last heard of
-    _owned : {owner: {key}}, keys held by workers, by the client that made them
+    _owned : {owner: int}, how many keys workers hold of each client's
+    _released : owners whose values the workers were told to free (not told twice)
     _orphaned : {owner: float}, since when an owner holding keys has had no live client
     _published : {name: key}, values kept beyond the life of their client
     _to_release : {address: {key}}, orphans each worker hears of with its next heartbeat
@@ -54,10 +55,11 @@ class Center(Server):
         self._has_what = {}
         self._ncores = {}
         self._names = {}
-        self._nbytes = {}
         self._last_seen = {}
         self._clients = {}
         self._owned = {}
+        self._released = set()
+        self._addresses = {}  # address -> the one copy of its string the tables share
         self._orphaned = {}
         self._published = {}
         self._to_release = {}
@@ -153,54 +155,72 @@ class Center(Server):
                             owner, self.heartbeat_timeout)
                 del self._clients[owner]
                 self._orphaned[owner] = deadline  # its silence already counts
-        for owner in self._owned.keys() - self._clients.keys() - self._orphaned.keys():
+        for owner in (self._owned.keys() - self._clients.keys() - self._orphaned.keys()
+                      - self._released):
             self._orphaned[owner] = now  # keys of a client we never knew (say, we restarted)
         for owner, since in list(self._orphaned.items()):
             if since < deadline:
                 self._release_owner(owner)
 
     def _release_owner(self, owner):
-        """Have the workers free the values of an owner whose client is gone.
+        """Have the workers free the values of an owner whose client is gone (once: they
+        tell us as they do). Published values stay (and are freed when unpublished).
 
-        Published values stay (and are freed when unpublished).
+        The owner's keys are found by their prefix: one pass over the keys per client that
+        went without freeing its values, instead of a set of keys per client kept always.
         """
         self._orphaned.pop(owner, None)
-        owned = self._owned.pop(owner, set())
-        kept = owned.intersection(self._published.values())
-        if kept:
-            self._owned[owner] = kept
-        freed = owned - kept
+        if not self._owned.get(owner):
+            self._owned.pop(owner, None)
+            return
+        self._released.add(owner)
+        kept = set(self._published.values())
+        freed = [key for key in self._who_has
+                 if key.startswith(owner) and owner_of(key) == owner and key not in kept]
         for key in freed:
-            for address in self._who_has.get(key, ()):
+            for address in self._holders(key):
                 self._to_release.setdefault(address, set()).add(key)
         if freed:
             logger.info("freeing %d values of client %s, which is gone", len(freed), owner)
 
     def _remove_worker(self, address):
         self._to_release.pop(address, None)
-        self._discard(address, list(self._has_what.pop(address, ())))
+        self._discard(address, list(self._has_what.pop(address, {})))
         self._ncores.pop(address, None)
+        self._addresses.pop(address, None)
         self._names.pop(address, None)
         self._last_seen.pop(address, None)
         self._metrics.pop(address, None)
         self._rates.forget(address)
 
     def _discard(self, address, keys):
-        held = self._has_what.get(address, set())
+        held = self._has_what.get(address, {})
         for key in keys:
-            held.discard(key)
+            held.pop(key, None)
             holders = self._who_has.get(key)
-            if holders is not None:
+            if holders is None:
+                continue
+            if type(holders) is str:
+                if holders != address:
+                    continue
+            else:
                 holders.discard(address)
-                if not holders:
-                    del self._who_has[key]
-                    self._nbytes.pop(key, None)
-                    owner = owner_of(key)
-                    owned = self._owned.get(owner)
-                    if owned is not None:
-                        owned.discard(key)
-                        if not owned:
-                            del self._owned[owner]
+                if holders:
+                    if len(holders) == 1:
+                        (self._who_has[key],) = holders
+                    continue
+            del self._who_has[key]  # no holder left
+            owner = owner_of(key)
+            if owner is not None and owner in self._owned:
+                self._owned[owner] -= 1
+                if not self._owned[owner]:
+                    del self._owned[owner]
+                    self._released.discard(owner)
+
+    def _holders(self, key):
+        """The addresses holding ``key``, as a tuple or a set."""
+        holders = self._who_has.get(key, ())
+        return (holders,) if type(holders) is str else holders
 
     def _touch(self, address):
         if address not in self._ncores:
@@ -219,8 +239,9 @@ class Center(Server):
         if address in self._ncores:
             self._remove_worker(address)  # a restarted worker on the same address
         self._ncores[address] = int(ncores)
+        self._addresses[address] = address
         self._names[address] = name or address
-        self._has_what[address] = set()
+        self._has_what[address] = {}
         self._touch(address)
         self.add_keys(address=address, keys=keys, nbytes=nbytes)
         logger.info("registered worker %s with %d cores", address, ncores)
@@ -249,14 +270,22 @@ class Center(Server):
         if not self._touch(address):
             return {"status": "unknown-worker"}
         held = self._has_what[address]
+        address = self._addresses[address]  # one string per worker, however many keys
+        who_has, owned = self._who_has, self._owned
+        sizes = nbytes or {}
         for key in keys:
-            held.add(key)
-            self._who_has.setdefault(key, set()).add(address)
-            owner = owner_of(key)
-            if owner is not None:
-                self._owned.setdefault(owner, set()).add(key)
-        if nbytes:
-            self._nbytes.update(nbytes)
+            held[key] = sizes.get(key, -1)
+            holders = who_has.get(key)
+            if holders is None:
+                who_has[key] = address
+                owner = owner_of(key)
+                if owner is not None:
+                    owned[owner] = owned.get(owner, 0) + 1
+            elif type(holders) is str:
+                if holders != address:
+                    who_has[key] = {holders, address}
+            else:
+                holders.add(address)
         return {"status": "OK"}
 
     def remove_keys(self, *, address, keys):
@@ -267,15 +296,17 @@ class Center(Server):
 
     def who_has(self, *, keys=None):
         if keys is None:
-            return {"who_has": self._who_has}
-        _check_keys(keys)
-        return {"who_has": {key: self._who_has.get(key, ()) for key in keys}}
+            keys = self._who_has
+        else:
+            _check_keys(keys)
+        return {"who_has": {key: list(self._holders(key)) for key in keys}}
 
     def has_what(self, *, workers=None):
         if workers is None:
-            return {"has_what": self._has_what}
-        _check_keys(workers)
-        return {"has_what": {w: self._has_what.get(w, ()) for w in workers}}
+            workers = self._has_what
+        else:
+            _check_keys(workers)
+        return {"has_what": {w: list(self._has_what.get(w, ())) for w in workers}}
 
     def ncores(self, *, workers=None):
         if workers is None:
@@ -285,9 +316,17 @@ class Center(Server):
 
     def nbytes(self, *, keys=None):
         if keys is None:
-            return {"nbytes": self._nbytes}
-        _check_keys(keys)
-        return {"nbytes": {k: self._nbytes[k] for k in keys if k in self._nbytes}}
+            keys = self._who_has
+        else:
+            _check_keys(keys)
+        sizes = {}
+        for key in keys:
+            for address in self._holders(key):
+                size = self._has_what[address].get(key, -1)
+                if size >= 0:
+                    sizes[key] = size
+                    break
+        return {"nbytes": sizes}
 
     # -- clients -----------------------------------------------------------------------------
 
@@ -297,6 +336,7 @@ class Center(Server):
             logger.info("client %s connected", client)
         self._clients[client] = time.monotonic()
         self._orphaned.pop(client, None)
+        self._released.discard(client)  # back: its values are its own again
         return {"heartbeat_interval": self.heartbeat_interval}
 
     def client_heartbeat(self, *, client):
@@ -329,8 +369,8 @@ class Center(Server):
             return {"status": "unknown-name"}
         owner = owner_of(key)
         if owner is not None and owner not in self._clients:  # nobody else will free it
-            self._owned.setdefault(owner, set()).add(key)
-            self._release_owner(owner)
+            for address in self._holders(key):
+                self._to_release.setdefault(address, set()).add(key)
         return {"key": key}
 
     def published(self, *, name=None):

@@ -28,6 +28,13 @@ async def test_add_remove_who_has_has_what(center, workers, pool):
     who_has = (await rpc.who_has(keys=["x", "y"]))["who_has"]
     assert who_has == {"x": [b], "y": []}
     assert (await rpc.nbytes(keys=["y"]))["nbytes"] == {}
+    assert (await rpc.who_has())["who_has"] == {"x": [b]}  # the whole table, as lists
+    assert (await rpc.has_what())["has_what"] == {a: [], b: ["x"]}
+    await rpc.add_keys(address=a, keys=["x"], nbytes={"x": 8})  # held twice again
+    assert (await rpc.nbytes())["nbytes"] == {"x": 8}
+    await rpc.remove_keys(address=b, keys=["x"])
+    await rpc.remove_keys(address=a, keys=["x"])
+    assert (await rpc.who_has())["who_has"] == {} and (await rpc.nbytes())["nbytes"] == {}
 
 
 @gen_cluster(n_workers=1)
