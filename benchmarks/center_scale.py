@@ -76,7 +76,7 @@ def drive(center, token, addresses, ready, stop):
                 reply = await rpc.heartbeat(address=address, metrics=METRICS)
                 if reply.get("status") == "unknown-worker":
                     await rpc.register(address=address, ncores=1)
-                await asyncio.sleep(interval)
+                await asyncio.sleep(reply.get("heartbeat_interval", interval))
 
         beats = [asyncio.ensure_future(beat(a)) for a in addresses]
         while not stop.is_set():

@@ -18,6 +18,7 @@ from .security import NO_SECURITY
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_TIMEOUT = 10.0
+HEARTBEATS_PER_SECOND = 200  # at most, however many workers: their interval grows beyond it
 
 
 class Center(Server):
@@ -43,13 +44,17 @@ class Center(Server):
     publish, unpublish, published.
 
     A worker that sends nothing for ``heartbeat_timeout`` seconds is dropped with its keys.
+    Beyond ``heartbeats_per_second * heartbeat_interval`` workers, their interval grows
+    with their number (each heartbeat's reply says it), and the timeout with it, as dask's
+    do: the center answers at most ``heartbeats_per_second`` heartbeats a second.
     Values belong to the client that made them (see :mod:`d3arrow.keys`): once a client has
     been silent for ``heartbeat_timeout`` (killed, or gone without closing), the workers
     free its values, published ones excepted.
     """
 
     def __init__(self, *, heartbeat_interval=HEARTBEAT_INTERVAL,
-                 heartbeat_timeout=HEARTBEAT_TIMEOUT, security=NO_SECURITY):
+                 heartbeat_timeout=HEARTBEAT_TIMEOUT, security=NO_SECURITY,
+                 heartbeats_per_second=HEARTBEATS_PER_SECOND):
         super().__init__(security=security)
         self._who_has = {}
         self._has_what = {}
@@ -69,6 +74,7 @@ class Center(Server):
         self.started = time.time()
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeats_per_second = heartbeats_per_second
         self._tasks = Tasks()
         self.handlers = {
             "register": self.register,
@@ -138,14 +144,25 @@ class Center(Server):
                 self._last_seen = {a: seen + lag for a, seen in self._last_seen.items()}
                 self._clients = {c: seen + lag for c, seen in self._clients.items()}
                 self._orphaned = {c: since + lag for c, since in self._orphaned.items()}
-            deadline = now - self.heartbeat_timeout
-            self._check_clients(now, deadline)
+            self._check_clients(now, now - self.heartbeat_timeout)
+            timeout = self.worker_timeout
+            deadline = now - timeout
             for address, seen in list(self._last_seen.items()):
                 if seen < deadline:
                     logger.warning("worker %s sent no heartbeat for %.1f s: dropping it and "
-                                   "its %d keys", address, self.heartbeat_timeout,
+                                   "its %d keys", address, timeout,
                                    len(self._has_what.get(address, ())))
                     self._remove_worker(address)
+
+    @property
+    def worker_interval(self):
+        """Seconds between a worker's heartbeats: longer once there are many workers."""
+        return max(self.heartbeat_interval, len(self._ncores) / self.heartbeats_per_second)
+
+    @property
+    def worker_timeout(self):
+        """A worker's silence before it is dropped: as many intervals as configured."""
+        return self.heartbeat_timeout * self.worker_interval / self.heartbeat_interval
 
     def _check_clients(self, now, deadline):
         """Forget silent clients; free the values of owners without a client for too long."""
@@ -245,7 +262,7 @@ class Center(Server):
         self._touch(address)
         self.add_keys(address=address, keys=keys, nbytes=nbytes)
         logger.info("registered worker %s with %d cores", address, ncores)
-        return {"heartbeat_interval": self.heartbeat_interval}
+        return {"heartbeat_interval": self.worker_interval}
 
     def unregister(self, *, address):
         known = address in self._ncores
@@ -263,7 +280,10 @@ class Center(Server):
             self._metrics[address] = metrics
             self._rates.update(address, metrics["counters"])
         release = self._to_release.pop(address, None)
-        return {"release": sorted(release)} if release else {}
+        reply = {"heartbeat_interval": self.worker_interval}
+        if release:
+            reply["release"] = sorted(release)
+        return reply
 
     def add_keys(self, *, address, keys, nbytes=None):
         _check_keys(keys, nbytes)

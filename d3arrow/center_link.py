@@ -100,6 +100,8 @@ class CenterLink:
             try:
                 reply = await self.rpc.heartbeat(address=self.address,
                                                  metrics=self._metrics())
+                self.heartbeat_interval = reply.get("heartbeat_interval",
+                                                    self.heartbeat_interval)
                 if reply["status"] == "unknown-worker":
                     self.register_again()
                 elif reply.get("release"):  # values of clients that are gone

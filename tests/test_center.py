@@ -71,3 +71,18 @@ async def test_forgotten_worker_registers_again_with_its_keys(center, workers, p
         if (await rpc.who_has(keys=["kept"]))["who_has"]["kept"]:
             break
     assert (await rpc.who_has(keys=["kept"]))["who_has"] == {"kept": [worker.address]}
+
+
+@gen_cluster(n_workers=2, heartbeat_interval=0.05, heartbeat_timeout=0.3,
+             heartbeats_per_second=4)
+async def test_heartbeats_slow_down_as_the_cluster_grows(center, workers, pool):
+    # 2 workers, at most 4 heartbeats a second: each beats every 0.5 s, and is dropped
+    # after 3 s of silence (the configured 6 intervals), not after 0.3 s
+    assert center.worker_interval == 0.5 and abs(center.worker_timeout - 3.0) < 1e-9
+    await asyncio.sleep(0.6)  # every worker heard the new interval with a heartbeat
+    assert [w.link.heartbeat_interval for w in workers] == [0.5, 0.5]
+    before = center.requests["heartbeat"]
+    await asyncio.sleep(2.0)
+    assert 4 <= center.requests["heartbeat"] - before <= 10  # ~8, not ~80
+    ncores = (await pool.rpc(center.address).ncores())["ncores"]
+    assert sorted(ncores) == sorted(w.address for w in workers)  # none dropped

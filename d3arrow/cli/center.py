@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from ..center import HEARTBEAT_TIMEOUT, Center
+from ..center import HEARTBEAT_TIMEOUT, HEARTBEATS_PER_SECOND, Center
 from ..core import HEARTBEAT_INTERVAL
 from ..eventloop import run
 from .serving import (add_common_arguments, configure_logging, security_from_args,
@@ -19,6 +19,10 @@ def main(argv=None):
                         help="seconds between worker heartbeats (default %(default)s)")
     parser.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
                         help="drop a worker silent this many seconds (default %(default)s)")
+    parser.add_argument("--heartbeats-per-second", type=float, default=HEARTBEATS_PER_SECOND,
+                        help="at most this many worker heartbeats a second: beyond, workers "
+                             "beat less often and the timeout grows with their interval "
+                             "(default %(default)s)")
     parser.add_argument("--http-port", type=int, default=0,
                         help="serve the status page, /status.json, /metrics (Prometheus) and "
                              "/health on this port of --host: 0 for none (default), -1 for "
@@ -31,7 +35,8 @@ def main(argv=None):
 
 async def _serve(args, security):
     center = Center(heartbeat_interval=args.heartbeat_interval,
-                    heartbeat_timeout=args.heartbeat_timeout, security=security)
+                    heartbeat_timeout=args.heartbeat_timeout, security=security,
+                    heartbeats_per_second=args.heartbeats_per_second)
     try:
         await center.start(args.host, args.port, http_port=(
             None if args.http_port == 0 else max(args.http_port, 0)))
