@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from .comm import connect
 from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Tasks
 from .errors import CommClosedError
+from .metadata import center_rpc, close_center_rpc, is_redis
 from .security import NO_SECURITY, Security
 from .values import Values
 
@@ -62,7 +63,7 @@ class CenterLink:
 
     @property
     def rpc(self):
-        return self.pool.rpc(self.center, timeout=DEFAULT_TIMEOUT)
+        return center_rpc(self.pool, self.center, timeout=DEFAULT_TIMEOUT)
 
     async def start(self, address: str, **identity) -> None:
         """Register as ``address`` (with ``ncores``, ``name``) and start heartbeating."""
@@ -80,6 +81,7 @@ class CenterLink:
                 await asyncio.wait_for(self.rpc.unregister(address=self.address), 2)
             except (OSError, TimeoutError, CommClosedError) as e:
                 logger.info("could not unregister from center %s: %s", self.center, e)
+        await close_center_rpc(self.center)
 
     async def _register(self) -> None:
         keys = list(self.values)
@@ -124,6 +126,9 @@ class CenterLink:
         msg = {"op": op, "address": self.address, "keys": keys}
         if op == "add_keys":
             msg["nbytes"] = self.values.nbytes_of(keys)
+        if is_redis(self.center):  # applied in call order, each before the next is sent
+            await self._tell_redis(msg)
+            return
         try:
             comm = self._updates_comm
             if comm is None or comm.closed:
@@ -140,6 +145,16 @@ class CenterLink:
             except TimeoutError:
                 logger.warning("center %s did not apply an update within %s s", self.center,
                                DEFAULT_TIMEOUT)
+
+    async def _tell_redis(self, msg):
+        op = msg.pop("op")
+        try:
+            reply = await getattr(self.rpc, op)(**msg)
+        except (OSError, TimeoutError, CommClosedError) as e:
+            logger.warning("could not tell %s of %d keys: %s", self.center, len(msg["keys"]), e)
+            return
+        if reply.get("status") == "unknown-worker":
+            self.register_again()  # Redis lost us (restarted): it gets every key we hold
 
     async def _open_updates_link(self):
         async with self._updates_lock:

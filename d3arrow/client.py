@@ -30,6 +30,7 @@ from .errors import (CommClosedError, KilledWorkerError, MissingDataError, NotAC
 from .eventloop import LoopThread
 from .keys import KeyMaker, new_owner
 from .lineage import Lineage
+from .metadata import center_address, center_rpc, close_center_rpc
 from .placement import Placement
 from .references import RemoteData, References, wait_for
 from .security import TOKEN_ENV, Security
@@ -80,7 +81,7 @@ class Client:
             address = self.cluster.center_address
         elif cluster_kwargs:
             raise TypeError(f"unexpected arguments {sorted(cluster_kwargs)} with an address")
-        self.center = normalize_address(address)
+        self.center = center_address(address)  # 'host:port', or a Redis URL
         if auth_token is None and not os.environ.get(TOKEN_ENV):
             auth_token = token_for(self.center)  # a private LocalCluster of this process
         security = Security.from_options(auth_token or None, tls_cert, tls_key, tls_ca)
@@ -148,7 +149,8 @@ class Client:
             self.placement.failed(address)
 
     def _rpc(self, address):
-        return self.pool.rpc(address, timeout=self.timeout)
+        """Ops of a worker, or of the center (a d3arrow center or Redis: see metadata)."""
+        return center_rpc(self.pool, address, timeout=self.timeout)
 
     async def _check_center(self):
         """Fail at once, naming what answered, when the address is not a d3arrow center."""
@@ -647,6 +649,7 @@ class Client:
 
     async def _close_connections(self):
         self.pool.close()
+        await close_center_rpc(self.center)
 
     async def _close(self):
         to_free = await self.refs.close()
@@ -661,6 +664,7 @@ class Client:
                                 self.center, e)
         finally:
             self.pool.close()
+            await close_center_rpc(self.center)
 
     def __enter__(self):
         return self

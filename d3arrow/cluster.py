@@ -17,6 +17,7 @@ import time
 import weakref
 
 from .memory import parse_memory_limit
+from .redis_center import configure, is_redis
 from .security import TOKEN_ENV, Security
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,15 @@ class LocalCluster:
     dashboard : bool
         Serve the center's status page, ``/status.json``, ``/metrics`` and ``/health`` on a
         free port of ``host`` (default True; see :attr:`dashboard_address`).
+    metadata : str, optional
+        ``'redis://host:port/db'``: keep the metadata in that Redis server instead of
+        starting a center (no status page then); ``heartbeat_interval`` and
+        ``heartbeat_timeout`` are stored there for every worker and client using it.
 
     Attributes
     ----------
     center_address : str
-        ``'host:port'`` of the center.
+        ``'host:port'`` of the center (the Redis URL with ``metadata``).
     dashboard_address : str or None
         ``'http://host:port/'`` of the center's status page (add ``?token=`` and the
         cluster's token when it has one).
@@ -87,7 +92,7 @@ class LocalCluster:
                  heartbeat_timeout=None, shm=True, shm_size=None, log_level="WARNING",
                  startup_timeout=STARTUP_TIMEOUT, auth_token=None, tls_cert=None,
                  tls_key=None, tls_ca=None, memory_limit=None, local_directory=None,
-                 dashboard=True):
+                 dashboard=True, metadata=None):
         if auth_token is None:
             auth_token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
         self.auth_token = auth_token or None
@@ -115,17 +120,13 @@ class LocalCluster:
         self._finalizer = weakref.finalize(self, _stop_processes, self.processes)
         deadline = time.monotonic() + startup_timeout
         try:
-            center_args = ["--port", "0"] + (["--http-port", "-1"] if dashboard else [])
-            if heartbeat_interval is not None:
-                center_args += ["--heartbeat-interval", str(heartbeat_interval)]
-            if heartbeat_timeout is not None:
-                center_args += ["--heartbeat-timeout", str(heartbeat_timeout)]
-            self.center_process = self._spawn("center", center_args)
-            if dashboard:
-                self.dashboard_address = _read_address(self.center_process, "Status page at ",
-                                                       deadline)
-            self.center_address = _read_address(self.center_process, "Started center at ",
-                                                deadline)
+            if metadata is not None:
+                self.center_process = None
+                self.center_address = self._use_redis(metadata, heartbeat_interval,
+                                                      heartbeat_timeout)
+            else:
+                self.center_process = self._start_center(dashboard, heartbeat_interval,
+                                                         heartbeat_timeout, deadline)
             if self.auth_token is not None:
                 _tokens[self.center_address] = self.auth_token
             started = [self._spawn_worker(ncores) for _ in range(n_workers)]
@@ -134,6 +135,26 @@ class LocalCluster:
         except BaseException:
             self.close()
             raise
+
+    def _start_center(self, dashboard, heartbeat_interval, heartbeat_timeout, deadline):
+        args = ["--port", "0"] + (["--http-port", "-1"] if dashboard else [])
+        if heartbeat_interval is not None:
+            args += ["--heartbeat-interval", str(heartbeat_interval)]
+        if heartbeat_timeout is not None:
+            args += ["--heartbeat-timeout", str(heartbeat_timeout)]
+        process = self._spawn("center", args)
+        if dashboard:
+            self.dashboard_address = _read_address(process, "Status page at ", deadline)
+        self.center_address = _read_address(process, "Started center at ", deadline)
+        return process
+
+    def _use_redis(self, url, heartbeat_interval, heartbeat_timeout):
+        if not is_redis(url):
+            raise ValueError(f"metadata={url!r}: give a Redis URL, 'redis://host:port/db'")
+        settings = {"heartbeat_interval": heartbeat_interval,
+                    "heartbeat_timeout": heartbeat_timeout}
+        configure(url, **{k: v for k, v in settings.items() if v is not None})
+        return url
 
     def start_worker(self, *, ncores=None, deadline=None):
         """Start one more worker process; return its address once it has registered."""

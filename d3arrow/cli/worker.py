@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from ..addressing import normalize_address
+from ..metadata import center_address
 from ..errors import CommClosedError
 from ..eventloop import run
 from ..memory import PAUSE, TARGET, parse_memory_limit
@@ -46,7 +46,7 @@ def main(argv=None):
                      f"({args.memory_pause})")
     configure_logging(args.log_level)
     try:
-        center = normalize_address(args.center)
+        center = center_address(args.center)
     except ValueError as e:
         parser.error(str(e))
     return run(_serve(args, center, security_from_args(parser, args)))

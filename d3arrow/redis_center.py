@@ -1,0 +1,345 @@
+"""The center's ops on a Redis server: the seed's "the center could be replaced by Redis".
+
+:class:`RedisCenter` has a coroutine per center op (``who_has``, ``add_keys``,
+``heartbeat``, ...) taking the same arguments and returning the same reply dicts as
+:class:`d3arrow.center.Center`, so the client and the worker use it where they would use
+an rpc to a center (see :mod:`d3arrow.metadata`). There is no center process: what the
+center does on its own happens in the callers.
+
+- Liveness: a worker's (and a client's) heartbeat renews a key that expires after the
+  heartbeat timeout. Readers see only live workers (``ncores``, ``who_has``); every
+  ``SWEEP_EVERY`` heartbeats a worker drops the registrations of dead workers, and asks
+  which of its own values belong to clients that are gone (and are not published): they
+  come back as ``release`` in the heartbeat's reply, as the center's would.
+- Order: each caller's updates go through one connection, one at a time.
+- Settings: ``heartbeat_interval`` and ``heartbeat_timeout`` live in the database
+  (:func:`configure`); defaults as the center's.
+
+Layout, under the prefix ``d3arrow:`` of the URL's database: ``workers`` {address: ncores},
+``names`` {address: name}, ``alive:ADDRESS`` and ``client:OWNER`` (expiring),
+``metrics:ADDRESS`` (JSON, expiring), ``who_has:KEY`` {address}, ``has_what:ADDRESS``
+{key: nbytes}, ``published`` {name: key}, ``config``.
+"""
+
+import asyncio
+import json
+import logging
+
+from .addressing import normalize_address
+from .errors import CommClosedError
+from .keys import owner_of
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "d3arrow:"
+DEFAULTS = {"heartbeat_interval": 1.0, "heartbeat_timeout": 10.0}  # as the center's
+SWEEP_EVERY = 5  # heartbeats of a worker between its looks for the dead and the gone
+SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def is_redis(address) -> bool:
+    return isinstance(address, str) and address.startswith(SCHEMES)
+
+
+def configure(url, **settings):
+    """Store cluster settings (``heartbeat_interval``, ``heartbeat_timeout``) in the
+    database, for the workers and clients that use it (blocking; before they start)."""
+    import redis
+
+    unknown = settings.keys() - DEFAULTS.keys()
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}")
+    with redis.Redis.from_url(url) as server:
+        if settings:
+            server.hset(PREFIX + "config", mapping={k: float(v) for k, v in settings.items()})
+
+
+class RedisCenter:
+    """The center's ops, answered by the Redis server at ``url`` (one per event loop)."""
+
+    def __init__(self, url):
+        try:
+            import redis.asyncio
+        except ImportError:
+            raise ImportError("a redis:// center needs the redis package: pip install "
+                              "'d3arrow[redis]'") from None
+        self.url = url
+        self._redis = redis.asyncio.Redis.from_url(url, decode_responses=True,
+                                                   socket_connect_timeout=5,
+                                                   socket_timeout=30)
+        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                        redis.exceptions.BusyLoadingError)
+        self._auth_error = redis.exceptions.AuthenticationError
+        self._response_error = redis.exceptions.ResponseError
+        self._updates = asyncio.Lock()  # one update at a time: they apply in call order
+        self._beats = 0
+        self._config = None
+
+    def __repr__(self):
+        return f"<RedisCenter {_safe(self.url)}>"
+
+    async def _call(self, coroutine):
+        try:
+            return await coroutine
+        except self._auth_error as e:
+            raise CommClosedError(f"Redis at {_safe(self.url)} refused us: {e}") from None
+        except self._errors as e:
+            raise CommClosedError(f"cannot reach Redis at {_safe(self.url)}: {e}") from None
+        except self._response_error as e:
+            if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
+                raise CommClosedError(f"Redis at {_safe(self.url)} refused us: {e}") from None
+            raise
+
+    async def _settings(self):
+        if self._config is None:
+            stored = await self._call(self._redis.hgetall(PREFIX + "config"))
+            self._config = {k: float(stored.get(k, v)) for k, v in DEFAULTS.items()}
+        return self._config
+
+    async def _timeout_ms(self):
+        return int((await self._settings())["heartbeat_timeout"] * 1000)
+
+    async def _live(self, addresses):
+        """The addresses among these whose heartbeat has not expired."""
+        addresses = list(addresses)
+        if not addresses:
+            return []
+        alive = await self._call(self._redis.mget([PREFIX + "alive:" + a for a in addresses]))
+        return [a for a, flag in zip(addresses, alive) if flag is not None]
+
+    # -- workers -----------------------------------------------------------------------------
+
+    async def identity(self):
+        await self._call(self._redis.ping())
+        workers = await self._call(self._redis.hkeys(PREFIX + "workers"))
+        return {"role": "center", "backend": "redis", "address": _safe(self.url),
+                "nworkers": len(await self._live(workers))}
+
+    async def register(self, *, address, ncores, name=None, keys=(), nbytes=None):
+        if not isinstance(address, str) or normalize_address(address) != address:
+            raise ValueError(f"a worker registers with its address 'host:port', not {address!r}")
+        if type(ncores) is not int or ncores < 1:
+            raise ValueError(f"ncores must be a positive integer, not {ncores!r}")
+        await self._remove_worker(address)  # a restarted worker on the same address
+        pipe = self._redis.pipeline()
+        pipe.hset(PREFIX + "workers", address, ncores)
+        pipe.hset(PREFIX + "names", address, name or address)
+        pipe.set(PREFIX + "alive:" + address, 1, px=await self._timeout_ms())
+        await self._call(pipe.execute())
+        await self.add_keys(address=address, keys=list(keys), nbytes=nbytes)
+        logger.info("registered worker %s with %d cores in %s", address, ncores, self)
+        return {"heartbeat_interval": (await self._settings())["heartbeat_interval"]}
+
+    async def unregister(self, *, address):
+        known = await self._call(self._redis.hexists(PREFIX + "workers", address))
+        await self._remove_worker(address)
+        return {"status": "OK" if known else "unknown-worker"}
+
+    async def _remove_worker(self, address):
+        keys = await self._call(self._redis.hkeys(PREFIX + "has_what:" + address))
+        pipe = self._redis.pipeline()
+        for key in keys:
+            pipe.srem(PREFIX + "who_has:" + key, address)
+        for table in ("workers", "names"):
+            pipe.hdel(PREFIX + table, address)
+        pipe.delete(PREFIX + "has_what:" + address, PREFIX + "alive:" + address,
+                    PREFIX + "metrics:" + address)
+        await self._call(pipe.execute())
+
+    async def heartbeat(self, *, address, metrics=None):
+        if not await self._call(self._redis.hexists(PREFIX + "workers", address)):
+            return {"status": "unknown-worker"}
+        timeout_ms = await self._timeout_ms()
+        pipe = self._redis.pipeline()
+        pipe.set(PREFIX + "alive:" + address, 1, px=timeout_ms)
+        if isinstance(metrics, dict):
+            pipe.set(PREFIX + "metrics:" + address, json.dumps(metrics), px=timeout_ms)
+        await self._call(pipe.execute())
+        reply = {"heartbeat_interval": (await self._settings())["heartbeat_interval"]}
+        self._beats += 1
+        if self._beats % SWEEP_EVERY == 0:
+            await self._drop_dead_workers()
+            release = await self._values_of_gone_clients(address)
+            if release:
+                reply["release"] = release
+        return reply
+
+    async def _drop_dead_workers(self):
+        registered = await self._call(self._redis.hkeys(PREFIX + "workers"))
+        live = set(await self._live(registered))
+        for address in registered:
+            if address not in live:
+                logger.warning("worker %s sent no heartbeat in time: dropping it and its keys "
+                               "from %s", address, self)
+                await self._remove_worker(address)
+
+    async def _values_of_gone_clients(self, address):
+        """Keys this worker holds whose client is gone, published ones excepted."""
+        keys = await self._call(self._redis.hkeys(PREFIX + "has_what:" + address))
+        owners = sorted({owner_of(k) for k in keys} - {None})
+        if not owners:
+            return []
+        alive = await self._call(self._redis.mget([PREFIX + "client:" + o for o in owners]))
+        gone = {o for o, flag in zip(owners, alive) if flag is None}
+        if not gone:
+            return []
+        published = set(await self._call(self._redis.hvals(PREFIX + "published")))
+        return sorted(k for k in keys if owner_of(k) in gone and k not in published)
+
+    # -- keys --------------------------------------------------------------------------------
+
+    async def add_keys(self, *, address, keys, nbytes=None):
+        _check_keys(keys)
+        if not await self._call(self._redis.hexists(PREFIX + "workers", address)):
+            return {"status": "unknown-worker"}
+        if not keys:
+            return {"status": "OK"}
+        sizes = nbytes or {}
+        async with self._updates:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.sadd(PREFIX + "who_has:" + key, address)
+            pipe.hset(PREFIX + "has_what:" + address,
+                      mapping={key: sizes.get(key, -1) for key in keys})
+            await self._call(pipe.execute())
+        return {"status": "OK"}
+
+    async def remove_keys(self, *, address, keys):
+        _check_keys(keys)
+        if not keys:
+            return {"status": "OK"}
+        async with self._updates:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.srem(PREFIX + "who_has:" + key, address)
+            pipe.hdel(PREFIX + "has_what:" + address, *keys)
+            await self._call(pipe.execute())
+        return {"status": "OK"}
+
+    async def who_has(self, *, keys=None):
+        if keys is None:
+            keys = [k.removeprefix(PREFIX + "who_has:") async for k in
+                    self._redis.scan_iter(match=PREFIX + "who_has:*", count=1000)]
+        _check_keys(keys)
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.smembers(PREFIX + "who_has:" + key)
+        holders = await self._call(pipe.execute())
+        live = set(await self._live({a for h in holders for a in h}))
+        return {"who_has": {k: sorted(h & live) for k, h in zip(keys, holders)}}
+
+    async def has_what(self, *, workers=None):
+        if workers is None:
+            workers = (await self.ncores())["ncores"]
+        _check_keys(list(workers))
+        pipe = self._redis.pipeline(transaction=False)
+        for w in workers:
+            pipe.hkeys(PREFIX + "has_what:" + w)
+        return {"has_what": dict(zip(workers, await self._call(pipe.execute())))}
+
+    async def ncores(self, *, workers=None):
+        registered = await self._call(self._redis.hgetall(PREFIX + "workers"))
+        live = await self._live(registered)
+        if workers is not None:
+            live = [w for w in live if w in set(workers)]
+        return {"ncores": {w: int(registered[w]) for w in live}}
+
+    async def nbytes(self, *, keys=None):
+        held = (await self.who_has(keys=keys))["who_has"]
+        pipe = self._redis.pipeline(transaction=False)
+        asked = [(k, h[0]) for k, h in held.items() if h]
+        for key, holder in asked:
+            pipe.hget(PREFIX + "has_what:" + holder, key)
+        sizes = await self._call(pipe.execute())
+        return {"nbytes": {k: int(s) for (k, _), s in zip(asked, sizes)
+                           if s is not None and int(s) >= 0}}
+
+    async def workers(self):
+        registered = await self._call(self._redis.hgetall(PREFIX + "workers"))
+        live = await self._live(registered)
+        timeout_ms = await self._timeout_ms()
+        pipe = self._redis.pipeline(transaction=False)
+        for w in live:
+            pipe.hget(PREFIX + "names", w)
+            pipe.hlen(PREFIX + "has_what:" + w)
+            pipe.pttl(PREFIX + "alive:" + w)
+        found = await self._call(pipe.execute())
+        return {"workers": {
+            w: {"ncores": int(registered[w]), "name": found[3 * i] or w,
+                "nkeys": found[3 * i + 1],
+                "last_seen": max(0.0, (timeout_ms - max(found[3 * i + 2], 0)) / 1000)}
+            for i, w in enumerate(live)}}
+
+    async def status(self):
+        workers = (await self.workers())["workers"]
+        metrics = await self._call(self._redis.mget(
+            [PREFIX + "metrics:" + w for w in workers])) if workers else []
+        out = []
+        for (address, info), raw in zip(workers.items(), metrics):
+            sent = json.loads(raw) if raw else {}
+            out.append({"address": address, **info, "counters": sent.get("counters", {}),
+                        "gauges": sent.get("gauges", {}), "rates": {}})
+        settings = await self._settings()
+        return {"center": _safe(self.url), "uptime": None, "backend": "redis",
+                "heartbeat_interval": settings["heartbeat_interval"], "workers": out,
+                "totals": {"workers": len(out), "ncores": sum(w["ncores"] for w in out),
+                           "keys": None, "clients": None},
+                "requests": {}}
+
+    # -- clients -----------------------------------------------------------------------------
+
+    async def register_client(self, *, client):
+        await self._call(self._redis.set(PREFIX + "client:" + client, 1,
+                                         px=await self._timeout_ms()))
+        return {"heartbeat_interval": (await self._settings())["heartbeat_interval"]}
+
+    async def client_heartbeat(self, *, client):
+        renewed = await self._call(self._redis.set(PREFIX + "client:" + client, 1,
+                                                   px=await self._timeout_ms(), xx=True))
+        return {} if renewed else {"status": "unknown-client"}
+
+    async def unregister_client(self, *, client):
+        """Its values not freed yet go with the workers' next look for gone clients."""
+        await self._call(self._redis.delete(PREFIX + "client:" + client))
+        return {}
+
+    async def publish(self, *, name, key):
+        if not isinstance(name, str) or not isinstance(key, str):
+            raise ValueError(f"publish takes a name and a key (strings), not {name!r}, {key!r}")
+        if not (await self.who_has(keys=[key]))["who_has"][key]:
+            raise ValueError(f"no worker holds {key!r}: there is nothing to publish")
+        current = await self._call(self._redis.hget(PREFIX + "published", name))
+        if current not in (None, key):
+            raise ValueError(f"the name {name!r} is published already (for another value): "
+                             "unpublish it first")
+        await self._call(self._redis.hset(PREFIX + "published", name, key))
+        return {}
+
+    async def unpublish(self, *, name):
+        key = await self._call(self._redis.hget(PREFIX + "published", name))
+        if key is None:
+            return {"status": "unknown-name"}
+        await self._call(self._redis.hdel(PREFIX + "published", name))
+        return {"key": key}
+
+    async def published(self, *, name=None):
+        if name is None:
+            return {"published": await self._call(self._redis.hgetall(PREFIX + "published"))}
+        key = await self._call(self._redis.hget(PREFIX + "published", name))
+        return {"status": "unknown-name"} if key is None else {"key": key}
+
+    async def close(self):
+        await self._redis.aclose()
+
+
+def _check_keys(keys):
+    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"expected a list of strings, got {str(keys)[:60]}")
+
+
+def _safe(url):
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
