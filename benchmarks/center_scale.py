@@ -1,6 +1,7 @@
-"""The center at scale: many simulated workers speaking the real protocol, then real ones.
+"""The center at scale: many simulated workers speaking the real protocol, then real ones,
+against a d3arrow center and against Redis as the center (Debian's redis-server).
 
-    python -m benchmarks.center_scale [--quick] [--json PATH]
+    python -m benchmarks.center_scale [--quick] [--backends center,redis] [--json PATH]
 
 A real center process (``LocalCluster(n_workers=0)``) and a few driver processes, each
 holding the connections of many simulated workers: they register (1 core each, an address
@@ -22,11 +23,14 @@ session and a 10,000-task map, every result checked. docs/benchmarks.md quotes t
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import multiprocessing
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -54,16 +58,17 @@ def fake_address(i):
     return f"127.0.0.1:{20000 + i}"  # registered, never listened on: the center never calls
 
 
-def drive(center, token, addresses, ready, stop):
+def drive(center, token, addresses, ready, stop, beats_done):
     """A driver process: register ``addresses`` and heartbeat for each until ``stop``."""
     from d3arrow.core import ConnectionPool
     from d3arrow.eventloop import run
+    from d3arrow.metadata import center_rpc
     from d3arrow.security import Security
 
     async def main():
         pool = ConnectionPool(security=Security.from_options(token),
                               max_idle_per_address=64)
-        rpc = pool.rpc(center, timeout=30)
+        rpc = center_rpc(pool, center, timeout=30)  # a center's ops, or Redis
         interval = (await rpc.register(address=addresses[0], ncores=1))["heartbeat_interval"]
         for start in range(1, len(addresses), 50):
             await asyncio.gather(*(rpc.register(address=a, ncores=1)
@@ -74,6 +79,8 @@ def drive(center, token, addresses, ready, stop):
             await asyncio.sleep(random.uniform(0, interval))
             while not stop.is_set():
                 reply = await rpc.heartbeat(address=address, metrics=METRICS)
+                with beats_done.get_lock():
+                    beats_done.value += 1
                 if reply.get("status") == "unknown-worker":
                     await rpc.register(address=address, ncores=1)
                 await asyncio.sleep(reply.get("heartbeat_interval", interval))
@@ -96,12 +103,13 @@ class SimulatedWorkers:
         context = multiprocessing.get_context("spawn")
         self.addresses = [fake_address(first + i) for i in range(n)]
         self.stop = context.Event()
+        self.beats = context.Value("q", 0)
         self.processes = []
         readies = []
         for d in range(min(drivers, n)):
             ready = context.Event()
             process = context.Process(target=drive, daemon=True, args=(
-                center, token, self.addresses[d::drivers], ready, self.stop))
+                center, token, self.addresses[d::drivers], ready, self.stop, self.beats))
             process.start()
             self.processes.append(process)
             readies.append(ready)
@@ -127,15 +135,15 @@ def center_cpu_and_rss(pid):
     return ns / 1e9, psutil.Process(pid).memory_info().rss
 
 
-def measure_heartbeats(client, pid, window):
+def measure_heartbeats(fleet, pid, window):
     """(center CPU seconds per heartbeat, heartbeats per second, center CPU share)."""
-    before = client.status()["requests"].get("heartbeat", 0)
+    before = fleet.beats.value
     cpu0, _ = center_cpu_and_rss(pid)
     start = time.perf_counter()
     time.sleep(window)
     cpu1, _ = center_cpu_and_rss(pid)
     elapsed = time.perf_counter() - start
-    beats = client.status()["requests"].get("heartbeat", 0) - before - 0  # status calls too
+    beats = fleet.beats.value - before
     cpu = cpu1 - cpu0
     return cpu / max(beats, 1), beats / elapsed, cpu / elapsed
 
@@ -151,7 +159,7 @@ def keys_of(worker_index, per_worker):
 def key_figures(client, addresses, per_worker, batches, pid):
     """add_keys / who_has / remove_keys keys per second and memory per key."""
     _, rss_before = center_cpu_and_rss(pid)
-    rpc = client._rpc(client.center)
+    rpc = lambda: client._rpc(client.center)  # noqa: E731 (made on the client's loop)
 
     adding = [(address, batch, {key: 8_000_000 for key in batch})
               for i, address in enumerate(addresses)
@@ -161,7 +169,7 @@ def key_figures(client, addresses, per_worker, batches, pid):
     async def add_all():
         start = time.perf_counter()
         for address, batch, nbytes in adding:
-            await rpc.add_keys(address=address, keys=batch, nbytes=nbytes)
+            await rpc().add_keys(address=address, keys=batch, nbytes=nbytes)
         return time.perf_counter() - start
 
     add_seconds = client.sync(add_all)
@@ -177,7 +185,7 @@ def key_figures(client, addresses, per_worker, batches, pid):
     async def ask():
         start = time.perf_counter()
         for wanted in asked:
-            reply = await rpc.who_has(keys=wanted)
+            reply = await rpc().who_has(keys=wanted)
             assert all(reply["who_has"][k] for k in wanted)
         return time.perf_counter() - start
 
@@ -189,7 +197,7 @@ def key_figures(client, addresses, per_worker, batches, pid):
     async def remove_some():
         start = time.perf_counter()
         for address, keys in removing:
-            await rpc.remove_keys(address=address, keys=keys)
+            await rpc().remove_keys(address=address, keys=keys)
         return time.perf_counter() - start
 
     removed = batches * min(BATCH, per_worker)
@@ -229,14 +237,62 @@ def placement_figures(pool, n_calls=10_000):
     return {"place_tied_us": tied * 1e6, "place_loose_us": loose * 1e6}
 
 
-def simulated(config):
-    from d3arrow import LocalCluster, Pool
+@contextlib.contextmanager
+def metadata_server(backend):
+    """``(LocalCluster keywords, pid of the process holding the metadata)``."""
+    from d3arrow import LocalCluster
+
+    if backend == "center":
+        with LocalCluster(n_workers=0, dashboard=False) as local:
+            yield local, local.center_process.pid
+        return
+    server = start_redis()
+    try:
+        with LocalCluster(n_workers=0, metadata=server.url) as local:
+            yield local, server.process.pid
+    finally:
+        server.stop()
+
+
+class start_redis:
+    """Debian's redis-server on a free port of 127.0.0.1, no persistence."""
+
+    def __init__(self):
+        import socket
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed: apt-get install -y redis-server")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"],
+                                        stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.05)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def simulated(config, backend):
+    from d3arrow import Pool
 
     out = {}
     for n in config["workers"]:
-        print(f"{n} simulated workers ...", file=sys.stderr, flush=True)
-        with LocalCluster(n_workers=0, dashboard=False) as local:
-            pid = local.center_process.pid
+        print(f"{n} simulated workers, {backend} ...", file=sys.stderr, flush=True)
+        with metadata_server(backend) as (local, pid):
             _, rss_empty = center_cpu_and_rss(pid)
             fleet = SimulatedWorkers(local.center_address, local.auth_token, n,
                                      config["drivers"])
@@ -245,8 +301,7 @@ def simulated(config):
                     figures = {}
                     time.sleep(2.0)  # every worker has started beating
                     figures["heartbeat_cpu_us"], figures["heartbeats_per_s"], figures[
-                        "center_cpu_share"] = measure_heartbeats(pool.client, pid,
-                                                                 config["window"])
+                        "center_cpu_share"] = measure_heartbeats(fleet, pid, config["window"])
                     figures["heartbeat_cpu_us"] *= 1e6
                     _, rss = center_cpu_and_rss(pid)
                     figures["center_bytes_per_worker"] = (rss - rss_empty) / n
@@ -264,7 +319,7 @@ def simulated(config):
                                                    config["batches"], pid))
                         figures["heartbeat_cpu_us_with_keys"], _, figures[
                             "center_cpu_share_with_keys"] = measure_heartbeats(
-                            pool.client, pid, config["window"])
+                            fleet, pid, config["window"])
                         figures["heartbeat_cpu_us_with_keys"] *= 1e6
             finally:
                 fleet.close()
@@ -272,14 +327,16 @@ def simulated(config):
     return out
 
 
-def real_run(config):
+def real_run(config, backend):
     """The seed's session and a big map on real worker processes on this machine."""
     from d3arrow import LocalCluster, Pool
 
     n = config["real_workers"]
-    print(f"{n} real workers ...", file=sys.stderr, flush=True)
+    print(f"{n} real workers, {backend} ...", file=sys.stderr, flush=True)
+    server = start_redis() if backend == "redis" else None
     start = time.perf_counter()
-    with LocalCluster(n_workers=n, ncores=1, shm_size=64 * MiB, dashboard=False) as local:
+    with LocalCluster(n_workers=n, ncores=1, shm_size=64 * MiB, dashboard=False,
+                      metadata=server and server.url) as local:
         started = time.perf_counter() - start
         with Pool(local.center_address) as pool:
             pool.sync_center()
@@ -297,6 +354,8 @@ def real_run(config):
             values = pool.gather(results)
             assert values == [x * 3 + 1 for x in range(tasks)]
             used = {holder for r in results for holder in pool.client.where(r.key)}
+    if server is not None:
+        server.stop()
     return {"workers": n, "start_s": started, "seed_session_s": session, "map_s": mapped,
             "map_tasks_per_s": tasks / mapped, "workers_used": len(used)}
 
@@ -306,17 +365,23 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--json", metavar="PATH", help="also write every figure here")
+    parser.add_argument("--backends", default="center,redis",
+                        help="where the metadata lives: center, redis (default both)")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
-    results = {"config": config, "simulated": simulated(config), "real": real_run(config)}
-    print_figures(results)
+    results = {"config": config}
+    for backend in args.backends.split(","):
+        results[backend] = {"simulated": simulated(config, backend),
+                            "real": real_run(config, backend)}
+        print(f"\n== metadata in: {backend} ==")
+        print_figures(results[backend], config)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return 0
 
 
-def print_figures(results):
+def print_figures(results, config):
     sim = results["simulated"]
     print("simulated workers | heartbeats/s | center CPU | CPU per heartbeat | bytes per "
           "worker | sync_center | placement, input held | placement, loose")
@@ -335,7 +400,7 @@ def print_figures(results):
           f"({big['center_cpu_share_with_keys']:.1%} of a core)")
     real = results["real"]
     print(f"\n{real['workers']} real workers: started in {real['start_s']:.1f} s; the seed's "
-          f"session {real['seed_session_s'] * 1e3:.0f} ms; map of {results['config']['real_tasks']:,} "
+          f"session {real['seed_session_s'] * 1e3:.0f} ms; map of {config['real_tasks']:,} "
           f"tasks {real['map_s']:.2f} s ({real['map_tasks_per_s']:,.0f} tasks/s) on "
           f"{real['workers_used']} workers, every result checked")
 

@@ -7,23 +7,26 @@ an rpc to a center (see :mod:`d3arrow.metadata`). There is no center process: wh
 center does on its own happens in the callers.
 
 - Liveness: a worker's (and a client's) heartbeat renews a key that expires after the
-  heartbeat timeout. Readers see only live workers (``ncores``, ``who_has``); every
-  ``SWEEP_EVERY`` heartbeats a worker drops the registrations of dead workers, and asks
-  which of its own values belong to clients that are gone (and are not published): they
-  come back as ``release`` in the heartbeat's reply, as the center's would.
+  heartbeat timeout. Readers see only live workers (``ncores``, ``who_has``). Every
+  ``SWEEP_EVERY`` heartbeats a worker asks which of its own values belong to clients that
+  are gone (and are not published): they come back as ``release`` in the heartbeat's reply,
+  as the center's would; and about ``DEAD_SWEEPS`` times per interval, over the whole
+  cluster, one of them drops the registrations (and key entries) of dead workers.
 - Order: each caller's updates go through one connection, one at a time.
 - Settings: ``heartbeat_interval`` and ``heartbeat_timeout`` live in the database
   (:func:`configure`); defaults as the center's.
 
 Layout, under the prefix ``d3arrow:`` of the URL's database: ``workers`` {address: ncores},
 ``names`` {address: name}, ``alive:ADDRESS`` and ``client:OWNER`` (expiring),
-``metrics:ADDRESS`` (JSON, expiring), ``who_has:KEY`` {address}, ``has_what:ADDRESS``
-{key: nbytes}, ``published`` {name: key}, ``config``.
+``metrics:ADDRESS`` (JSON, expiring), ``who_has:KEY`` (its holders' addresses, joined by
+commas: a batch of 1,000 is one MGET; changed by the Lua scripts below, one call per batch),
+``has_what:ADDRESS`` {key: nbytes}, ``published`` {name: key}, ``config``.
 """
 
 import asyncio
 import json
 import logging
+import random
 
 from .addressing import normalize_address
 from .errors import CommClosedError
@@ -33,8 +36,47 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "d3arrow:"
 DEFAULTS = {"heartbeat_interval": 1.0, "heartbeat_timeout": 10.0}  # as the center's
-SWEEP_EVERY = 5  # heartbeats of a worker between its looks for the dead and the gone
+SWEEP_EVERY = 5  # heartbeats of a worker between its looks for values of gone clients
+DEAD_SWEEPS = 2  # looks for dead workers per heartbeat interval, over the whole cluster
 SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+# ARGV: prefix, address, then key, nbytes, key, nbytes...: the address holds these keys
+_ADD_HOLDER = """
+local prefix, address = ARGV[1], ARGV[2]
+local has_what = prefix .. 'has_what:' .. address
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', has_what, ARGV[i], ARGV[i + 1])
+  local name = prefix .. 'who_has:' .. ARGV[i]
+  local held = redis.call('GET', name)
+  if not held then
+    redis.call('SET', name, address)
+  elseif string.find(',' .. held .. ',', ',' .. address .. ',', 1, true) == nil then
+    redis.call('SET', name, held .. ',' .. address)
+  end
+end
+return 0
+"""
+# ARGV: prefix, address, keys...: the address no longer holds these keys
+_DROP_HOLDER = """
+local prefix, address = ARGV[1], ARGV[2]
+local has_what = prefix .. 'has_what:' .. address
+for i = 3, #ARGV do
+  redis.call('HDEL', has_what, ARGV[i])
+  local name = prefix .. 'who_has:' .. ARGV[i]
+  local held = redis.call('GET', name)
+  if held then
+    local kept = {}
+    for holder in string.gmatch(held, '[^,]+') do
+      if holder ~= address then table.insert(kept, holder) end
+    end
+    if #kept == 0 then redis.call('DEL', name)
+    else redis.call('SET', name, table.concat(kept, ',')) end
+  end
+end
+return 0
+"""
+BATCH = 1000  # keys per script call
 
 
 def is_redis(address) -> bool:
@@ -72,6 +114,8 @@ class RedisCenter:
         self._auth_error = redis.exceptions.AuthenticationError
         self._response_error = redis.exceptions.ResponseError
         self._updates = asyncio.Lock()  # one update at a time: they apply in call order
+        self._add_holder = self._redis.register_script(_ADD_HOLDER)
+        self._drop_holder = self._redis.register_script(_DROP_HOLDER)
         self._beats = 0
         self._config = None
 
@@ -135,11 +179,15 @@ class RedisCenter:
         await self._remove_worker(address)
         return {"status": "OK" if known else "unknown-worker"}
 
+    async def _holders_change(self, script, address, args, per_key=1):
+        step = BATCH * per_key
+        for start in range(0, len(args), step):
+            await self._call(script(args=[PREFIX, address, *args[start:start + step]]))
+
     async def _remove_worker(self, address):
         keys = await self._call(self._redis.hkeys(PREFIX + "has_what:" + address))
+        await self._holders_change(self._drop_holder, address, keys)
         pipe = self._redis.pipeline()
-        for key in keys:
-            pipe.srem(PREFIX + "who_has:" + key, address)
         for table in ("workers", "names"):
             pipe.hdel(PREFIX + table, address)
         pipe.delete(PREFIX + "has_what:" + address, PREFIX + "alive:" + address,
@@ -158,10 +206,13 @@ class RedisCenter:
         reply = {"heartbeat_interval": (await self._settings())["heartbeat_interval"]}
         self._beats += 1
         if self._beats % SWEEP_EVERY == 0:
-            await self._drop_dead_workers()
             release = await self._values_of_gone_clients(address)
             if release:
                 reply["release"] = release
+            # the dead are looked for ~DEAD_SWEEPS times per interval, however many beat
+            registered = await self._call(self._redis.hlen(PREFIX + "workers"))
+            if random.random() * registered < DEAD_SWEEPS * SWEEP_EVERY:
+                await self._drop_dead_workers()
         return reply
 
     async def _drop_dead_workers(self):
@@ -195,13 +246,9 @@ class RedisCenter:
         if not keys:
             return {"status": "OK"}
         sizes = nbytes or {}
+        pairs = [part for key in keys for part in (key, sizes.get(key, -1))]
         async with self._updates:
-            pipe = self._redis.pipeline(transaction=False)
-            for key in keys:
-                pipe.sadd(PREFIX + "who_has:" + key, address)
-            pipe.hset(PREFIX + "has_what:" + address,
-                      mapping={key: sizes.get(key, -1) for key in keys})
-            await self._call(pipe.execute())
+            await self._holders_change(self._add_holder, address, pairs, per_key=2)
         return {"status": "OK"}
 
     async def remove_keys(self, *, address, keys):
@@ -209,11 +256,7 @@ class RedisCenter:
         if not keys:
             return {"status": "OK"}
         async with self._updates:
-            pipe = self._redis.pipeline(transaction=False)
-            for key in keys:
-                pipe.srem(PREFIX + "who_has:" + key, address)
-            pipe.hdel(PREFIX + "has_what:" + address, *keys)
-            await self._call(pipe.execute())
+            await self._holders_change(self._drop_holder, address, list(keys))
         return {"status": "OK"}
 
     async def who_has(self, *, keys=None):
@@ -221,12 +264,12 @@ class RedisCenter:
             keys = [k.removeprefix(PREFIX + "who_has:") async for k in
                     self._redis.scan_iter(match=PREFIX + "who_has:*", count=1000)]
         _check_keys(keys)
-        pipe = self._redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.smembers(PREFIX + "who_has:" + key)
-        holders = await self._call(pipe.execute())
+        if not keys:
+            return {"who_has": {}}
+        held = await self._call(self._redis.mget([PREFIX + "who_has:" + k for k in keys]))
+        holders = [h.split(",") if h else [] for h in held]
         live = set(await self._live({a for h in holders for a in h}))
-        return {"who_has": {k: sorted(h & live) for k, h in zip(keys, holders)}}
+        return {"who_has": {k: [a for a in h if a in live] for k, h in zip(keys, holders)}}
 
     async def has_what(self, *, workers=None):
         if workers is None:
