@@ -12,7 +12,7 @@ from .addressing import normalize_address
 from .core import HEARTBEAT_INTERVAL, Server, Tasks
 from .dashboard import Dashboard
 from .keys import owner_of
-from .metrics import Rates
+from .metrics import Rates, totals_of
 from .security import NO_SECURITY
 
 logger = logging.getLogger(__name__)
@@ -426,22 +426,11 @@ class Center(Server):
                 "counters": metrics.get("counters", {}), "gauges": metrics.get("gauges", {}),
                 "rates": self._rates.rates.get(address, {})})
         totals = {"workers": len(workers), "ncores": sum(self._ncores.values()),
-                  "keys": len(self._who_has), "clients": len(self._clients)}
-        for name in _SUMMED:
-            totals[name] = sum(w["counters"].get(name, 0) + w["gauges"].get(name, 0)
-                               for w in workers)
-        for name in _RATES:
-            totals[f"{name}_per_second"] = sum(w["rates"].get(name, 0.0) for w in workers)
+                  "keys": len(self._who_has), "clients": len(self._clients),
+                  **totals_of(workers)}
         return {"center": self.address, "uptime": time.time() - self.started,
                 "heartbeat_interval": self.heartbeat_interval, "workers": workers,
                 "totals": totals, "requests": dict(self.requests)}
-
-
-_SUMMED = ("tasks", "tasks_failed", "compute_seconds", "calls_running", "memory_bytes",
-           "spilled_bytes", "store_used_bytes", "store_capacity_bytes", "bytes_sent_tcp",
-           "bytes_received_tcp", "bytes_sent_shm", "bytes_received_shm")
-_RATES = ("tasks", "bytes_sent_tcp", "bytes_received_tcp", "bytes_sent_shm",
-          "bytes_received_shm")
 
 
 def _numbers(part):

@@ -67,3 +67,22 @@ class Rates:
     def forget(self, worker: str) -> None:
         self._last.pop(worker, None)
         self.rates.pop(worker, None)
+
+
+SUMMED = ("tasks", "tasks_failed", "compute_seconds", "calls_running", "memory_bytes",
+          "spilled_bytes", "store_used_bytes", "store_capacity_bytes", "bytes_sent_tcp",
+          "bytes_received_tcp", "bytes_sent_shm", "bytes_received_shm")
+RATES = ("tasks", "bytes_sent_tcp", "bytes_received_tcp", "bytes_sent_shm",
+         "bytes_received_shm")
+
+
+def totals_of(workers):
+    """The cluster's totals of what its workers sent (``counters``, ``gauges``, ``rates``
+    per worker, as in a status reply)."""
+    totals = {}
+    for name in SUMMED:
+        totals[name] = sum(w["counters"].get(name, 0) + w["gauges"].get(name, 0)
+                           for w in workers)
+    for name in RATES:
+        totals[f"{name}_per_second"] = sum(w["rates"].get(name, 0.0) for w in workers)
+    return totals

@@ -31,6 +31,7 @@ import random
 from .addressing import normalize_address
 from .errors import CommClosedError
 from .keys import owner_of
+from .metrics import totals_of
 
 logger = logging.getLogger(__name__)
 
@@ -323,10 +324,15 @@ class RedisCenter:
             out.append({"address": address, **info, "counters": sent.get("counters", {}),
                         "gauges": sent.get("gauges", {}), "rates": {}})
         settings = await self._settings()
-        return {"center": _safe(self.url), "uptime": None, "backend": "redis",
+        clients = [k async for k in self._redis.scan_iter(match=PREFIX + "client:*")]
+        server = await self._call(self._redis.info("server"))
+        return {"center": _safe(self.url), "backend": "redis",
+                "uptime": server.get("uptime_in_seconds", 0),
                 "heartbeat_interval": settings["heartbeat_interval"], "workers": out,
                 "totals": {"workers": len(out), "ncores": sum(w["ncores"] for w in out),
-                           "keys": None, "clients": None},
+                           # keys held, a key held twice counted twice (no count is kept)
+                           "keys": sum(w["nkeys"] for w in out), "clients": len(clients),
+                           **totals_of(out)},
                 "requests": {}}
 
     # -- clients -----------------------------------------------------------------------------

@@ -154,6 +154,22 @@ def test_many_clients_share_the_cluster_and_a_closed_ones_values_go(metadata):
                 p.close()
 
 
+def test_the_cluster_is_seen_through_either(metadata):
+    with LocalCluster(n_workers=2, ncores=1, heartbeat_interval=0.2, **metadata) as cluster, \
+            Pool(cluster.center_address) as pool:
+        pool.gather(pool.map(abs, range(-50, 0)))
+        assert wait_until(lambda: pool.status()["totals"]["tasks"] >= 50, timeout=20)
+        status = pool.status()
+        assert sorted(w["address"] for w in status["workers"]) == sorted(
+            cluster.worker_addresses)
+        shown = subprocess.run([sys.executable, "-m", "d3arrow.cli.main", "status",
+                                cluster.center_address], capture_output=True, text=True,
+                               timeout=60, env=dict(os.environ,
+                                                    D3ARROW_AUTH_TOKEN=cluster.auth_token))
+        assert shown.returncode == 0, shown.stderr
+        assert all(a in shown.stdout for a in cluster.worker_addresses)
+
+
 # -- Redis only ------------------------------------------------------------------------------
 
 def test_redis_down_is_a_clear_error():

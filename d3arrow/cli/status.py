@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from ..addressing import normalize_address
+from ..metadata import center_address, center_rpc, close_center_rpc
 from ..core import DEFAULT_TIMEOUT, ConnectionPool
 from ..errors import CommClosedError
 from ..eventloop import run
@@ -13,7 +13,8 @@ from ..security import TOKEN_ENV, Security
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="d3arrow status", description=__doc__)
-    parser.add_argument("center", help="the center's address, host:port")
+    parser.add_argument("center", help="the center's address, host:port (or a Redis URL, "
+                        "redis://host:port/db, where the metadata lives there)")
     parser.add_argument("--json", action="store_true", help="print the whole status as JSON "
                         "(what Pool.status() returns and the center serves as /status.json)")
     parser.add_argument("--auth-token", default=None,
@@ -23,7 +24,7 @@ def main(argv=None):
     parser.add_argument("--tls-ca", default=None)
     args = parser.parse_args(argv)
     try:
-        center = normalize_address(args.center)
+        center = center_address(args.center)
         security = Security.from_options(args.auth_token, args.tls_cert, args.tls_key,
                                          args.tls_ca)
     except ValueError as e:
@@ -40,12 +41,14 @@ def main(argv=None):
 async def _ask(center, security):
     pool = ConnectionPool(security=security)
     try:
-        identity = await pool.rpc(center, timeout=DEFAULT_TIMEOUT).identity()
+        rpc = center_rpc(pool, center, timeout=DEFAULT_TIMEOUT)
+        identity = await rpc.identity()
         if identity.get("role") != "center":
             raise OSError(f"{center} is a {identity.get('role')}, not a center")
-        status = await pool.rpc(center, timeout=DEFAULT_TIMEOUT).status()
+        status = await rpc.status()
     finally:
         pool.close()
+        await close_center_rpc(center)
     status.pop("status", None)
     return status
 
