@@ -18,7 +18,7 @@ center does on its own happens in the callers.
 
 Layout, under the prefix ``d3arrow:`` of the URL's database: ``workers`` {address: ncores},
 ``names`` {address: name}, ``alive:ADDRESS`` and ``client:OWNER`` (expiring),
-``metrics:ADDRESS`` (JSON, expiring), ``who_has:KEY`` (its holders' addresses, joined by
+``metrics:ADDRESS`` (JSON, expiring), ``owners:ADDRESS`` {owner: keys held}, ``who_has:KEY`` (its holders' addresses, joined by
 commas: a batch of 1,000 is one MGET; changed by the Lua scripts below, one call per batch),
 ``has_what:ADDRESS`` {key: nbytes}, ``published`` {name: key}, ``config``.
 """
@@ -42,29 +42,49 @@ DEAD_SWEEPS = 2  # looks for dead workers per heartbeat interval, over the whole
 SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-# ARGV: prefix, address, then key, nbytes, key, nbytes...: the address holds these keys
-_ADD_HOLDER = """
+# a key's owner, as d3arrow.keys.owner_of reads it: 16 hex digits, then '-' or '/'
+_SPLIT = """
+local function split(text)  -- the keys (or sizes), joined by NUL bytes: one argument
+  local parts = {}
+  for part in string.gmatch(text, '[^%z]+') do parts[#parts + 1] = part end
+  return parts
+end
+local function owner_of(key)  -- as d3arrow.keys.owner_of: 16 hex digits, then - or /
+  return string.match(key, '^(' .. string.rep('%x', 16) .. ')[-/]')
+end
 local prefix, address = ARGV[1], ARGV[2]
-local has_what = prefix .. 'has_what:' .. address
-for i = 3, #ARGV, 2 do
-  redis.call('HSET', has_what, ARGV[i], ARGV[i + 1])
-  local name = prefix .. 'who_has:' .. ARGV[i]
-  local held = redis.call('GET', name)
-  if not held then
-    redis.call('SET', name, address)
-  elseif string.find(',' .. held .. ',', ',' .. address .. ',', 1, true) == nil then
-    redis.call('SET', name, held .. ',' .. address)
+local has_what, owned = prefix .. 'has_what:' .. address, prefix .. 'owners:' .. address
+local keys = split(ARGV[3])
+"""
+# ARGV: prefix, address, keys, sizes (NUL-joined): the address holds these keys
+_ADD_HOLDER = _SPLIT + """
+local sizes = split(ARGV[4])
+local owners = {}
+for i, key in ipairs(keys) do
+  if redis.call('HSET', has_what, key, sizes[i]) == 1 then
+    local owner = owner_of(key)
+    if owner then owners[owner] = (owners[owner] or 0) + 1 end
+  end
+  local name = prefix .. 'who_has:' .. key
+  if not redis.call('SET', name, address, 'NX') then
+    local held = redis.call('GET', name)
+    if string.find(',' .. held .. ',', ',' .. address .. ',', 1, true) == nil then
+      redis.call('SET', name, held .. ',' .. address)
+    end
   end
 end
+for owner, n in pairs(owners) do redis.call('HINCRBY', owned, owner, n) end
 return 0
 """
-# ARGV: prefix, address, keys...: the address no longer holds these keys
-_DROP_HOLDER = """
-local prefix, address = ARGV[1], ARGV[2]
-local has_what = prefix .. 'has_what:' .. address
-for i = 3, #ARGV do
-  redis.call('HDEL', has_what, ARGV[i])
-  local name = prefix .. 'who_has:' .. ARGV[i]
+# ARGV: prefix, address, keys (NUL-joined): the address no longer holds these keys
+_DROP_HOLDER = _SPLIT + """
+local owners = {}
+for _, key in ipairs(keys) do
+  if redis.call('HDEL', has_what, key) == 1 then
+    local owner = owner_of(key)
+    if owner then owners[owner] = (owners[owner] or 0) + 1 end
+  end
+  local name = prefix .. 'who_has:' .. key
   local held = redis.call('GET', name)
   if held then
     local kept = {}
@@ -74,6 +94,9 @@ for i = 3, #ARGV do
     if #kept == 0 then redis.call('DEL', name)
     else redis.call('SET', name, table.concat(kept, ',')) end
   end
+end
+for owner, n in pairs(owners) do
+  if redis.call('HINCRBY', owned, owner, -n) <= 0 then redis.call('HDEL', owned, owner) end
 end
 return 0
 """
@@ -180,10 +203,14 @@ class RedisCenter:
         await self._remove_worker(address)
         return {"status": "OK" if known else "unknown-worker"}
 
-    async def _holders_change(self, script, address, args, per_key=1):
-        step = BATCH * per_key
-        for start in range(0, len(args), step):
-            await self._call(script(args=[PREFIX, address, *args[start:start + step]]))
+    async def _holders_change(self, script, address, keys, sizes=None):
+        """Run ``script`` over ``keys`` (and their ``sizes``), BATCH keys per call, each
+        list passed as one NUL-joined argument (cheap to send, split by Lua)."""
+        for start in range(0, len(keys), BATCH):
+            args = [PREFIX, address, "\0".join(keys[start:start + BATCH])]
+            if sizes is not None:
+                args.append("\0".join(map(str, sizes[start:start + BATCH])))
+            await self._call(script(args=args))
 
     async def _remove_worker(self, address):
         keys = await self._call(self._redis.hkeys(PREFIX + "has_what:" + address))
@@ -192,7 +219,7 @@ class RedisCenter:
         for table in ("workers", "names"):
             pipe.hdel(PREFIX + table, address)
         pipe.delete(PREFIX + "has_what:" + address, PREFIX + "alive:" + address,
-                    PREFIX + "metrics:" + address)
+                    PREFIX + "metrics:" + address, PREFIX + "owners:" + address)
         await self._call(pipe.execute())
 
     async def heartbeat(self, *, address, metrics=None):
@@ -226,15 +253,17 @@ class RedisCenter:
                 await self._remove_worker(address)
 
     async def _values_of_gone_clients(self, address):
-        """Keys this worker holds whose client is gone, published ones excepted."""
-        keys = await self._call(self._redis.hkeys(PREFIX + "has_what:" + address))
-        owners = sorted({owner_of(k) for k in keys} - {None})
+        """Keys this worker holds whose client is gone, published ones excepted (the
+        owners of its keys are counted as they come and go: a look costs per owner, and
+        per key only when one is gone)."""
+        owners = await self._call(self._redis.hkeys(PREFIX + "owners:" + address))
         if not owners:
             return []
         alive = await self._call(self._redis.mget([PREFIX + "client:" + o for o in owners]))
         gone = {o for o, flag in zip(owners, alive) if flag is None}
         if not gone:
             return []
+        keys = await self._call(self._redis.hkeys(PREFIX + "has_what:" + address))
         published = set(await self._call(self._redis.hvals(PREFIX + "published")))
         return sorted(k for k in keys if owner_of(k) in gone and k not in published)
 
@@ -247,9 +276,9 @@ class RedisCenter:
         if not keys:
             return {"status": "OK"}
         sizes = nbytes or {}
-        pairs = [part for key in keys for part in (key, sizes.get(key, -1))]
         async with self._updates:
-            await self._holders_change(self._add_holder, address, pairs, per_key=2)
+            await self._holders_change(self._add_holder, address, list(keys),
+                                       [sizes.get(key, -1) for key in keys])
         return {"status": "OK"}
 
     async def remove_keys(self, *, address, keys):
@@ -384,6 +413,9 @@ class RedisCenter:
 def _check_keys(keys):
     if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
         raise ValueError(f"expected a list of strings, got {str(keys)[:60]}")
+    if any(not k or "\0" in k for k in keys):  # the scripts' separator
+        raise ValueError("keys kept in Redis are non-empty and hold no NUL character, got "
+                         f"{[k for k in keys if not k or chr(0) in k][:3]!r}")
 
 
 def _safe(url):
