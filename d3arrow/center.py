@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 
-from .addressing import normalize_address
+from .checks import check_keys, check_owner, check_publish, check_registration
 from .core import HEARTBEAT_INTERVAL, Server, Tasks
 from .dashboard import Dashboard
 from .keys import owner_of
@@ -246,13 +246,8 @@ class Center(Server):
         return True
 
     def register(self, *, address, ncores, name=None, keys=(), nbytes=None):
-        if not isinstance(address, str) or normalize_address(address) != address:
-            raise ValueError(f"a worker registers with its address 'host:port', not {address!r}")
-        if type(ncores) is not int or ncores < 1:
-            raise ValueError(f"ncores must be a positive integer, not {ncores!r}")
-        if name is not None and not isinstance(name, str):
-            raise ValueError(f"a worker's name is a string, not {name!r}")
-        _check_keys(keys, nbytes)
+        check_registration(address, ncores, name)
+        check_keys(keys, nbytes)
         if address in self._ncores:
             self._remove_worker(address)  # a restarted worker on the same address
         self._ncores[address] = int(ncores)
@@ -286,7 +281,7 @@ class Center(Server):
         return reply
 
     def add_keys(self, *, address, keys, nbytes=None):
-        _check_keys(keys, nbytes)
+        check_keys(keys, nbytes)
         if not self._touch(address):
             return {"status": "unknown-worker"}
         held = self._has_what[address]
@@ -309,7 +304,7 @@ class Center(Server):
         return {"status": "OK"}
 
     def remove_keys(self, *, address, keys):
-        _check_keys(keys)
+        check_keys(keys)
         self._touch(address)
         self._discard(address, keys)
         return {"status": "OK"}
@@ -318,27 +313,27 @@ class Center(Server):
         if keys is None:
             keys = self._who_has
         else:
-            _check_keys(keys)
+            check_keys(keys)
         return {"who_has": {key: list(self._holders(key)) for key in keys}}
 
     def has_what(self, *, workers=None):
         if workers is None:
             workers = self._has_what
         else:
-            _check_keys(workers)
+            check_keys(workers)
         return {"has_what": {w: list(self._has_what.get(w, ())) for w in workers}}
 
     def ncores(self, *, workers=None):
         if workers is None:
             return {"ncores": self._ncores}
-        _check_keys(workers)
+        check_keys(workers)
         return {"ncores": {w: self._ncores[w] for w in workers if w in self._ncores}}
 
     def nbytes(self, *, keys=None):
         if keys is None:
             keys = self._who_has
         else:
-            _check_keys(keys)
+            check_keys(keys)
         sizes = {}
         for key in keys:
             for address in self._holders(key):
@@ -351,7 +346,7 @@ class Center(Server):
     # -- clients -----------------------------------------------------------------------------
 
     def register_client(self, *, client):
-        _check_owner(client)
+        check_owner(client)
         if client not in self._clients:
             logger.info("client %s connected", client)
         self._clients[client] = time.monotonic()
@@ -373,8 +368,7 @@ class Center(Server):
             self._release_owner(client)
 
     def publish(self, *, name, key):
-        if not isinstance(name, str) or not isinstance(key, str):
-            raise ValueError(f"publish takes a name and a key (strings), not {name!r}, {key!r}")
+        check_publish(name, key)
         if key not in self._who_has:
             raise ValueError(f"no worker holds {key!r}: there is nothing to publish")
         if self._published.get(name, key) != key:
@@ -439,21 +433,3 @@ def _numbers(part):
         return {}
     return {k: v for k, v in part.items() if isinstance(k, str) and type(v) in (int, float, bool)}
 
-
-def _check_owner(owner):
-    if not (isinstance(owner, str) and owner_of(owner + "-") == owner):
-        raise ValueError(f"a client names itself by 16 hex digits, not {_short(owner)}")
-
-
-def _check_keys(keys, nbytes=None):
-    """Refuse (with the reason) lists that are not lists of strings, before any is kept."""
-    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
-        raise ValueError(f"expected a list of strings, got {_short(keys)}")
-    if nbytes is not None and not (isinstance(nbytes, dict) and all(
-            isinstance(k, str) and type(v) is int for k, v in nbytes.items())):
-        raise ValueError(f"nbytes must map keys to integers, got {_short(nbytes)}")
-
-
-def _short(value, limit=60):
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -28,7 +28,7 @@ import json
 import logging
 import random
 
-from .addressing import normalize_address
+from .checks import check_keys, check_owner, check_publish, check_registration
 from .errors import CommClosedError
 from .keys import owner_of
 from .metrics import totals_of
@@ -184,10 +184,8 @@ class RedisCenter:
                 "nworkers": len(await self._live(workers))}
 
     async def register(self, *, address, ncores, name=None, keys=(), nbytes=None):
-        if not isinstance(address, str) or normalize_address(address) != address:
-            raise ValueError(f"a worker registers with its address 'host:port', not {address!r}")
-        if type(ncores) is not int or ncores < 1:
-            raise ValueError(f"ncores must be a positive integer, not {ncores!r}")
+        check_registration(address, ncores, name)
+        _check_keys(keys)
         await self._remove_worker(address)  # a restarted worker on the same address
         pipe = self._redis.pipeline()
         pipe.hset(PREFIX + "workers", address, ncores)
@@ -270,7 +268,7 @@ class RedisCenter:
     # -- keys --------------------------------------------------------------------------------
 
     async def add_keys(self, *, address, keys, nbytes=None):
-        _check_keys(keys)
+        _check_keys(keys, nbytes)
         if not await self._call(self._redis.hexists(PREFIX + "workers", address)):
             return {"status": "unknown-worker"}
         if not keys:
@@ -367,6 +365,7 @@ class RedisCenter:
     # -- clients -----------------------------------------------------------------------------
 
     async def register_client(self, *, client):
+        check_owner(client)
         await self._call(self._redis.set(PREFIX + "client:" + client, 1,
                                          px=await self._timeout_ms()))
         return {"heartbeat_interval": (await self._settings())["heartbeat_interval"]}
@@ -382,8 +381,7 @@ class RedisCenter:
         return {}
 
     async def publish(self, *, name, key):
-        if not isinstance(name, str) or not isinstance(key, str):
-            raise ValueError(f"publish takes a name and a key (strings), not {name!r}, {key!r}")
+        check_publish(name, key)
         if not (await self.who_has(keys=[key]))["who_has"][key]:
             raise ValueError(f"no worker holds {key!r}: there is nothing to publish")
         current = await self._call(self._redis.hget(PREFIX + "published", name))
@@ -410,9 +408,9 @@ class RedisCenter:
         await self._redis.aclose()
 
 
-def _check_keys(keys):
-    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
-        raise ValueError(f"expected a list of strings, got {str(keys)[:60]}")
+def _check_keys(keys, nbytes=None):
+    """The center's rule (:func:`d3arrow.checks.check_keys`), and the scripts' separator."""
+    check_keys(keys, nbytes)
     if any(not k or "\0" in k for k in keys):  # the scripts' separator
         raise ValueError("keys kept in Redis are non-empty and hold no NUL character, got "
                          f"{[k for k in keys if not k or chr(0) in k][:3]!r}")

@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d3arrow"
 # Lowest first. A module may import modules of lower layers only.
 LAYERS = [
     {"errors", "addressing", "task", "arena", "keys"},
-    {"serialize", "security", "scheduling", "metrics"},
+    {"serialize", "security", "scheduling", "metrics", "checks"},
     {"protocol", "spill"},
     {"store", "values", "memory"},
     {"comm", "eventloop", "redis_center"},

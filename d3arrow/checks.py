@@ -1,0 +1,38 @@
+"""What the center's ops accept, refused with the reason before anything is kept, whoever
+answers them: a d3arrow center or Redis (see :mod:`d3arrow.metadata`)."""
+
+from .addressing import normalize_address
+from .keys import owner_of
+
+
+def check_registration(address, ncores, name=None):
+    if not isinstance(address, str) or normalize_address(address) != address:
+        raise ValueError(f"a worker registers with its address 'host:port', not {address!r}")
+    if type(ncores) is not int or ncores < 1:
+        raise ValueError(f"ncores must be a positive integer, not {ncores!r}")
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"a worker's name is a string, not {name!r}")
+
+
+def check_owner(owner):
+    if not (isinstance(owner, str) and owner_of(owner + "-") == owner):
+        raise ValueError(f"a client names itself by 16 hex digits, not {short(owner)}")
+
+
+def check_keys(keys, nbytes=None):
+    """Lists of strings only (and sizes as integers)."""
+    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"expected a list of strings, got {short(keys)}")
+    if nbytes is not None and not (isinstance(nbytes, dict) and all(
+            isinstance(k, str) and type(v) is int for k, v in nbytes.items())):
+        raise ValueError(f"nbytes must map keys to integers, got {short(nbytes)}")
+
+
+def check_publish(name, key):
+    if not isinstance(name, str) or not isinstance(key, str):
+        raise ValueError(f"publish takes a name and a key (strings), not {name!r}, {key!r}")
+
+
+def short(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
