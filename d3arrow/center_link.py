@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from .comm import connect
 from .core import DEFAULT_TIMEOUT, HEARTBEAT_INTERVAL, ConnectionPool, Tasks
 from .errors import CommClosedError
-from .metadata import center_rpc, close_center_rpc, is_redis
+from .metadata import center_rpc, close_center_rpc, is_redis, shown
 from .security import NO_SECURITY, Security
 from .values import Values
 
@@ -45,6 +45,7 @@ class CenterLink:
                  metrics: Callable[[], dict] = dict,
                  security: Security = NO_SECURITY) -> None:
         self.center = center
+        self.shown_center = shown(center)  # for messages: no password
         self.pool = pool
         self.values = values
         self.security = security
@@ -80,7 +81,7 @@ class CenterLink:
             try:
                 await asyncio.wait_for(self.rpc.unregister(address=self.address), 2)
             except (OSError, TimeoutError, CommClosedError) as e:
-                logger.info("could not unregister from center %s: %s", self.center, e)
+                logger.info("could not unregister from center %s: %s", self.shown_center, e)
         await close_center_rpc(self.center)
 
     async def _register(self) -> None:
@@ -113,7 +114,7 @@ class CenterLink:
             except (OSError, TimeoutError, CommClosedError) as e:
                 failures += 1
                 (logger.warning if failures == 1 else logger.info)(
-                    "heartbeat to center %s failed (%d in a row): %s", self.center, failures, e)
+                    "heartbeat to center %s failed (%d in a row): %s", self.shown_center, failures, e)
 
     async def tell(self, op: str, keys, *, applied: bool = False) -> None:
         """Tell the center of keys added here (``add_keys``) or removed (``remove_keys``).
@@ -137,13 +138,13 @@ class CenterLink:
             self._updates_pending.append(answered)
             await comm.send(msg, silence=DEFAULT_TIMEOUT)
         except (OSError, TimeoutError, CommClosedError) as e:
-            logger.warning("could not tell center %s of %d keys: %s", self.center, len(keys), e)
+            logger.warning("could not tell center %s of %d keys: %s", self.shown_center, len(keys), e)
             return
         if applied:
             try:
                 await asyncio.wait_for(asyncio.shield(answered), DEFAULT_TIMEOUT)
             except TimeoutError:
-                logger.warning("center %s did not apply an update within %s s", self.center,
+                logger.warning("center %s did not apply an update within %s s", self.shown_center,
                                DEFAULT_TIMEOUT)
 
     async def _tell_redis(self, msg):
@@ -151,7 +152,7 @@ class CenterLink:
         try:
             reply = await getattr(self.rpc, op)(**msg)
         except (OSError, TimeoutError, CommClosedError) as e:
-            logger.warning("could not tell %s of %d keys: %s", self.center, len(msg["keys"]), e)
+            logger.warning("could not tell %s of %d keys: %s", self.shown_center, len(msg["keys"]), e)
             return
         if reply.get("status") == "unknown-worker":
             self.register_again()  # Redis lost us (restarted): it gets every key we hold
@@ -173,7 +174,7 @@ class CenterLink:
                 if isinstance(answer, dict) and answer.get("status") == "unknown-worker":
                     self.register_again()  # a restarted center: it gets every key we hold
                 elif not isinstance(answer, dict) or answer.get("status") != "OK":
-                    logger.warning("center %s refused an update: %s", self.center,
+                    logger.warning("center %s refused an update: %s", self.shown_center,
                                    answer.get("message") if isinstance(answer, dict) else answer)
                 answered.done() or answered.set_result(answer)
         except (CommClosedError, IndexError):
@@ -187,6 +188,6 @@ class CenterLink:
         if self._closing or (self._registering is not None and not self._registering.done()):
             return
         logger.warning("center %s does not know this worker: registering again with %d keys",
-                       self.center, len(self.values))
+                       self.shown_center, len(self.values))
         self._registering = self._tasks.spawn(self._register(),
                                               "registering again with the center")

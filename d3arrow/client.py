@@ -30,7 +30,7 @@ from .errors import (CommClosedError, KilledWorkerError, MissingDataError, NotAC
 from .eventloop import LoopThread
 from .keys import KeyMaker, new_owner
 from .lineage import Lineage
-from .metadata import center_address, center_rpc, close_center_rpc
+from .metadata import center_address, center_rpc, close_center_rpc, shown
 from .placement import Placement
 from .references import RemoteData, References, wait_for
 from .security import TOKEN_ENV, Security
@@ -82,6 +82,7 @@ class Client:
         elif cluster_kwargs:
             raise TypeError(f"unexpected arguments {sorted(cluster_kwargs)} with an address")
         self.center = center_address(address)  # 'host:port', or a Redis URL
+        self.shown_center = shown(self.center)  # for messages: no password
         if auth_token is None and not os.environ.get(TOKEN_ENV):
             auth_token = token_for(self.center)  # a private LocalCluster of this process
         security = Security.from_options(auth_token or None, tls_cert, tls_key, tls_ca)
@@ -157,17 +158,17 @@ class Client:
         try:
             reply = await self._rpc(self.center).identity()
         except ProtocolError as e:
-            raise NotACenterError(f"{self.center} is not a d3arrow center: {e}") from None
+            raise NotACenterError(f"{self.shown_center} is not a d3arrow center: {e}") from None
         except PeerUnresponsiveError:
             raise NotACenterError(
-                f"{self.center} accepted a connection but did not answer within "
+                f"{self.shown_center} accepted a connection but did not answer within "
                 f"{self.timeout:g} s: it is not a d3arrow center (or it is hung)") from None
         except (RemoteError, ValueError) as e:
-            raise NotACenterError(f"{self.center} is not a d3arrow center: it answered "
+            raise NotACenterError(f"{self.shown_center} is not a d3arrow center: it answered "
                                   f"{e}") from None
         role = reply.get("role")
         if role != "center":
-            raise NotACenterError(f"{self.center} is a d3arrow {role or 'server'}, not a center: "
+            raise NotACenterError(f"{self.shown_center} is a d3arrow {role or 'server'}, not a center: "
                                   f"give the address its workers registered with")
         interval = (await self._rpc(self.center).register_client(client=self.owner))[
             "heartbeat_interval"]
@@ -183,7 +184,7 @@ class Client:
                 if reply["status"] == "unknown-client":
                     await self._rpc(self.center).register_client(client=self.owner)
             except (CommClosedError, OSError) as e:
-                logger.info("heartbeat to center %s failed: %s", self.center, e)
+                logger.info("heartbeat to center %s failed: %s", self.shown_center, e)
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -247,7 +248,7 @@ class Client:
         """The addresses to use: the ones given (checked against the center's), or all."""
         if workers is None:
             if not self.ncores:
-                raise RuntimeError(f"no workers are registered with the center {self.center}")
+                raise RuntimeError(f"no workers are registered with the center {self.shown_center}")
             return list(self.ncores)
         if isinstance(workers, str) or not workers:
             raise ValueError(f"workers={workers!r}: give a list of worker addresses "
@@ -255,7 +256,7 @@ class Client:
         chosen = [normalize_address(w) for w in workers]
         unknown = [w for w in chosen if w not in self.ncores]
         if unknown:
-            raise ValueError(f"not workers of center {self.center}: {unknown}; "
+            raise ValueError(f"not workers of center {self.shown_center}: {unknown}; "
                              f"known: {sorted(self.ncores)}")
         return chosen
 
@@ -486,7 +487,7 @@ class Client:
             who_has = await self.ask_who_has(keys)
         except (CommClosedError, OSError) as e:  # what we placed ourselves we know anyway
             logger.warning("center %s unreachable (%s): deleting %d values where this client "
-                           "placed them", self.center, e, len(keys))
+                           "placed them", self.shown_center, e, len(keys))
             who_has = {}
         holders = collections.defaultdict(set)
         for key in keys:
@@ -661,7 +662,7 @@ class Client:
                     await self._rpc(self.center).unregister_client(client=self.owner)
                 except (CommClosedError, OSError) as e:
                     logger.info("could not tell center %s this client closed: %s",
-                                self.center, e)
+                                self.shown_center, e)
         finally:
             self.pool.close()
             await close_center_rpc(self.center)
@@ -673,7 +674,7 @@ class Client:
         self.close()
 
     def __repr__(self):
-        return f"<Client center={self.center} workers={len(self.ncores)}>"
+        return f"<Client center={self.shown_center} workers={len(self.ncores)}>"
 
 
 _NOT_INLINE = object()

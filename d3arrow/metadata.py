@@ -11,7 +11,7 @@ import asyncio
 import weakref
 
 from .addressing import normalize_address
-from .redis_center import RedisCenter, is_redis
+from .redis_center import RedisCenter, is_redis, shown  # noqa: F401 (shown: for messages)
 
 _redis_centers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # loop -> {url: RC}
 

@@ -144,18 +144,18 @@ class RedisCenter:
         self._config = None
 
     def __repr__(self):
-        return f"<RedisCenter {_safe(self.url)}>"
+        return f"<RedisCenter {shown(self.url)}>"
 
     async def _call(self, coroutine):
         try:
             return await coroutine
         except self._auth_error as e:
-            raise CommClosedError(f"Redis at {_safe(self.url)} refused us: {e}") from None
+            raise CommClosedError(f"Redis at {shown(self.url)} refused us: {e}") from None
         except self._errors as e:
-            raise CommClosedError(f"cannot reach Redis at {_safe(self.url)}: {e}") from None
+            raise CommClosedError(f"cannot reach Redis at {shown(self.url)}: {e}") from None
         except self._response_error as e:
             if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
-                raise CommClosedError(f"Redis at {_safe(self.url)} refused us: {e}") from None
+                raise CommClosedError(f"Redis at {shown(self.url)} refused us: {e}") from None
             raise
 
     async def _settings(self):
@@ -180,7 +180,7 @@ class RedisCenter:
     async def identity(self):
         await self._call(self._redis.ping())
         workers = await self._call(self._redis.hkeys(PREFIX + "workers"))
-        return {"role": "center", "backend": "redis", "address": _safe(self.url),
+        return {"role": "center", "backend": "redis", "address": shown(self.url),
                 "nworkers": len(await self._live(workers))}
 
     async def register(self, *, address, ncores, name=None, keys=(), nbytes=None):
@@ -353,7 +353,7 @@ class RedisCenter:
         settings = await self._settings()
         clients = [k async for k in self._redis.scan_iter(match=PREFIX + "client:*")]
         server = await self._call(self._redis.info("server"))
-        return {"center": _safe(self.url), "backend": "redis",
+        return {"center": shown(self.url), "backend": "redis",
                 "uptime": server.get("uptime_in_seconds", 0),
                 "heartbeat_interval": settings["heartbeat_interval"], "workers": out,
                 "totals": {"workers": len(out), "ncores": sum(w["ncores"] for w in out),
@@ -416,7 +416,7 @@ def _check_keys(keys, nbytes=None):
                          f"{[k for k in keys if not k or chr(0) in k][:3]!r}")
 
 
-def _safe(url):
+def shown(url):
     """The URL without its password, for messages."""
     scheme, sep, rest = url.partition("://")
     if "@" in rest:

@@ -181,11 +181,13 @@ def test_redis_down_is_a_clear_error():
 def test_redis_password_is_checked(tmp_path):
     server = RedisServer(password="s3cret")
     try:
-        with pytest.raises(CommClosedError, match="refused"):
+        with pytest.raises(CommClosedError, match="refused") as refused:
             Pool(server.url(password="wrong"))
+        assert "wrong" not in str(refused.value)  # no password in messages
         with LocalCluster(n_workers=1, ncores=1, metadata=server.url()) as cluster, \
                 Pool(cluster.center_address) as pool:
             assert pool.apply(abs, [-3]).get() == 3
+            assert "s3cret" not in repr(pool.client) and "***@" in repr(pool.client)
     finally:
         server.stop()
 

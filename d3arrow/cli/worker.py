@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from ..metadata import center_address
+from ..metadata import center_address, shown
 from ..errors import CommClosedError
 from ..eventloop import run
 from ..memory import PAUSE, TARGET, parse_memory_limit
@@ -71,10 +71,10 @@ async def _serve(args, center, security):
     try:
         await worker.register_with_center()
     except (OSError, TimeoutError, CommClosedError) as e:  # AuthenticationError is an OSError
-        print(f"Cannot register with center at {center}: {e}", file=sys.stderr)
+        print(f"Cannot register with center at {shown(center)}: {e}", file=sys.stderr)
         await worker.close(report=False)
         return 1
-    print(f"Register with center at {center}", flush=True)
+    print(f"Register with center at {shown(center)}", flush=True)
     return await serve_until_stopped(worker, args)
 
 
