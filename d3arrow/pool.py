@@ -456,7 +456,7 @@ class Pool:
                 await asyncio.gather(*(
                     self._slot(address, function, calls, queues, outcomes, pace, deaths,
                                priority)
-                    for address in list(queues)
+                    for address in _slotted(queues, client.ncores)
                     for _ in range(SLOTS_PER_CORE * client.ncores.get(address, 1))))
             if not queues:
                 raise CommClosedError("every worker this computation could use has died")
@@ -547,6 +547,17 @@ class Pool:
         ncores = self.client.ncores
         return min(others, key=lambda a: (len(queues[a]) + self._running[a] + 1)
                    / ncores.get(a, 1))
+
+
+def _slotted(queues, ncores):
+    """The workers that get slots: those with calls queued, and the idle ones too only where
+    those calls are more than their slots can take at once (then the idle steal). A small
+    map on a big cluster starts a few slots, not two per core of every worker."""
+    busy = [a for a in queues if queues[a]]
+    queued = sum(len(queues[a]) for a in busy)
+    if queued > sum(SLOTS_PER_CORE * ncores.get(a, 1) for a in busy):
+        return list(queues)
+    return busy
 
 
 class _Outcomes(list):
