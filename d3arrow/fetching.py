@@ -93,8 +93,12 @@ class PeerFetcher:
             for peer, peer_keys in plan.items():
                 for key in peer_keys:
                     tried[key].add(peer)
-            replies = await asyncio.gather(*(
-                self._get_from_peer(peer, peer_keys) for peer, peer_keys in plan.items()))
+            if len(plan) == 1:  # one peer (the usual case): no task to gather
+                ((peer, peer_keys),) = plan.items()
+                replies = [await self._get_from_peer(peer, peer_keys)]
+            else:
+                replies = await asyncio.gather(*(
+                    self._get_from_peer(peer, peer_keys) for peer, peer_keys in plan.items()))
             for data in replies:
                 for key, (value, ref_meta) in data.items():
                     self.values.put(key, value, ref_meta)
