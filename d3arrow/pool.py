@@ -467,15 +467,16 @@ class Pool:
         prefers, if it is live; else None: nothing ties the call anywhere."""
         ncores, running = self.client.ncores, self._running
         load = lambda a: (len(queues[a]) + running[a] + 1) / ncores.get(a, 1)  # noqa: E731
-        if len(call.needs) == 1:  # one input (a map's): where it is, no sizes to weigh
-            holders = [a for a in self.client.placement.holders(call.needs[0]) if a in queues]
+        if len(call.needs) == 1:  # one input (a map's): choose_worker's rule, no sizes
+            holders = self.client.placement.holders(call.needs[0])
             if holders:
-                return holders[0] if len(holders) == 1 else min(holders, key=load)
+                here = [a for a in holders if a in queues]
+                return here[0] if len(here) == 1 else min(here or queues, key=load)
             return call.prefer if call.prefer in queues else None
         held = self.client.placement.held_bytes(call.needs)
         if not held:
             return call.prefer if call.prefer in queues else None
-        return choose_worker(held, list(queues), load)
+        return choose_worker(held, queues, load)
 
     async def _slot(self, address, function, calls, queues, outcomes, pace, deaths,
                     priority):

@@ -9,7 +9,7 @@ import asyncio
 import collections
 import heapq
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from .errors import KilledWorkerError
 
@@ -18,10 +18,11 @@ BATCH_SECONDS = 0.02  # aim for this much work per request once task durations a
 PAUSED_RETRY_SECONDS = 0.1  # a worker over its memory limit is asked again this much later
 
 
-def choose_worker(held: Mapping[str, int], candidates: Sequence[str],
+def choose_worker(held: Mapping[str, int], candidates: Collection[str],
                   load: Callable[[str], float]) -> str:
     """The candidate holding the most input bytes (``held``), the least loaded among equals;
-    with no input held by a candidate, the least loaded one."""
+    with no input held by a candidate, the least loaded one. ``candidates``: a set or a
+    dict where there are many (membership is asked per holder)."""
     held = {a: n for a, n in held.items() if a in candidates}
     if held:
         most = max(held.values())
