@@ -565,9 +565,11 @@ class Client:
 
         A small serialized array is rebuilt once and kept. A reference to a co-located
         worker's memory gives a new view each time, as a fetch would: the first one takes
-        the pin the worker made for us, later ones pin for themselves. On the loop only a
-        pinned reference is viewed (pinning or opening a session blocks on the owner)."""
-        with self._inline_lock:  # one pin, one view: no two threads may take it
+        the pin the worker made for us, later ones pin for themselves. Viewing may wait on
+        the owner (opening our session with its store, or pinning), so it happens outside
+        the lock the loop takes for every compute reply; on the loop only a pinned
+        reference to a store we have a session with is viewed (no wait at all)."""
+        with self._inline_lock:
             held = self._inline.get(key, _NOT_INLINE)
             if type(held) is not Serialized:
                 return held
@@ -577,15 +579,17 @@ class Client:
                 return value
             if on_loop and ("pin" not in meta or not has_session(meta["socket"])):
                 return _NOT_INLINE
-            try:
-                value = load(held)
-            except SharedDataGone:
-                del self._inline[key]
-                return _NOT_INLINE
-            if "pin" in meta:  # the view holds that pin now
-                self._inline[key] = Serialized(
+            left = held
+            if "pin" in meta:  # this view takes that pin: no other may (one pin, one view)
+                left = self._inline[key] = Serialized(
                     {k: v for k, v in meta.items() if k not in ("pin", "token")}, [])
-            return value
+        try:
+            return load(held)
+        except SharedDataGone:
+            with self._inline_lock:
+                if self._inline.get(key) is left:  # (not a result made again meanwhile)
+                    del self._inline[key]
+            return _NOT_INLINE
 
     def _drop_inline(self, key):
         """Forget what came back with ``key``'s compute; a reference never viewed is

@@ -123,6 +123,39 @@ def test_a_result_comes_back_with_its_place_in_a_co_located_store(shm_cluster):
         assert wait_until(lambda: pool.store_info()[a]["pins"] == pins)
 
 
+def test_a_get_waiting_on_a_frozen_worker_holds_up_no_other_call():
+    """The first view of a frozen worker's memory waits on its session; the client's loop
+    goes on with every other worker meanwhile."""
+    import threading
+
+    import d3arrow.store
+
+    with LocalCluster(n_workers=2, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        a, b = cluster.worker_addresses
+        made = pool.apply(lambda n: np.arange(n, dtype="f8"), [1_000_000], workers=[a])
+        frozen = cluster.worker_processes[0].pid
+        os.kill(frozen, signal.SIGSTOP)
+        got, done, other = [], threading.Event(), []
+        reader = threading.Thread(target=lambda: (got.append(made.get()), done.set()))
+        elsewhere = threading.Thread(target=lambda: other.append(
+            pool.gather(pool.map(abs, [-1, -2], workers=[b]))))
+        session_timeout = d3arrow.store.SESSION_TIMEOUT
+        d3arrow.store.SESSION_TIMEOUT = 60  # the reader's wait outlasts the checks below
+        try:
+            reader.start()
+            time.sleep(0.5)  # it is waiting on a's session now
+            elsewhere.start()
+            elsewhere.join(timeout=20)
+            assert other == [[1, 2]]  # b's replies were handled meanwhile
+            assert not done.is_set()  # while the get still waits on a
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+            d3arrow.store.SESSION_TIMEOUT = session_timeout
+        reader.join(timeout=60)
+        elsewhere.join(timeout=60)
+        np.testing.assert_array_equal(got[0], np.arange(1_000_000, dtype="f8"))
+
+
 def test_a_reference_nobody_read_is_unpinned_when_its_value_goes(shm_cluster):
     a, _ = shm_cluster.worker_addresses
     with Pool(shm_cluster.center_address) as pool:
