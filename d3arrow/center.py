@@ -192,8 +192,8 @@ class Center(Server):
             return
         self._released.add(owner)
         kept = set(self._published.values())
-        freed = [key for key in self._who_has
-                 if key.startswith(owner) and owner_of(key) == owner and key not in kept]
+        freed = [key for key in self._who_has  # an owner's keys: OWNER-N and OWNER/NAME
+                 if key.startswith((owner + "-", owner + "/")) and key not in kept]
         for key in freed:
             for address in self._holders(key):
                 self._to_release.setdefault(address, set()).add(key)

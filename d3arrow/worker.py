@@ -229,24 +229,28 @@ class Worker(Server):
         ``session`` is the reader's token for its session with our store, if it has one:
         then we pin the object for it now, saving it a round trip.
         """
-        if host is not None and self.store is not None and host == self.store.host:
+        if self._on_our_host(host):
             ref_meta = self.values.ref_meta(key) or await self._share_locally(key)
             if ref_meta is not None:
-                return self._pinned(ref_meta, session) or Serialized(ref_meta, [])
+                return self._reference(ref_meta, session)
         value = self.values[key]
         if isinstance(value, np.ndarray) or self.values.nbytes(key) < LARGE_BYTES:
             return serialize(value)  # arrays serialize without copying: no need to wait
         return await asyncio.get_running_loop().run_in_executor(None, serialize, value)
 
-    def _pinned(self, ref_meta, session):
-        """A reference to an object of our store, pinned for the reader whose session
-        ``session`` names (so it needs no pin round trip); None if it cannot be."""
-        if session is None or ref_meta.get("socket") != self.store.socket_name:
-            return None
-        pin = self.store.pin_for(session, ref_meta["id"])
-        if pin is None:
-            return None
-        return Serialized({**ref_meta, "pin": pin, "token": session}, [])
+    def _on_our_host(self, host):
+        """Whether a reader on ``host`` can view our memory."""
+        return host is not None and self.store is not None and host == self.store.host
+
+    def _reference(self, ref_meta, session):
+        """A reference for a reader on our host: to an object of our store pinned for the
+        reader whose session ``session`` names (it needs no pin round trip) where it can
+        be, else as it is."""
+        if session is not None and ref_meta.get("socket") == self.store.socket_name:
+            pin = self.store.pin_for(session, ref_meta["id"])
+            if pin is not None:
+                return Serialized({**ref_meta, "pin": pin, "token": session}, [])
+        return Serialized(ref_meta, [])
 
     async def _share_locally(self, key):
         """How a reader on this host views ``key`` in place (its ref meta), or None if it
@@ -415,11 +419,10 @@ class Worker(Server):
                     result["value"] = serialize(small)
                 elif small is not _NOT_SMALL:
                     result["plain"] = small
-                elif host is not None and self.store is not None and host == self.store.host:
+                elif self._on_our_host(host):
                     ref_meta = self.values.ref_meta(key)
                     if ref_meta is not None and ref_meta.get("socket") == self.store.socket_name:
-                        result["ref"] = (self._pinned(ref_meta, session)
-                                         or Serialized(ref_meta, []))
+                        result["ref"] = self._reference(ref_meta, session)
                 results.append(result)
         self.counters.add("tasks", len(outcomes) - failed)
         self.counters.add("tasks_failed", failed)
