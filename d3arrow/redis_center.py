@@ -57,7 +57,9 @@ local has_what, owned = prefix .. 'has_what:' .. address, prefix .. 'owners:' ..
 local keys = split(ARGV[3])
 """
 # ARGV: prefix, address, keys, sizes (NUL-joined): the address holds these keys
+# (-1, nothing done: no such worker is registered)
 _ADD_HOLDER = _SPLIT + """
+if redis.call('HEXISTS', prefix .. 'workers', address) == 0 then return -1 end
 local sizes = split(ARGV[4])
 local owners = {}
 for i, key in ipairs(keys) do
@@ -167,6 +169,9 @@ class RedisCenter:
     async def _timeout_ms(self):
         return int((await self._settings())["heartbeat_timeout"] * 1000)
 
+    async def _scan(self, pattern):
+        return [k async for k in self._redis.scan_iter(match=pattern, count=1000)]
+
     async def _live(self, addresses):
         """The addresses among these whose heartbeat has not expired."""
         addresses = list(addresses)
@@ -203,12 +208,15 @@ class RedisCenter:
 
     async def _holders_change(self, script, address, keys, sizes=None):
         """Run ``script`` over ``keys`` (and their ``sizes``), BATCH keys per call, each
-        list passed as one NUL-joined argument (cheap to send, split by Lua)."""
+        list passed as one NUL-joined argument (cheap to send, split by Lua); False if a
+        call found the worker unregistered."""
         for start in range(0, len(keys), BATCH):
             args = [PREFIX, address, "\0".join(keys[start:start + BATCH])]
             if sizes is not None:
                 args.append("\0".join(map(str, sizes[start:start + BATCH])))
-            await self._call(script(args=args))
+            if await self._call(script(args=args)) == -1:
+                return False
+        return True
 
     async def _remove_worker(self, address):
         keys = await self._call(self._redis.hkeys(PREFIX + "has_what:" + address))
@@ -221,14 +229,14 @@ class RedisCenter:
         await self._call(pipe.execute())
 
     async def heartbeat(self, *, address, metrics=None):
-        if not await self._call(self._redis.hexists(PREFIX + "workers", address)):
-            return {"status": "unknown-worker"}
         timeout_ms = await self._timeout_ms()
-        pipe = self._redis.pipeline()
+        pipe = self._redis.pipeline()  # one round trip (an unknown worker's keys expire)
+        pipe.hexists(PREFIX + "workers", address)
         pipe.set(PREFIX + "alive:" + address, 1, px=timeout_ms)
         if isinstance(metrics, dict):
             pipe.set(PREFIX + "metrics:" + address, json.dumps(metrics), px=timeout_ms)
-        await self._call(pipe.execute())
+        if not (await self._call(pipe.execute()))[0]:
+            return {"status": "unknown-worker"}
         reply = {"heartbeat_interval": (await self._settings())["heartbeat_interval"]}
         self._beats += 1
         if self._beats % SWEEP_EVERY == 0:
@@ -269,15 +277,14 @@ class RedisCenter:
 
     async def add_keys(self, *, address, keys, nbytes=None):
         _check_keys(keys, nbytes)
-        if not await self._call(self._redis.hexists(PREFIX + "workers", address)):
-            return {"status": "unknown-worker"}
         if not keys:
-            return {"status": "OK"}
+            known = await self._call(self._redis.hexists(PREFIX + "workers", address))
+            return {"status": "OK" if known else "unknown-worker"}
         sizes = nbytes or {}
         async with self._updates:
-            await self._holders_change(self._add_holder, address, list(keys),
-                                       [sizes.get(key, -1) for key in keys])
-        return {"status": "OK"}
+            known = await self._holders_change(self._add_holder, address, list(keys),
+                                               [sizes.get(key, -1) for key in keys])
+        return {"status": "OK" if known else "unknown-worker"}
 
     async def remove_keys(self, *, address, keys):
         _check_keys(keys)
@@ -289,8 +296,8 @@ class RedisCenter:
 
     async def who_has(self, *, keys=None):
         if keys is None:
-            keys = [k.removeprefix(PREFIX + "who_has:") async for k in
-                    self._redis.scan_iter(match=PREFIX + "who_has:*", count=1000)]
+            keys = [k.removeprefix(PREFIX + "who_has:")
+                    for k in await self._call(self._scan(PREFIX + "who_has:*"))]
         _check_keys(keys)
         if not keys:
             return {"who_has": {}}
@@ -312,7 +319,8 @@ class RedisCenter:
         registered = await self._call(self._redis.hgetall(PREFIX + "workers"))
         live = await self._live(registered)
         if workers is not None:
-            live = [w for w in live if w in set(workers)]
+            asked = set(workers)
+            live = [w for w in live if w in asked]
         return {"ncores": {w: int(registered[w]) for w in live}}
 
     async def nbytes(self, *, keys=None):
@@ -351,7 +359,7 @@ class RedisCenter:
             out.append({"address": address, **info, "counters": sent.get("counters", {}),
                         "gauges": sent.get("gauges", {}), "rates": {}})
         settings = await self._settings()
-        clients = [k async for k in self._redis.scan_iter(match=PREFIX + "client:*")]
+        clients = await self._call(self._scan(PREFIX + "client:*"))
         server = await self._call(self._redis.info("server"))
         return {"center": shown(self.url), "backend": "redis",
                 "uptime": server.get("uptime_in_seconds", 0),
