@@ -150,9 +150,9 @@ def _fingerprint(func, seen=frozenset()):
     if type(func) is not types.FunctionType or func.__dict__:
         return _CHANGEABLE
     seen = seen | {id(func)}
+    named = tuple(name for name in _names(func.__code__) if name in func.__globals__)
     values = [_part(value, seen) for value in (
-        *(func.__globals__[name] for name in _names(func.__code__)
-          if name in func.__globals__),
+        *(func.__globals__[name] for name in named),
         *(func.__defaults__ or ()),
         *(func.__kwdefaults__ or {}).values(),
         *(_contents(cell) for cell in func.__closure__ or ()))]
@@ -160,9 +160,8 @@ def _fingerprint(func, seen=frozenset()):
         return _CHANGEABLE
     # the names beside the values: a global the code names that appears or goes counts
     return (func.__code__, func.__qualname__, func.__module__,
-            tuple(func.__annotations__.items()),
-            tuple(name for name in _names(func.__code__) if name in func.__globals__),
-            tuple(func.__kwdefaults__ or ()), tuple(values))
+            tuple(func.__annotations__.items()), named, tuple(func.__kwdefaults__ or ()),
+            tuple(values))
 
 
 def _contents(cell):
