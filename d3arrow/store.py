@@ -503,7 +503,8 @@ class _Session:
     def close(self):
         """Stop using the session. The mapping goes when the last view of it does."""
         self.alive = False
-        self.sock.close()
+        with self.lock:  # not under a pin another thread is making
+            self.sock.close()
 
 
 class _Sessions:
@@ -528,8 +529,7 @@ class _Sessions:
             else:
                 pin_id = session.pin(block_id)
         except OSError as e:
-            with self._lock:
-                self._sessions.pop(socket_name, None)
+            self._forget(socket_name)
             raise SharedDataGone(f"shared store {socket_name} cannot be reached: {e}") from None
         if pin_id is None:
             raise SharedDataGone(f"shared store {socket_name} no longer holds object {block_id}")
@@ -541,13 +541,23 @@ class _Sessions:
         process maps it, freed) as soon as our last view of it is collected."""
         with self._lock:
             gone = [name for name, s in self._sessions.items() if s.owner_gone()]
-            for name in gone:
-                self._sessions.pop(name).close()
+        for name in gone:
+            self._forget(name)
+
+    def _forget(self, socket_name):
+        """Drop our session with ``socket_name``, closing its socket."""
+        with self._lock:
+            session = self._sessions.pop(socket_name, None)
+        if session is not None:
+            session.close()
 
     def _get(self, socket_name):
         with self._lock:
             session = self._sessions.get(socket_name)
-            if session is None or not session.alive:
+            if session is not None and not session.alive:
+                session.close()
+                session = None
+            if session is None:
                 session = self._sessions[socket_name] = _Session(socket_name)
             return session
 

@@ -4,6 +4,7 @@ import gc
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import textwrap
@@ -160,3 +161,29 @@ def test_a_session_hands_out_a_descriptor_that_cannot_write(store):
         mmap.mmap(fds[0], 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ).close()
     finally:
         os.close(fds[0])
+
+
+def test_a_session_dropped_when_its_owner_stops_answering_closes_its_socket(monkeypatch):
+    """A frozen owner makes a pin time out: the reader gets SharedDataGone and drops the
+    session with its socket closed (an unclosed one is a ResourceWarning, an error here)."""
+    monkeypatch.setattr(store_module, "SESSION_TIMEOUT", 0.5)
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import pickle, sys, time
+        import numpy as np
+        from d3arrow.store import SharedStore
+        store = SharedStore(16 * 2**20)
+        print(pickle.dumps(store.put(np.ones(100_000))).hex(), flush=True)
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE)
+    try:
+        ref = pickle.loads(bytes.fromhex(owner.stdout.readline().decode()))
+        assert store_module.get(ref).sum() == 100_000  # the session is open
+        owner.send_signal(signal.SIGSTOP)
+        with pytest.raises(SharedDataGone, match="cannot be reached"):
+            store_module.get(ref)
+        gc.collect()
+        assert not store_module.has_session(ref.meta["socket"])
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()
