@@ -16,6 +16,7 @@ view die while its memory is in use.
 """
 
 import bisect
+import collections
 import ctypes
 import itertools
 import logging
@@ -36,6 +37,7 @@ PREFAULT_AHEAD = 256 * 2**20  # at most this much faulted in beyond the highest 
 TRIM_DELAY = 2.0  # memory freed is given back once not needed for this many seconds
 MADV_POPULATE_WRITE = 23
 MADV_REMOVE = 9  # free a range of shared pages and their backing store
+RAW_HEADER = 4096  # room in front of a raw allocation's data for the value's metadata
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -88,6 +90,8 @@ class Arena:
         self._ids = itertools.count(1)
         self._blocks = {}  # id -> weakref to the allocation
         self._id_at = {}  # offset -> id
+        self._raw = {}  # data address -> _Raw, for allocate_raw()
+        self._raw_frees = collections.deque()  # raw addresses freed, not yet given back
         self._prefault_wanted = threading.Event()
         self._closed = False
         # Private memory gets no head start: it serves receives, whose pages the kernel
@@ -116,6 +120,74 @@ class Arena:
         ArenaFull
             No free range of that size, or the machine cannot back it.
         """
+        offset, need = self._take(size)
+        view = self.memory[offset:offset + size]
+        block_id = next(self._ids)
+        with self._lock:
+            self._blocks[block_id] = weakref.ref(view)
+            self._id_at[offset] = block_id
+        weakref.finalize(view, self._release, offset, need, block_id)
+        return pa.py_buffer(view)
+
+    def allocate_raw(self, size):
+        """The address of ``size`` bytes for an array's data (numpy's allocator, see
+        :mod:`d3arrow.numpy_allocator`), or None when there is no room. ``RAW_HEADER``
+        bytes in front of it are ours, for the metadata of the value the array may become
+        (:meth:`adopt_raw`). Freed by :meth:`free_raw`."""
+        try:
+            offset, need = self._take(size + RAW_HEADER)
+        except ArenaFull:
+            return None
+        address = self.address + offset + RAW_HEADER
+        self._raw[address] = _Raw(offset, need)
+        return address
+
+    def holds_raw(self, address):
+        return address in self._raw
+
+    def raw_size(self, address):
+        return self._raw[address].need - RAW_HEADER
+
+    def adopt_raw(self, owner, address, nbytes, metadata):
+        """Make the raw allocation holding ``nbytes`` at ``address`` a block readers can pin,
+        with ``metadata`` written just in front of the data: ``(block id, offset of the
+        metadata)``, or None where it cannot be (not a raw allocation, metadata too long,
+        or the block already is a value with other metadata). ``owner`` keeps the memory
+        alive (the array owning it); the block lives as long as it does."""
+        raw = self._raw.get(address)
+        if raw is None or len(metadata) > RAW_HEADER or nbytes > raw.need - RAW_HEADER:
+            return None
+        start = raw.offset + RAW_HEADER - len(metadata)
+        with self._lock:
+            if raw.block_id is not None:  # the same array stored twice
+                return (raw.block_id, start) if raw.metadata == bytes(metadata) else None
+            self.memory[start:start + len(metadata)] = np.frombuffer(metadata, dtype=np.uint8)
+            raw.block_id, raw.metadata = next(self._ids), bytes(metadata)
+            self._blocks[raw.block_id] = weakref.ref(owner)
+            self._id_at[raw.offset] = raw.block_id
+        return raw.block_id, start
+
+    def free_raw(self, address):
+        """Give a raw allocation back. numpy frees from any thread, also inside a garbage
+        collection while this thread holds our lock: then it waits for the next call."""
+        self._raw_frees.append(address)
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+            self._give_back_raw()
+
+    def _give_back_raw(self):
+        while self._raw_frees:
+            try:
+                address = self._raw_frees.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            raw = self._raw.pop(address)
+            self._release(raw.offset, raw.need, raw.block_id)
+
+    def _take(self, size):
+        """``(offset, length)`` of a new allocation of at least ``size`` bytes, backed."""
+        if self._raw_frees:
+            self._give_back_raw()
         need = max(_round_up(size, ALIGNMENT), ALIGNMENT)
         with self._lock:
             for i, (offset, length) in enumerate(self._free):
@@ -140,15 +212,9 @@ class Arena:
         except OSError as e:
             self._release(offset, need)
             raise ArenaFull(f"the machine refused {need} more bytes of shared memory: {e}") from e
-        view = self.memory[offset:offset + size]
-        block_id = next(self._ids)
-        with self._lock:
-            self._blocks[block_id] = weakref.ref(view)
-            self._id_at[offset] = block_id
-        weakref.finalize(view, self._release, offset, need, block_id)
         if self._prefault_ahead and offset + need + PREFAULT_AHEAD > self._reserved:
             self._prefault_wanted.set()
-        return pa.py_buffer(view)
+        return offset, need
 
     def block_id(self, buffer):
         """The id of the allocation ``buffer`` starts at, or None if it is not one of ours."""
@@ -160,10 +226,9 @@ class Arena:
         return offset if 0 <= offset < self.capacity else None
 
     def get(self, block_id):
-        """The live allocation with this id (as a buffer), or None once it has been freed."""
+        """What keeps the allocation with this id alive, or None once it has been freed."""
         ref = self._blocks.get(block_id)
-        view = None if ref is None else ref()
-        return None if view is None else pa.py_buffer(view)
+        return None if ref is None else ref()
 
     def _release(self, offset, size, block_id=None):
         released_at, released_size = offset, size
@@ -245,11 +310,13 @@ class Arena:
 
     def _prefault_loop(self):
         while True:
-            # woken by allocations and frees, and once the recent peak may be trimmed
+            # woken by allocations and frees, and once the recent peak may be trimmed (or
+            # a raw free waits to be given back)
             self._prefault_wanted.wait(TRIM_DELAY if self._reserved > CHUNK else None)
             self._prefault_wanted.clear()
             if self._closed:
                 return
+            self._give_back_raw()
             # ahead by a quarter of what is in use (a chunk at least): a store that stays
             # small costs little, one that grows is kept ahead, and its footprint beyond
             # what it holds stays bounded
@@ -266,6 +333,16 @@ class Arena:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class _Raw:
+    """A raw allocation: where it lies, and the block it became, if any."""
+
+    __slots__ = ("offset", "need", "block_id", "metadata")
+
+    def __init__(self, offset, need):
+        self.offset, self.need = offset, need
+        self.block_id = self.metadata = None
 
 
 def _round_up(n, multiple):

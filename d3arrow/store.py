@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from .arena import Arena, ArenaFull
 from .errors import SpillError
-from .serialize import Serialized, deserialize, is_shareable, serialize_into
+from .serialize import Serialized, deserialize, is_shareable, serialize, serialize_into
 from .spill import open_spilled
 
 logger = logging.getLogger(__name__)
@@ -134,12 +134,39 @@ class SharedStore:
         """
         if not self.shareable(value):
             return None
+        in_place = self._adopt_array(value)
+        if in_place is not None:
+            return in_place
         try:
             meta, buffer, block_id = self._write(value)
         except ArenaFull as e:
             self._note_fallback(_nbytes(value), e)
             return None
         return self._view_of(meta, buffer, block_id)
+
+    def _adopt_array(self, array):
+        """An array numpy made in our arena (see :mod:`d3arrow.numpy_allocator`) taken
+        where it lies, its metadata written in front of it: ``(view, ref_meta)``; None
+        for any other value."""
+        if type(array) is not np.ndarray or not array.flags.c_contiguous:
+            return None
+        address = array.ctypes.data
+        if not self.arena.holds_raw(address):
+            return None
+        owner = array
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        pieces = serialize(array).payloads[0]
+        if len(pieces) != 2:  # a small tensor: one message
+            return None
+        metadata = memoryview(pieces[0])
+        adopted = self.arena.adopt_raw(owner, address, array.nbytes, metadata)
+        if adopted is None:
+            return None
+        block_id, start = adopted
+        buffer = pa.foreign_buffer(self.arena.address + start, len(metadata) + array.nbytes,
+                                   base=owner)
+        return self._view_of({"kind": "tensor"}, buffer, block_id)
 
     def _write(self, value):
         """Copy a value into a new allocation: ``(meta, buffer, allocation id)``."""

@@ -36,6 +36,7 @@ from .store import SharedDataGone, SharedStore, load
 from .task import KeyRef, map_leaves
 from .memory import PAUSE, TARGET, MemoryManager
 from .metrics import Counters, LoopLag
+from . import numpy_allocator
 from .values import Values
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,14 @@ class Worker(Server):
             self.values, memory_limit, directory=local_directory, target=memory_target,
             pause=memory_pause, spillable=self._spillable,
             store_used=self._shared_bytes)
-        self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix="d3arrow-compute")
+        # Results go to shared memory (no memory limit): numpy makes big arrays there in
+        # the first place in the compute threads, so storing one is no copy.
+        handler = (numpy_allocator.arena_handler(self.store.arena)
+                   if self.store is not None and self.store.shared and not memory_limit
+                   else None)
+        self.executor = ThreadPoolExecutor(
+            self.ncores, thread_name_prefix="d3arrow-compute",
+            initializer=numpy_allocator.use if handler else None, initargs=(handler,))
         self.functions = Functions()
         self.peer_timeout = peer_timeout()  # a peer silent this long is skipped
         self.pool = ConnectionPool(allocate=allocate, security=security,  # center and peers

@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d3arrow"
 
 # Lowest first. A module may import modules of lower layers only.
 LAYERS = [
-    {"errors", "addressing", "task", "arena", "keys"},
+    {"errors", "addressing", "task", "arena", "keys", "numpy_allocator"},
     {"serialize", "security", "scheduling", "metrics", "checks"},
     {"protocol", "spill"},
     {"store", "values", "memory"},
