@@ -34,7 +34,7 @@ from .metadata import center_address, center_rpc, close_center_rpc, shown
 from .placement import Placement
 from .references import RemoteData, References, wait_for
 from .security import TOKEN_ENV, Security
-from .serialize import Serialized, serialize
+from .serialize import Serialized, serialize, serialize_args
 from .store import (SharedDataGone, has_session, host_id, load, note_store_of, release_pin,
                     session_token)
 from .transfer import get_data
@@ -515,7 +515,7 @@ class Client:
         """
         needed = [list(call.needs) for call in calls]
         msg = {"op": "compute", "function": function, "keys": [call.key for call in calls],
-               "args": serialize([call.args for call in calls])}
+               "args": serialize_args([call.args for call in calls])}
         if self.host:  # results in a co-located store come back as references to view
             msg["host"] = self.host
             session = session_token(address)

@@ -18,8 +18,11 @@ import pickle
 import sys
 
 import cloudpickle
+import msgpack
 import numpy as np
 import pyarrow as pa
+
+from .task import KeyRef
 
 PICKLE_PROTOCOL = 5
 _PLAIN = (int, float, str, bytes, bool, type(None))  # exact types msgpack keeps as they are
@@ -76,6 +79,38 @@ def serialize(value):
     return _serialize_pickle(value)
 
 
+def serialize_args(args_per_call):
+    """The argument tuples of a batch of calls. Where every argument is plain or a
+    :class:`~d3arrow.task.KeyRef` (a map over numbers, or over values the workers hold)
+    they travel as msgpack, each KeyRef as its key with its place noted beside: several
+    times cheaper than pickling KeyRefs, and read back with no unpickling. Else pickled
+    as any value."""
+    places = []  # (call, argument) of each KeyRef
+    packed = args_per_call
+    for i, args in enumerate(args_per_call):
+        for j, arg in enumerate(args):
+            if type(arg) is KeyRef:
+                if packed is args_per_call:
+                    packed = list(args_per_call)
+                if type(packed[i]) is not list:
+                    packed[i] = list(args)
+                packed[i][j] = arg.key
+                places.append((i, j))
+            elif not is_plain(arg):
+                return serialize(list(args_per_call))
+    return Serialized({"kind": "args"}, [[msgpack.packb([packed, places], use_bin_type=True)]])
+
+
+def _unpack_args(packed):
+    try:
+        args_per_call, places = msgpack.unpackb(packed, raw=False)
+        for i, j in places:
+            args_per_call[i][j] = KeyRef(args_per_call[i][j])
+    except (ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"malformed call arguments: {type(e).__name__}: {e}") from None
+    return args_per_call
+
+
 def deserialize(serialized):
     """Rebuild the value; arrays and Arrow data are views of the received buffers."""
     meta = serialized.meta
@@ -97,6 +132,8 @@ def deserialize(serialized):
         return table
     if kind == "pickle":
         return pickle.loads(buffers[0], buffers=buffers[1:])
+    if kind == "args":  # lists where the caller had tuples: the worker unpacks them
+        return _unpack_args(buffers[0])
     raise ValueError(f"unknown serialization kind {kind!r}")
 
 

@@ -2,12 +2,14 @@
 
 import threading
 
+import msgpack
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from d3arrow.protocol import MessageReader, dumps
-from d3arrow.serialize import deserialize, serialize
+from d3arrow.serialize import Serialized, deserialize, serialize, serialize_args
+from d3arrow.task import KeyRef
 
 
 def over_the_wire(value):
@@ -121,3 +123,34 @@ def test_other_small_values_keep_their_type(value):
     got, wire_value = over_the_wire(value)
     assert wire_value.meta["kind"] == "pickle"
     assert got == value and type(got) is type(value)
+
+
+def _framed(serialized):
+    data = b"".join(bytes(memoryview(f).cast("B")) for f in dumps({"v": serialized}))
+    reader = MessageReader()
+    buf = reader.get_buffer()
+    out = []
+    while data:
+        buf = reader.get_buffer()
+        n = min(len(buf), len(data))
+        buf[:n], data = data[:n], data[n:]
+        out += reader.buffer_updated(n)
+    return out[0]["v"]
+
+
+def test_call_arguments_with_keyrefs_travel_without_pickle():
+    calls = [(1, KeyRef("x-1"), "text"), (KeyRef("y"),), (2.5, None, b"raw", True)]
+    serialized = serialize_args(calls)
+    assert serialized.meta == {"kind": "args"}
+    received = deserialize(_framed(serialized))
+    assert received == [[1, KeyRef("x-1"), "text"], [KeyRef("y")], [2.5, None, b"raw", True]]
+    assert calls[0][1] == KeyRef("x-1")  # the caller's tuples are left as they were
+    # anything else is pickled, as any value
+    assert serialize_args([(1, (2, 3))]).meta["kind"] == "pickle"
+    assert deserialize(serialize_args([(1, (2, 3))])) == [(1, (2, 3))]
+
+
+def test_malformed_call_arguments_are_a_clear_error():
+    bad = Serialized({"kind": "args"}, [[msgpack.packb([[[1]], [[5, 0]]])]])
+    with pytest.raises(ValueError, match="malformed call arguments"):
+        deserialize(bad)
