@@ -407,7 +407,9 @@ class Pool:
             await client.refresh_workers()
         outcomes = _Outcomes(len(calls), on_outcome)
         for i, call in enumerate(calls):  # pending inputs (from submit) must exist first
-            if call.inputs and not all(r.done() and r.failure() is None for r in call.inputs):
+            inputs = call.inputs
+            if inputs and not (inputs[0].exists() if len(inputs) == 1
+                               else all(r.exists() for r in inputs)):
                 failure = await wait_for(call.inputs)
                 if failure is not None:
                     outcomes.arrived(i, failure)

@@ -64,6 +64,12 @@ class RemoteData:
         """Whether its task has finished (the value exists, or it failed, or was cancelled)."""
         return self._state.done()
 
+    def exists(self) -> bool:
+        """Whether the value exists: made, or its task finished without error."""
+        state = self._state
+        return state is _DONE or (state.done() and not state.cancelled()
+                                  and state.exception() is None)
+
     def cancelled(self) -> bool:
         return self._state.cancelled()
 
