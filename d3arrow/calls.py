@@ -57,8 +57,9 @@ class Call:
                     return cls(key, args, None, ())
                 if len(refs) == 1 and type(refs[0]) is RemoteData:  # f(x) over RemoteData
                     (ref,) = refs
-                    return cls(key, tuple(KeyRef(ref.key) if a is ref else a for a in args),
-                               None, (ref.key,), (ref,))
+                    args = (KeyRef(ref.key),) if len(args) == 1 else tuple(
+                        KeyRef(ref.key) if a is ref else a for a in args)
+                    return cls(key, args, None, (ref.key,), (ref,))
                 args = tuple(KeyRef(a.key) if isinstance(a, RemoteData) else a for a in args)
                 return cls(key, args, None, tuple(dict.fromkeys(r.key for r in refs)),
                            tuple(r for r in refs if isinstance(r, RemoteData)))

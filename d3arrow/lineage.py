@@ -55,9 +55,10 @@ class Lineage:
         """The recipe of ``call``'s result; a result made again keeps the one it had."""
         recipe = self._recipes.get(call.key)
         if recipe is None:
-            recipe = self._recipes[call.key] = Recipe(
-                function, call.args, call.kwargs,
-                {k: self._recipes.get(k) for k in call.needs})
+            inputs = {r.key: r.recipe for r in call.inputs}  # the common case: no lookup
+            if len(inputs) != len(call.needs):  # some named by KeyRef only
+                inputs = {k: inputs.get(k) or self._recipes.get(k) for k in call.needs}
+            recipe = self._recipes[call.key] = Recipe(function, call.args, call.kwargs, inputs)
         return recipe
 
     def forget(self, key: str) -> None:

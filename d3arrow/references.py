@@ -100,6 +100,11 @@ class RemoteData:
         return self._state.exception()
 
     @property
+    def recipe(self) -> Any:
+        """How it was made (a :class:`~d3arrow.lineage.Recipe`), None if scattered."""
+        return self._recipe
+
+    @property
     def center(self) -> str:
         return self._client.center
 

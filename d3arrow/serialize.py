@@ -86,19 +86,20 @@ def serialize_args(args_per_call):
     times cheaper than pickling KeyRefs, and read back with no unpickling. Else pickled
     as any value."""
     places = []  # (call, argument) of each KeyRef
-    packed = args_per_call
     for i, args in enumerate(args_per_call):
         for j, arg in enumerate(args):
             if type(arg) is KeyRef:
-                if packed is args_per_call:
-                    packed = list(args_per_call)
-                if type(packed[i]) is not list:
-                    packed[i] = list(args)
-                packed[i][j] = arg.key
                 places.append((i, j))
             elif not is_plain(arg):
                 return serialize(list(args_per_call))
-    return Serialized({"kind": "args"}, [[msgpack.packb([packed, places], use_bin_type=True)]])
+    packed = msgpack.packb([args_per_call, places], default=_key_of, use_bin_type=True)
+    return Serialized({"kind": "args"}, [[packed]])
+
+
+def _key_of(ref):
+    if type(ref) is not KeyRef:  # checked above: cannot happen
+        raise TypeError(f"cannot pack {type(ref).__name__}")
+    return ref.key
 
 
 def _unpack_args(packed):
