@@ -103,7 +103,10 @@ def wire_form(func) -> Serialized:
     if not callable(func):
         raise TypeError(f"{func!r} is not callable")
     # by name: nothing in it can change; its entry must not hold it (a weak key)
-    fingerprint = None if _sent_by_reference(func) else _fingerprint(func)
+    by_reference = _sent_by_reference(func)
+    if by_reference:
+        _check_imported(func)
+    fingerprint = None if by_reference else _fingerprint(func)
     if fingerprint is not _CHANGEABLE:
         try:
             cached = _sent.get(func)
@@ -141,6 +144,19 @@ def _sent_by_reference(func):
     for part in name.split("."):
         found = getattr(found, part, None)
     return found is func
+
+
+def _check_imported(func):
+    """A function sent by name from a module still being imported (a Pool used at its top
+    level) would make pickle wait for that import, which waits for us: an error instead."""
+    module = sys.modules.get(func.__module__)
+    spec = getattr(module, "__spec__", None)
+    if getattr(spec, "_initializing", False):
+        raise RuntimeError(
+            f"cannot send {func.__qualname__} to the workers while its module "
+            f"{func.__module__!r} is still being imported: each worker would import it and "
+            f"run its top level again. Call the Pool from a function, or under "
+            f"`if __name__ == '__main__':`")
 
 
 def _fingerprint(func, seen=frozenset()):

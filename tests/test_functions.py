@@ -3,7 +3,9 @@ calls run on the worker's event loop (no thread hops), anything else does not.""
 
 import asyncio
 import os
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -160,3 +162,26 @@ def test_an_unchanged_script_function_is_pickled_once():
     assert wire_form(quick) is wire_form(quick)
     assert wire_form(scaled) is wire_form(scaled)
     assert wire_form(shifted) is not wire_form(shifted)  # names a list: pickled every time
+
+
+def test_a_pool_used_while_its_module_is_imported_is_an_error_not_a_hang(tmp_path):
+    """pickle would wait for the import lock the importing thread holds while it waits for
+    the Pool: a clear error instead, and the cluster still stops."""
+    (tmp_path / "uses_a_pool.py").write_text(textwrap.dedent("""
+        from d3arrow import Pool
+
+        def double(x):
+            return 2 * x
+
+        with Pool(n_workers=1, ncores=1) as pool:
+            print(pool.gather(pool.map(double, [1, 2])))
+        """))
+    run = subprocess.run([sys.executable, "-c", "import uses_a_pool"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "RuntimeError: cannot send double to the workers while its module 'uses_a_pool'" \
+        " is still being imported" in run.stderr
+    # run as a script, the same file works
+    run = subprocess.run([sys.executable, "uses_a_pool.py"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "[2, 4]", run.stderr
