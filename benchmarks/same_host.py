@@ -41,7 +41,7 @@ import numpy as np
 MiB = 2**20
 SYSTEMS = ["d3arrow", "ray", "multiprocessing", "dask"]
 FULL = {"big": 256 * MiB, "calls": 300, "repeat": 10, "task_repeat": 100, "tiny": 10_000,
-        "tiny_repeat": 3,
+        "tiny_repeat": 5,
         "pipeline": {"arrays": 32, "nbytes": 32 * MiB, "runs": 5}}
 QUICK = {"big": 32 * MiB, "calls": 50, "repeat": 3, "task_repeat": 3, "tiny": 1_000,
          "tiny_repeat": 1,
@@ -186,14 +186,17 @@ def run_d3arrow(config):
         n = config["tiny"]
         pool.map(inc, range(1000))
 
-        def rate(call):
-            return n / statistics.median(_pipeline_runs(call, config["tiny_repeat"]))
-
         held = pool.map(_inc, range(n))
-        figures["tiny_main_per_s"] = rate(lambda: pool.map(inc, range(n)))
-        figures["tiny_importable_per_s"] = rate(lambda: pool.map(_inc, range(n)))
-        figures["tiny_remote_per_s"] = rate(lambda: pool.map(_inc, held))
-        figures["tiny_main_remote_per_s"] = rate(lambda: pool.map(inc, held))
+        maps = {"tiny_main_per_s": lambda: pool.map(inc, range(n)),
+                "tiny_importable_per_s": lambda: pool.map(_inc, range(n)),
+                "tiny_remote_per_s": lambda: pool.map(_inc, held),
+                "tiny_main_remote_per_s": lambda: pool.map(inc, held)}
+        seconds = {name: [] for name in maps}
+        for _ in range(config["tiny_repeat"]):  # in turn: each sees the same drift
+            for name, call in maps.items():
+                seconds[name] += _pipeline_runs(call, 1)
+        for name in maps:
+            figures[name] = n / statistics.median(seconds[name])
     for shm, name in ((True, "pipeline"), (False, "pipeline_storeless")):
         with LocalCluster(n_workers=2, ncores=1, shm=shm) as local, \
                 Pool(local.center_address, shm=shm) as pool:

@@ -475,7 +475,7 @@ class Pool:
                 here = [a for a in holders if a in queues]
                 return here[0] if len(here) == 1 else min(here or queues, key=load)
             return call.prefer if call.prefer in queues else None
-        held = self.client.placement.held_bytes(call.needs)
+        held = call.needs and self.client.placement.held_bytes(call.needs)
         if not held:
             return call.prefer if call.prefer in queues else None
         return choose_worker(held, queues, load)
