@@ -85,7 +85,8 @@ class Arena:
         self._used = 0
         self._reserved = 0  # fallocated and faulted in: [0, _reserved)
         self._high = 0  # the highest end of any allocation now
-        self._peak, self._peak_at = 0, 0.0  # the highest of late, and since when
+        # the highest allocation end in this window of TRIM_DELAY seconds, and the last one
+        self._peak, self._last_peak, self._window_at = 0, 0, 0.0
         self._reserve_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._blocks = {}  # id -> weakref to the allocation
@@ -135,7 +136,7 @@ class Arena:
         bytes in front of it are ours, for the metadata of the value the array may become
         (:meth:`adopt_raw`). Freed by :meth:`free_raw`."""
         try:
-            offset, need = self._take(size + RAW_HEADER)
+            offset, need = self._take(size + RAW_HEADER, faulted_in=True)
         except ArenaFull:
             return None
         address = self.address + offset + RAW_HEADER
@@ -184,8 +185,11 @@ class Arena:
             raw = self._raw.pop(address)
             self._release(raw.offset, raw.need, raw.block_id)
 
-    def _take(self, size):
-        """``(offset, length)`` of a new allocation of at least ``size`` bytes, backed."""
+    def _take(self, size, *, faulted_in=False):
+        """``(offset, length)`` of a new allocation of at least ``size`` bytes, backed.
+        ``faulted_in``: only from memory faulted in already, ArenaFull beyond it (fresh
+        shared pages cost 20 times what fresh private ones do: a big temporary array is
+        better off in private memory)."""
         if self._raw_frees:
             self._give_back_raw()
         need = max(_round_up(size, ALIGNMENT), ALIGNMENT)
@@ -196,14 +200,15 @@ class Arena:
             else:
                 raise ArenaFull(f"no free range of {need} bytes in a store of {self.capacity} "
                                 f"({self._used} in use)")
+            if faulted_in and (offset + need > self._reserved or self.tight):
+                raise ArenaFull(f"no {need} bytes faulted in")
             if length == need:
                 del self._free[i]
             else:
                 self._free[i] = (offset + need, length - need)
             self._used += need
             self._high = max(self._high, offset + need)
-            if self._high >= self._peak or time.monotonic() - self._peak_at >= TRIM_DELAY:
-                self._peak, self._peak_at = self._high, time.monotonic()
+            self._note_peak()
         try:
             if self.tight:  # back just this allocation: a full machine is an error, not SIGBUS
                 os.posix_fallocate(self.fd, offset, need)
@@ -259,10 +264,20 @@ class Arena:
         pages faulted in, rather than giving them back and faulting them in again) and some
         room ahead."""
         high = self._high
-        if time.monotonic() - self._peak_at < TRIM_DELAY:
-            high = max(high, self._peak)
+        self._note_peak()
+        high = max(high, self._peak, self._last_peak)
         ahead = min(PREFAULT_AHEAD, max(CHUNK, high // 4))
         return min(self.capacity, _round_up(high + ahead, CHUNK))
+
+    def _note_peak(self):
+        """Keep the highest allocation end of the current and the last window (the caller
+        holds the lock): whatever reached up there in the last TRIM_DELAY seconds did."""
+        now = time.monotonic()
+        if now - self._window_at >= TRIM_DELAY:
+            self._last_peak = self._peak if now - self._window_at < 2 * TRIM_DELAY else 0
+            self._peak, self._window_at = self._high, now
+        elif self._high > self._peak:
+            self._peak = self._high
 
     def _trim(self):
         """Give back the reserved memory far above every allocation (a value deleted, a
@@ -322,7 +337,9 @@ class Arena:
             # what it holds stays bounded
             self._trim()
             try:
-                self._ensure_reserved(self._keep_reserved())
+                with self._lock:
+                    keep = self._keep_reserved()
+                self._ensure_reserved(keep)
             except OSError as e:
                 logger.warning("could not fault in shared memory ahead of use: %s", e)
 

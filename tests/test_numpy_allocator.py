@@ -1,6 +1,7 @@
 """numpy makes a compute thread's big arrays in the shared arena; the store takes them as
 they lie. Real shared memory, real threads, real worker processes."""
 
+import asyncio
 import gc
 import operator
 import pickle
@@ -28,8 +29,11 @@ MiB = 2**20
 @pytest.fixture
 def store():
     store = SharedStore(64 * MiB)
-    yield store
-    store.close()
+    try:  # numpy gets only memory faulted in already: the store's first chunk, here all
+        assert wait_until(lambda: store.arena.reserved == 64 * MiB, timeout=10)
+        yield store
+    finally:
+        store.close()
 
 
 def in_compute_thread(store, work):
@@ -136,6 +140,22 @@ def test_resize_zeros_and_a_full_arena_keep_numpys_meaning(store):
     assert store.put_value(huge) is None  # the store is full for it: kept private
 
 
+def test_a_big_array_beyond_the_memory_faulted_in_stays_private():
+    """Fresh shared pages cost 20 times what fresh private ones do: a big temporary array
+    is not worth faulting the store's memory in for."""
+    store = SharedStore(2**30)
+    try:
+        assert wait_until(lambda: store.arena.reserved >= 64 * MiB, timeout=10)
+        reserved = store.arena.reserved
+        big, small = in_compute_thread(store, lambda: (np.ones(512 * MiB // 8),
+                                                       np.ones(4 * MiB // 8)))
+        assert not store.arena.holds_raw(big.ctypes.data) and (big == 1).all()
+        assert store.arena.holds_raw(small.ctypes.data)
+        assert store.arena.reserved < reserved + 512 * MiB
+    finally:
+        store.close()
+
+
 def test_a_free_while_this_thread_holds_the_arenas_lock_waits_instead_of_deadlocking(store):
     arena = store.arena
     address = arena.allocate_raw(4 * MiB)
@@ -151,6 +171,8 @@ def test_a_free_while_this_thread_holds_the_arenas_lock_waits_instead_of_deadloc
 async def test_a_workers_result_is_stored_where_numpy_made_it_and_peers_view_it(
         center, workers, pool):
     a, b = workers
+    for worker in workers:  # numpy gets only store memory faulted in already
+        await asyncio.wait_for(_reserved(worker.store.arena, 64 * MiB), 10)
     reply = await pool.rpc(a.address).compute(
         function=serialize(np.full), **calls(task("x", MiB, 2.0)))
     assert reply["results"][0]["status"] == "OK"
@@ -161,6 +183,11 @@ async def test_a_workers_result_is_stored_where_numpy_made_it_and_peers_view_it(
     assert reply["results"][0]["status"] == "OK"
     np.testing.assert_array_equal(b.values["y"], np.full(MiB, 4.0))
     assert b.store.arena.holds_raw(b.values["y"].ctypes.data)
+
+
+async def _reserved(arena, nbytes):
+    while arena.reserved < nbytes:
+        await asyncio.sleep(0.01)
 
 
 def test_a_clients_view_of_a_result_outlives_its_deletion_and_new_arrays():
