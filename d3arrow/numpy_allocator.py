@@ -82,9 +82,16 @@ def arena_handler(arena, min_bytes=MIN_BYTES):
         _libc.malloc, _libc.calloc, _libc.realloc, _libc.free)
     memset, memmove = ctypes.memset, ctypes.memmove
 
+    def arena_or_none(nbytes):
+        try:
+            return allocate(nbytes)
+        except Exception:  # an error here would reach numpy as NULL: a MemoryError
+            logger.exception("shared store allocation of %d bytes failed", nbytes)
+            return None
+
     def malloc(ctx, size):
         if size >= min_bytes:
-            address = allocate(size)
+            address = arena_or_none(size)
             if address is not None:
                 return address
         return libc_malloc(size)
@@ -92,7 +99,7 @@ def arena_handler(arena, min_bytes=MIN_BYTES):
     def calloc(ctx, count, size):
         nbytes = count * size
         if nbytes >= min_bytes:
-            address = allocate(nbytes)
+            address = arena_or_none(nbytes)
             if address is not None:
                 memset(address, 0, nbytes)  # the arena's pages are reused, not fresh
                 return address
