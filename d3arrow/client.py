@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -120,17 +121,20 @@ class Client:
 
     # -- running coroutines --------------------------------------------------------------------
 
-    def sync(self, coro_function, *args, timeout=None, what=None, **kwargs):
+    def sync(self, coro_function, *args, timeout=None, what=None, started=None, **kwargs):
         """Run ``coro_function(*args, **kwargs)`` on the client's loop and wait for it.
 
         ``timeout`` bounds it there (the coroutine is cancelled, TimeoutError raised, naming
-        ``what`` was not done: by default the coroutine's name).
+        ``what`` was not done: by default the coroutine's name), counted from ``started``
+        (``time.monotonic()``) if given.
         """
         if self.closed:
             raise RuntimeError("this client is closed")
         coro = coro_function(*args, **kwargs)
         if timeout is not None:
-            coro = _limited(coro, timeout, what or coro_function.__name__.lstrip("_"))
+            left = timeout if started is None else max(
+                0.0, timeout - (time.monotonic() - started))
+            coro = _limited(coro, left, what or coro_function.__name__.lstrip("_"), timeout)
         try:
             return self._loop.run(coro)
         except RemoteExit as e:
@@ -339,12 +343,14 @@ class Client:
             raise TypeError(f"gather takes a list of RemoteData or keys, not one "
                             f"{type(items).__name__}: gather([{items!r}])")
         items = list(items)
-        inline = self._inline_values(items)
+        started = time.monotonic()  # what viewing takes counts
+        inline = self._inline_values(items, timeout)
         if inline is not None:
             return inline
-        return self.sync(self.values_of, list(items), timeout=timeout, what="gather")
+        return self.sync(self.values_of, list(items), timeout=timeout, what="gather",
+                         started=started)
 
-    def _inline_values(self, items):
+    def _inline_values(self, items, timeout=None):
         """The values of finished RemoteData whose results came back with their compute,
         read in the caller's thread (no trip to the loop); None if any is not one."""
         values = []
@@ -354,7 +360,7 @@ class Client:
             if (item.key not in self._inline or item._state.cancelled()
                     or item._state.exception() is not None or item.key in self.refs.deleted):
                 return None
-            value = self._inline_value(item.key)
+            value = self._inline_value(item.key, timeout=timeout)
             if value is _NOT_INLINE:
                 return None
             values.append(value)
@@ -559,16 +565,17 @@ class Client:
                 outcomes.append(rebuild_error(result))
         return outcomes, reply["seconds"]
 
-    def _inline_value(self, key, *, on_loop=False):
+    def _inline_value(self, key, *, on_loop=False, timeout=None):
         """A result that came back with its compute; _NOT_INLINE if there is none, or it
         is a reference that cannot be viewed (then it is fetched as any other).
 
         A small serialized array is rebuilt once and kept. A reference to a co-located
         worker's memory gives a new view each time, as a fetch would: the first one takes
-        the pin the worker made for us, later ones pin for themselves. Viewing may wait on
-        the owner (opening our session with its store, or pinning), so it happens outside
-        the lock the loop takes for every compute reply; on the loop only a pinned
-        reference to a store we have a session with is viewed (no wait at all)."""
+        the pin the worker made for us, later ones pin for themselves. Only a store we
+        have a session with is viewed here: opening one waits on the owner with no bound
+        but the session's, which a fetch does on the loop under the caller's timeout. A
+        pin asked for waits up to ``timeout``, outside the lock the loop takes for every
+        compute reply; on the loop only a reference pinned for us is viewed (no wait)."""
         with self._inline_lock:
             held = self._inline.get(key, _NOT_INLINE)
             if type(held) is not Serialized:
@@ -577,14 +584,14 @@ class Client:
             if meta.get("kind") != "shm":
                 value = self._inline[key] = _rebuilt(held)
                 return value
-            if on_loop and ("pin" not in meta or not has_session(meta["socket"])):
+            if not has_session(meta["socket"]) or (on_loop and "pin" not in meta):
                 return _NOT_INLINE
             left = held
             if "pin" in meta:  # this view takes that pin: no other may (one pin, one view)
                 left = self._inline[key] = Serialized(
                     {k: v for k, v in meta.items() if k not in ("pin", "token")}, [])
         try:
-            return load(held)
+            return load(held, timeout=timeout)
         except SharedDataGone:
             with self._inline_lock:
                 if self._inline.get(key) is left:  # (not a result made again meanwhile)
@@ -690,8 +697,8 @@ def _rebuilt(inline):
     return load(inline) if type(inline) is Serialized else inline
 
 
-async def _limited(coro, timeout, what):
-    async with time_limit(timeout, what):
+async def _limited(coro, timeout, what, stated):
+    async with time_limit(timeout, what, stated=stated):
         return await coro
 
 

@@ -186,15 +186,17 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def time_limit(seconds, what):
-    """``asyncio.timeout(seconds)`` whose TimeoutError says what was not done in time."""
+async def time_limit(seconds, what, *, stated=None):
+    """``asyncio.timeout(seconds)`` whose TimeoutError says what was not done in time
+    (within ``stated`` seconds: the caller's whole timeout, of which these are what is left)."""
     limit = asyncio.timeout(seconds)
     try:
         async with limit:
             yield
     except TimeoutError:
         if limit.expired():
-            raise TimeoutError(f"{what} not done within {seconds:g} s") from None
+            shown = seconds if stated is None else stated
+            raise TimeoutError(f"{what} not done within {shown:g} s") from None
         raise
 
 

@@ -404,12 +404,13 @@ def get(ref):
     return load(Serialized(ref.meta, []))
 
 
-def load(serialized, *, peer=None):
+def load(serialized, *, peer=None, timeout=None):
     """Deserialize a value, viewing shared memory in place for ``"shm"`` references (and
     the spilled file of a co-located worker for ``"spilled"`` ones).
 
     ``peer``, the address that sent the reference, is remembered so that later requests to
-    it can name our session with its store (:func:`session_token`).
+    it can name our session with its store (:func:`session_token`). ``timeout``: how long
+    the owner may take to pin the object, if it was not pinned for us.
 
     Raises
     ------
@@ -427,7 +428,7 @@ def load(serialized, *, peer=None):
     if peer is not None:
         _sessions.peer_stores[peer] = meta["socket"]
     buffer = _sessions.view(meta["socket"], meta["id"], meta["offset"], meta["size"],
-                            pinned=meta.get("pin"), token=meta.get("token"))
+                            pinned=meta.get("pin"), token=meta.get("token"), timeout=timeout)
     return deserialize(Serialized(meta["inner"], [buffer]))
 
 
@@ -495,16 +496,27 @@ class _Session:
         self.address = np.frombuffer(self.mmap, dtype=np.uint8).ctypes.data
         self.lock = threading.RLock()  # a release may run from GC while a pin is under way
         self.alive = True
+        # the owner keeps our pins while the socket is open: it closes when we close the
+        # session (its owner gone), or once nothing of ours needs its pins
+        self._closer = weakref.finalize(self, self.sock.close)
 
-    def pin(self, block_id):
+    def pin(self, block_id, timeout=None):
+        """Pin an object; its pin id, or None if the owner no longer holds it. OSError if
+        the owner does not answer within ``timeout`` (at most SESSION_TIMEOUT)."""
         with self.lock:
-            self.sock.sendall(_RECORD.pack(_PIN, block_id))
-            reply = b""
-            while len(reply) < _RECORD.size:
-                chunk = self.sock.recv(_RECORD.size - len(reply))
-                if not chunk:
-                    raise OSError("owner closed the session")
-                reply += chunk
+            if timeout is not None:
+                self.sock.settimeout(max(0.001, min(timeout, SESSION_TIMEOUT)))
+            try:
+                self.sock.sendall(_RECORD.pack(_PIN, block_id))
+                reply = b""
+                while len(reply) < _RECORD.size:
+                    chunk = self.sock.recv(_RECORD.size - len(reply))
+                    if not chunk:
+                        raise OSError("owner closed the session")
+                    reply += chunk
+            finally:
+                if timeout is not None:
+                    self.sock.settimeout(SESSION_TIMEOUT)
         status, pin_id = _RECORD.unpack(reply)
         return pin_id if status == _OK else None
 
@@ -528,10 +540,11 @@ class _Session:
                 return True
 
     def close(self):
-        """Stop using the session. The mapping goes when the last view of it does."""
+        """Stop using the session: its owner is gone. The mapping goes when the last view
+        of it does."""
         self.alive = False
         with self.lock:  # not under a pin another thread is making
-            self.sock.close()
+            self._closer()
 
 
 class _Sessions:
@@ -546,17 +559,19 @@ class _Sessions:
         session = self._sessions.get(self.peer_stores.get(peer))
         return session.token if session is not None and session.alive else None
 
-    def view(self, socket_name, block_id, offset, size, *, pinned=None, token=None):
-        """A read-only buffer over an owner's object, pinned for as long as it lives."""
+    def view(self, socket_name, block_id, offset, size, *, pinned=None, token=None,
+             timeout=None):
+        """A read-only buffer over an owner's object, pinned for as long as it lives.
+        ``timeout``: for the pin, if the owner must be asked for one."""
         self._sweep()
         try:
             session = self._get(socket_name)
             if pinned is not None and token == session.token:
                 pin_id = pinned  # the owner pinned it for us while answering
             else:
-                pin_id = session.pin(block_id)
+                pin_id = session.pin(block_id, timeout)
         except OSError as e:
-            self._forget(socket_name)
+            self._drop(socket_name)
             raise SharedDataGone(f"shared store {socket_name} cannot be reached: {e}") from None
         if pin_id is None:
             raise SharedDataGone(f"shared store {socket_name} no longer holds object {block_id}")
@@ -569,14 +584,19 @@ class _Sessions:
         with self._lock:
             gone = [name for name, s in self._sessions.items() if s.owner_gone()]
         for name in gone:
-            self._forget(name)
+            self._drop(name, owner_gone=True)
 
-    def _forget(self, socket_name):
-        """Drop our session with ``socket_name``, closing its socket."""
+    def _drop(self, socket_name, *, owner_gone=False):
+        """Use our session with ``socket_name`` no more (a pin went unanswered: a late
+        answer would be read as the next one's). Its socket closes now if the owner is
+        gone, else once no view of ours needs the pins it holds."""
         with self._lock:
             session = self._sessions.pop(socket_name, None)
         if session is not None:
-            session.close()
+            if owner_gone:
+                session.close()
+            else:
+                session.alive = False
 
     def _get(self, socket_name):
         with self._lock:

@@ -16,6 +16,7 @@ import pytest
 from conftest import wait_until
 from d3arrow import store as store_module
 from d3arrow.arena import ArenaFull
+from d3arrow.serialize import Serialized
 from d3arrow.store import SharedDataGone, SharedStore
 
 
@@ -165,7 +166,8 @@ def test_a_session_hands_out_a_descriptor_that_cannot_write(store):
 
 def test_a_session_dropped_when_its_owner_stops_answering_closes_its_socket(monkeypatch):
     """A frozen owner makes a pin time out: the reader gets SharedDataGone and drops the
-    session with its socket closed (an unclosed one is a ResourceWarning, an error here)."""
+    session; its socket is closed once no view needs it (an unclosed one is a
+    ResourceWarning, an error here)."""
     monkeypatch.setattr(store_module, "SESSION_TIMEOUT", 0.5)
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import pickle, sys, time
@@ -187,3 +189,23 @@ def test_a_session_dropped_when_its_owner_stops_answering_closes_its_socket(monk
         owner.kill()
         owner.wait()
         owner.stdout.close()
+
+
+def test_a_pin_that_times_out_drops_the_session_but_not_the_pins_of_its_views(store):
+    """A late answer would be read as the next pin's, so the session is used no more; but
+    closing its socket would make the owner drop the pins of views still in use."""
+    ref = store.put(np.ones(100_000))
+    view = store_module.get(ref)  # opens the session, one pin
+    with store._lock:  # the owner cannot answer a pin meanwhile
+        with pytest.raises(SharedDataGone, match="cannot be reached"):
+            store_module.load(Serialized(ref.meta, []), timeout=0.2)
+        assert not store_module.has_session(ref.meta["socket"])
+    assert wait_until(lambda: store.info()["pins"] == 2)  # the late pin too
+    store.delete(ref)
+    store.put(np.full(100_000, 7.0))  # would take the space of a value nobody pins
+    assert (view == 1.0).all()
+    del view
+    gc.collect()  # the old session goes with its last view, its socket and pins with it
+    assert wait_until(lambda: store.info()["pins"] == 0, timeout=5)
+    np.testing.assert_array_equal(store_module.get(store.put(np.arange(100_000))),
+                                  np.arange(100_000))  # a new session
