@@ -571,11 +571,10 @@ class Client:
 
         A small serialized array is rebuilt once and kept. A reference to a co-located
         worker's memory gives a new view each time, as a fetch would: the first one takes
-        the pin the worker made for us, later ones pin for themselves. Only a store we
-        have a session with is viewed here: opening one waits on the owner with no bound
-        but the session's, which a fetch does on the loop under the caller's timeout. A
-        pin asked for waits up to ``timeout``, outside the lock the loop takes for every
-        compute reply; on the loop only a reference pinned for us is viewed (no wait)."""
+        the pin the worker made for us, later ones pin for themselves. Viewing may wait on
+        the owner (opening our session with its store, or pinning) up to ``timeout``, so
+        it happens outside the lock the loop takes for every compute reply; on the loop
+        only a pinned reference to a store we have a session with is viewed (no wait)."""
         with self._inline_lock:
             held = self._inline.get(key, _NOT_INLINE)
             if type(held) is not Serialized:
@@ -584,7 +583,7 @@ class Client:
             if meta.get("kind") != "shm":
                 value = self._inline[key] = _rebuilt(held)
                 return value
-            if not has_session(meta["socket"]) or (on_loop and "pin" not in meta):
+            if on_loop and ("pin" not in meta or not has_session(meta["socket"])):
                 return _NOT_INLINE
             left = held
             if "pin" in meta:  # this view takes that pin: no other may (one pin, one view)

@@ -410,7 +410,8 @@ def load(serialized, *, peer=None, timeout=None):
 
     ``peer``, the address that sent the reference, is remembered so that later requests to
     it can name our session with its store (:func:`session_token`). ``timeout``: how long
-    the owner may take to pin the object, if it was not pinned for us.
+    the owner may take to open our session with its store, and to pin the object if it was
+    not pinned for us.
 
     Raises
     ------
@@ -470,13 +471,18 @@ def session_token(peer):
     return _sessions.token(peer)
 
 
+def _bounded(timeout):
+    """How long to wait on an owner: the caller's ``timeout``, at most SESSION_TIMEOUT."""
+    return SESSION_TIMEOUT if timeout is None else max(0.001, min(timeout, SESSION_TIMEOUT))
+
+
 class _Session:
     """A reader's session with one owner: the mapped region and the socket for pins."""
 
-    def __init__(self, socket_name):
+    def __init__(self, socket_name, timeout=None):
         self.socket_name = socket_name
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(SESSION_TIMEOUT)
+        self.sock.settimeout(_bounded(timeout))
         try:
             self.sock.connect("\0" + socket_name)
             data, fds, _, _ = socket.recv_fds(self.sock, 8, 1)
@@ -490,6 +496,7 @@ class _Session:
                 os.close(fds[0])
             self.token = int.from_bytes(os.urandom(8), "little")
             self.sock.sendall(_RECORD.pack(_HELLO, self.token))
+            self.sock.settimeout(SESSION_TIMEOUT)
         except BaseException:
             self.sock.close()
             raise
@@ -505,7 +512,7 @@ class _Session:
         the owner does not answer within ``timeout`` (at most SESSION_TIMEOUT)."""
         with self.lock:
             if timeout is not None:
-                self.sock.settimeout(max(0.001, min(timeout, SESSION_TIMEOUT)))
+                self.sock.settimeout(_bounded(timeout))
             try:
                 self.sock.sendall(_RECORD.pack(_PIN, block_id))
                 reply = b""
@@ -562,10 +569,10 @@ class _Sessions:
     def view(self, socket_name, block_id, offset, size, *, pinned=None, token=None,
              timeout=None):
         """A read-only buffer over an owner's object, pinned for as long as it lives.
-        ``timeout``: for the pin, if the owner must be asked for one."""
+        ``timeout``: for opening the session, and the pin if the owner must be asked."""
         self._sweep()
         try:
-            session = self._get(socket_name)
+            session = self._get(socket_name, timeout)
             if pinned is not None and token == session.token:
                 pin_id = pinned  # the owner pinned it for us while answering
             else:
@@ -598,14 +605,14 @@ class _Sessions:
             else:
                 session.alive = False
 
-    def _get(self, socket_name):
+    def _get(self, socket_name, timeout=None):
         with self._lock:
             session = self._sessions.get(socket_name)
             if session is not None and not session.alive:
                 session.close()
                 session = None
             if session is None:
-                session = self._sessions[socket_name] = _Session(socket_name)
+                session = self._sessions[socket_name] = _Session(socket_name, timeout)
             return session
 
 

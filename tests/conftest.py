@@ -5,6 +5,8 @@ is the backstop, and ``no_leftover_processes`` fails a test that leaves a child 
 """
 
 import asyncio
+import os
+import signal
 import time
 
 import psutil
@@ -48,6 +50,18 @@ def gen_cluster(n_workers=2, ncores=1, timeout=30, **center_kwargs):
         wrapper.__module__ = test.__module__
         return wrapper
     return decorator
+
+
+def freeze(pid):
+    """SIGSTOP ``pid`` and wait until it is stopped: the signal is only posted when kill()
+    returns, and a thread running on another CPU goes on for a moment (longer on a VM)."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped():
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    assert wait_until(stopped, timeout=5), f"process {pid} did not stop"
 
 
 def wait_until(predicate, timeout=10.0, interval=0.01):

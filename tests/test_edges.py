@@ -23,7 +23,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import wait_until
+from conftest import freeze, wait_until
 from d3arrow import (KilledWorkerError, LocalCluster, MissingDataError, NotACenterError, Pool,
                      ProtocolError, RemoteError, __version__)
 from d3arrow.comm import STALL_ENV
@@ -156,7 +156,7 @@ def test_a_task_whose_input_lives_on_a_frozen_worker_finishes_without_it(frozen_
     with Pool(cluster.center_address, timeout=2) as pool, \
             Pool(cluster.center_address, timeout=2) as earlier:
         x = pool.apply(_big, [1], workers=[a])
-        frozen.send_signal(signal.SIGSTOP)
+        freeze(frozen.pid)
         try:
             with pytest.raises(TimeoutError, match="gather not done within 0.5 s"):
                 x.get(timeout=0.5)  # a timeout= shorter than the silence bound is kept
@@ -177,7 +177,7 @@ def test_a_center_that_was_frozen_does_not_drop_its_live_workers():
         mapping = threading.Thread(target=lambda: results.update(values=pool.gather(
             pool.map(lambda i: time.sleep(0.1) or i * 2, range(30)))))
         mapping.start()
-        cluster.center_process.send_signal(signal.SIGSTOP)
+        freeze(cluster.center_process.pid)
         time.sleep(3)  # twice the heartbeat timeout
         cluster.center_process.send_signal(signal.SIGCONT)
         mapping.join(timeout=60)
@@ -554,7 +554,7 @@ def test_a_map_whose_stolen_calls_need_a_frozen_workers_values_finishes(monkeypa
         a, _ = cluster.worker_addresses
         inputs = pool.map(_big, range(8), workers=[a])
         frozen = cluster.worker_processes[0]
-        frozen.send_signal(signal.SIGSTOP)
+        freeze(frozen.pid)
         try:  # the calls queue on a; b steals some and fetches from a, which says nothing
             lengths = pool.map(lambda v: len(v) + int(v[0] * 0), inputs, timeout=60)
             assert pool.gather(lengths, timeout=60) == [50_000] * 8

@@ -14,7 +14,7 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from conftest import wait_until
+from conftest import freeze, wait_until
 from d3arrow import LocalCluster, LostDataError, Pool
 
 pytestmark = pytest.mark.timeout(120)
@@ -104,7 +104,7 @@ def test_a_computation_on_a_hung_worker_moves_on_once_the_center_drops_it(cluste
         pending = pool.apply_async(lambda: time.sleep(0.5) or _big(4), workers=[a])
         time.sleep(0.2)  # the call is on its way to a
         hung = cluster.worker_processes[0]
-        hung.send_signal(signal.SIGSTOP)
+        freeze(hung.pid)
         try:
             with pytest.raises(ConnectionError):
                 pending.get(timeout=60)  # pinned to a: a clear error, not a hang

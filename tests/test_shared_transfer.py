@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import gen_cluster, wait_until
+from conftest import freeze, gen_cluster, wait_until
 from d3arrow import LocalCluster, Pool
 from d3arrow.serialize import serialize
 from d3arrow.store import _sessions
@@ -103,7 +103,7 @@ def test_a_result_comes_back_with_its_place_in_a_co_located_store(shm_cluster):
         pins = pool.store_info()[a]["pins"]
         made = pool.apply(lambda n: np.arange(n, dtype="f8"), [1_000_000], workers=[a])
         assert pool.store_info()[a]["pins"] == pins + 1  # before we asked for it
-        os.kill(pid, signal.SIGSTOP)  # a frozen worker answers no request
+        freeze(pid)  # a frozen worker answers no request
         try:
             value = made.get()
         finally:
@@ -134,7 +134,7 @@ def test_a_get_waiting_on_a_frozen_worker_holds_up_no_other_call():
         a, b = cluster.worker_addresses
         made = pool.apply(lambda n: np.arange(n, dtype="f8"), [1_000_000], workers=[a])
         frozen = cluster.worker_processes[0].pid
-        os.kill(frozen, signal.SIGSTOP)
+        freeze(frozen)
         got, done, other = [], threading.Event(), []
         reader = threading.Thread(target=lambda: (got.append(made.get()), done.set()))
         elsewhere = threading.Thread(target=lambda: other.append(

@@ -4,7 +4,6 @@ import gc
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import wait_until
+from conftest import freeze, wait_until
 from d3arrow import store as store_module
 from d3arrow.arena import ArenaFull
 from d3arrow.serialize import Serialized
@@ -180,7 +179,7 @@ def test_a_session_dropped_when_its_owner_stops_answering_closes_its_socket(monk
     try:
         ref = pickle.loads(bytes.fromhex(owner.stdout.readline().decode()))
         assert store_module.get(ref).sum() == 100_000  # the session is open
-        owner.send_signal(signal.SIGSTOP)
+        freeze(owner.pid)
         with pytest.raises(SharedDataGone, match="cannot be reached"):
             store_module.get(ref)
         gc.collect()
