@@ -45,15 +45,14 @@ class Call:
     def of(cls, key: str, args: Any = (), kwargs: dict | None = None) -> "Call":
         args = tuple(args)
         if not kwargs:  # flat arguments (a map's) take one look at each
-            refs = None
+            refs = []
             for arg in args:
-                kind = type(arg)
-                if kind in _CONTAINERS:
+                if type(arg) in _CONTAINERS:
                     break
-                if kind is RemoteData or kind is KeyRef or isinstance(arg, REFERENCES):
-                    refs = [arg] if refs is None else [*refs, arg]
+                if isinstance(arg, REFERENCES):
+                    refs.append(arg)
             else:
-                if refs is None:
+                if not refs:
                     return cls(key, args, None, ())
                 if len(refs) == 1 and type(refs[0]) is RemoteData:  # f(x) over RemoteData
                     (ref,) = refs
@@ -61,12 +60,16 @@ class Call:
                         KeyRef(ref.key) if a is ref else a for a in args)
                     return cls(key, args, None, (ref.key,), (ref,))
                 args = tuple(KeyRef(a.key) if isinstance(a, RemoteData) else a for a in args)
-                return cls(key, args, None, tuple(dict.fromkeys(r.key for r in refs)),
-                           tuple(r for r in refs if isinstance(r, RemoteData)))
+                return cls._naming(key, args, None, refs)
         refs = find_leaves((args, kwargs), REFERENCES)
         if refs:
             to_keyref = lambda ref: KeyRef(ref.key)  # noqa: E731
             args = map_leaves(args, RemoteData, to_keyref)
             kwargs = map_leaves(kwargs, RemoteData, to_keyref)
-        return cls(key, args, kwargs or None, tuple(dict.fromkeys(r.key for r in refs)),
+        return cls._naming(key, args, kwargs or None, refs)
+
+    @classmethod
+    def _naming(cls, key, args, kwargs, refs):
+        """The call whose arguments hold ``refs`` (RemoteData and KeyRefs, in order)."""
+        return cls(key, args, kwargs, tuple(dict.fromkeys(r.key for r in refs)),
                    tuple(r for r in refs if isinstance(r, RemoteData)))
