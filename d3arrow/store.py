@@ -606,14 +606,23 @@ class _Sessions:
                 session.alive = False
 
     def _get(self, socket_name, timeout=None):
+        """Our live session with ``socket_name``, opened if need be. Opening waits on the
+        owner, so not under our lock: a frozen owner holds up no view of another store."""
         with self._lock:
             session = self._sessions.get(socket_name)
-            if session is not None and not session.alive:
-                session.close()
-                session = None
-            if session is None:
-                session = self._sessions[socket_name] = _Session(socket_name, timeout)
+        if session is not None and session.alive:
             return session
+        opened = _Session(socket_name, timeout)
+        with self._lock:
+            session = self._sessions.get(socket_name)
+            if session is not None and session.alive:  # another thread opened one meanwhile
+                stale = opened
+            else:
+                stale, session = session, opened
+                self._sessions[socket_name] = opened
+        if stale is not None:
+            stale.close()  # the one just opened (no pins yet), or one that failed a release
+        return session
 
 
 class _Pin:

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -208,3 +209,32 @@ def test_a_pin_that_times_out_drops_the_session_but_not_the_pins_of_its_views(st
     assert wait_until(lambda: store.info()["pins"] == 0, timeout=5)
     np.testing.assert_array_equal(store_module.get(store.put(np.arange(100_000))),
                                   np.arange(100_000))  # a new session
+
+
+def test_a_frozen_owner_holds_up_no_view_of_another_store(store):
+    """Opening a session waits on the owner: not under the lock every view takes."""
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import pickle, sys, time
+        import numpy as np
+        from d3arrow.store import SharedStore
+        store = SharedStore(16 * 2**20)
+        print(pickle.dumps(store.put(np.ones(100_000))).hex(), flush=True)
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE)
+    waiting = None
+    try:
+        frozen_ref = pickle.loads(bytes.fromhex(owner.stdout.readline().decode()))
+        freeze(owner.pid)
+        waiting = threading.Thread(target=lambda: pytest.raises(
+            SharedDataGone, store_module.load, Serialized(frozen_ref.meta, []), timeout=20))
+        waiting.start()
+        assert wait_until(lambda: waiting.is_alive(), timeout=5)
+        local = store.put(np.arange(100_000))
+        np.testing.assert_array_equal(store_module.get(local), np.arange(100_000))
+        assert waiting.is_alive()  # still waiting on the frozen owner
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()
+        if waiting is not None:
+            waiting.join(timeout=30)
