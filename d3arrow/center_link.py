@@ -1,8 +1,13 @@
 """A worker's link to its center: registration, heartbeats, and key updates in order.
 
-Updates (``add_keys`` / ``remove_keys``) travel over one connection kept for them and are
-written at once: an update made before a worker's reply to a caller reaches the center
-first, with no round trip in between; their answers are read in order in the background.
+Updates (``add_keys`` / ``remove_keys``) travel over one connection kept for them, in the
+order they were made; their answers are read in order in the background. Most are written
+at once: an update made before a worker's reply to a caller reaches the center first, with
+no round trip in between. Results of computations are the exception (``tell_soon``): the
+caller that asked for them hears where they are from the reply itself, so the center hears
+of them within ``UPDATE_BATCH_SECONDS``, many in one update. A message to the center costs
+about as much CPU as a small computation (two processes woken), and a stream of small
+calls would otherwise pay it once per call.
 Heartbeats go over pooled connections, back off while the center is away, and bring back
 the keys of vanished clients the worker should free.
 """
@@ -23,6 +28,7 @@ from .values import Values
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_FACTOR = 4  # while the center is unreachable, retry at most 4 heartbeats apart
+UPDATE_BATCH_SECONDS = 0.002  # results made meanwhile are told to the center together
 
 
 class CenterLink:
@@ -58,6 +64,8 @@ class CenterLink:
         self._updates_comm = None  # a connection to the center for add/remove_keys only
         self._updates_pending = collections.deque()  # their answers, in order
         self._updates_lock = asyncio.Lock()
+        self._soon = []  # results to tell the center of with the next batch
+        self._soon_timer = None
         self._registering = None
         self.heartbeats: asyncio.Task | None = None
         self._closing = False
@@ -74,6 +82,8 @@ class CenterLink:
 
     async def close(self, *, unregister: bool = True) -> None:
         self._closing = True
+        if self._soon_timer is not None:
+            self._soon_timer.cancel()
         await self._tasks.close()
         if self._updates_comm is not None:
             self._updates_comm.abort()
@@ -116,11 +126,44 @@ class CenterLink:
                 (logger.warning if failures == 1 else logger.info)(
                     "heartbeat to center %s failed (%d in a row): %s", self.shown_center, failures, e)
 
+    def tell_soon(self, keys) -> None:
+        """Tell the center of these results within UPDATE_BATCH_SECONDS, together with the
+        others made meanwhile (any :meth:`tell` sends them first: order is kept)."""
+        if not keys or self._closing:
+            return
+        self._soon.extend(keys)
+        if self._soon_timer is None:
+            self._soon_timer = asyncio.get_running_loop().call_later(
+                UPDATE_BATCH_SECONDS, self._tell_batch)
+
+    def _tell_batch(self):
+        self._soon_timer = None
+        if self._soon:
+            self._tasks.spawn(self.tell("add_keys", []), "telling the center of results")
+
     async def tell(self, op: str, keys, *, applied: bool = False) -> None:
         """Tell the center of keys added here (``add_keys``) or removed (``remove_keys``).
 
-        It hears of them in call order. With ``applied``, wait until it has applied this one.
+        It hears of them in call order, after the results :meth:`tell_soon` still holds.
+        With ``applied``, wait until it has applied this one.
         """
+        if self._soon:
+            soon, self._soon = self._soon, []
+            if self._soon_timer is not None:
+                self._soon_timer.cancel()
+                self._soon_timer = None
+            if op == "add_keys":
+                keys = [*soon, *keys]
+            else:
+                await self._update("add_keys", soon)
+        await self._update(op, keys, applied=applied)
+
+    async def told(self) -> None:
+        """Once the center has applied every result :meth:`tell_soon` held."""
+        if self._soon:
+            await self.tell("add_keys", [], applied=True)
+
+    async def _update(self, op, keys, *, applied=False):
         keys = [k for k in keys if k in self.values] if op == "add_keys" else list(keys)
         if not keys:
             return

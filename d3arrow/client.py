@@ -110,6 +110,7 @@ class Client:
         self._tasks = Tasks()  # heartbeats, the watch on busy workers
         self._watching = None
         self._round_robin = itertools.count()
+        self._results_from = {}  # worker -> when it last gave us results (time.monotonic())
         self._loop = LoopThread()
         self.refs = References(self._loop.call_soon, self._delete)
         self.closed = False
@@ -193,20 +194,38 @@ class Client:
     # -- metadata ------------------------------------------------------------------------------
 
     def who_has(self, keys: Iterable[str] | None = None) -> dict[str, list[str]]:
-        """``{key: [address]}`` from the center."""
-        return self.sync(self.ask_who_has, keys)
+        """``{key: [address]}`` from the center (which knows of every result we have)."""
+        return self.sync(self._who_has, keys)
+
+    async def _who_has(self, keys=None):
+        await self._center_told()
+        return await self.ask_who_has(keys)
 
     async def ask_who_has(self, keys=None):
         reply = await self._rpc(self.center).who_has(keys=None if keys is None else list(keys))
         return reply["who_has"]
 
     def has_what(self, workers: Iterable[str] | None = None) -> dict[str, list[str]]:
-        """``{address: [key]}`` from the center."""
+        """``{address: [key]}`` from the center (which knows of every result we have)."""
         return self.sync(self._has_what, workers)
 
     async def _has_what(self, workers=None):
         workers = None if workers is None else [normalize_address(w) for w in workers]
+        await self._center_told()
         return (await self._rpc(self.center).has_what(workers=workers))["has_what"]
+
+    async def _center_told(self):
+        """Until the center knows of the results workers gave us lately: they tell it in
+        batches, a few ms later (see center_link). Asked of the center next, it answers
+        as of every result we have."""
+        now = time.monotonic()
+        recent = [a for a, at in list(self._results_from.items()) if now - at < TELL_SECONDS]
+        replies = await asyncio.gather(*(self._rpc(a).told() for a in recent),
+                                       return_exceptions=True)
+        for address, reply in zip(recent, replies):
+            if isinstance(reply, BaseException):  # gone: the center forgets its keys anyway
+                logger.info("could not make sure the center knows %s's results: %s",
+                            address, reply)
 
     def store_info(self) -> dict[str, dict | None]:
         """``{address: dict}``: each worker's shared store (capacity, used, fallbacks, ...),
@@ -544,6 +563,7 @@ class Client:
             raise WorkerPausedError(f"worker {address} is paused: over its memory limit",
                                     reply.get("cannot_spill"))
         outcomes = []
+        self._results_from[address] = time.monotonic()
         for call, result in zip(calls, reply["results"]):
             if result["status"] == "OK":
                 self.placement.placed(call.key, address, result["nbytes"])
@@ -613,6 +633,7 @@ class Client:
         return self.sync(self._publish, name, self._key_of(item), timeout=timeout)
 
     async def _publish(self, name, key):
+        await self._center_told()  # who reads the name finds the value's holders
         await self._rpc(self.center).publish(name=name, key=key)
         self.refs.kept.add(key)
 
@@ -701,4 +722,7 @@ async def _limited(coro, timeout, what, stated):
         return await coro
 
 
+# results a worker gave us this recently may not have reached the center yet (in practice
+# they do within its UPDATE_BATCH_SECONDS; this covers a worker whose loop was held up)
+TELL_SECONDS = 10.0
 WATCH_SECONDS = 1.0  # how often computations in flight are checked against the center

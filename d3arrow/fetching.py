@@ -1,6 +1,7 @@
 """Fetching the values a worker lacks from the peers that hold them.
 
-Holders come from the caller's hints, else from the center. Keys go to several peers at
+Holders come from the caller's hints, else from the center (asked again a moment later
+about keys it does not know yet: workers tell it of results in batches). Keys go to several peers at
 once; a key wanted by several requests at once travels once. A peer that fails (dead,
 refusing, or silent for the peer timeout) is skipped and remembered for a while, so the
 worker can tell its callers which peers it found gone.
@@ -12,12 +13,17 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 
-from .center_link import CenterLink
+from .center_link import UPDATE_BATCH_SECONDS, CenterLink
 from .core import ConnectionPool, RecentFailures, Tasks
 from .transfer import get_data
 from .values import Values
 
 logger = logging.getLogger(__name__)
+
+# a key nobody we know of holds: asked of the center this many times, the second after a
+# few of the batches in which workers tell it of their results (UPDATE_BATCH_SECONDS)
+CENTER_ASKS = 2
+ASK_AGAIN_SECONDS = 5 * UPDATE_BATCH_SECONDS
 
 
 class PeerFetcher:
@@ -73,7 +79,7 @@ class PeerFetcher:
         me = self.link.address
         holders = {k: [a for a in who_has.get(k, ()) if a != me] for k in keys}
         tried = collections.defaultdict(set)
-        asked_center = False
+        asked_center = 0
         remaining = set(keys)
         fetched = []
         while remaining:
@@ -83,9 +89,11 @@ class PeerFetcher:
                 if untried:
                     plan[random.choice(untried)].append(key)
             if not plan:
-                if asked_center:
+                if asked_center == CENTER_ASKS:
                     break
-                asked_center = True
+                if asked_center:  # results reach the center in batches: it may know soon
+                    await asyncio.sleep(ASK_AGAIN_SECONDS)
+                asked_center += 1
                 reply = await self.link.rpc.who_has(keys=list(remaining))
                 for key, addresses in reply["who_has"].items():
                     holders[key] = [a for a in addresses if a != me]

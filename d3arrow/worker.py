@@ -112,6 +112,7 @@ class Worker(Server):
             "fetch": self.fetch,
             "keys": self.keys,
             "identity": self.identity,
+            "told": self.told,
         }
 
     def _peer_failed(self, address: str) -> None:
@@ -341,6 +342,11 @@ class Worker(Server):
     def keys(self):
         return {"keys": list(self.values)}
 
+    async def told(self):
+        """Reply once the center knows of every result made here (they are told in
+        batches): a client asking the center next finds them there."""
+        await self.link.told()
+
     def identity(self):
         return {"role": "worker", "address": self.address, "name": self.name,
                 "ncores": self.ncores, "center": self.center, "nkeys": len(self.values),
@@ -436,8 +442,8 @@ class Worker(Server):
         self.counters.add("tasks_failed", failed)
         self.counters.add("compute_seconds", seconds)
         self.memory.check_soon()
-        # written before our reply: the center hears of the results first
-        await self.link.tell("add_keys", [r["key"] for r in results if r["status"] == "OK"])
+        # the caller learns where they are from this reply; the center within a few ms
+        self.link.tell_soon([r["key"] for r in results if r["status"] == "OK"])
         return {"results": results, "seconds": seconds}
 
     def _execute(self, func, calls, call_kwargs, indices, keys, loop, *, on_the_loop=False):

@@ -48,7 +48,8 @@ async def test_compute_fetches_inputs_from_two_other_workers(center, workers, po
     (result,) = reply["results"]
     assert result["status"] == "OK" and result["nbytes"] == 8000 and result["type"] == "ndarray"
     np.testing.assert_array_equal(c.values["z"], np.full(1000, 5.0))
-    # the replicas were reported to the center before c replied
+    # the replicas were reported to the center before c replied; its result soon after
+    await pool.rpc(c.address).told()
     who_has = (await pool.rpc(center.address).who_has(keys=["x", "y", "z"]))["who_has"]
     assert sorted(who_has["x"]) == sorted([a.address, c.address])
     assert sorted(who_has["y"]) == sorted([b.address, c.address])
