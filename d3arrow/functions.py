@@ -10,9 +10,10 @@ dict, an array: changeable in place) it is pickled at every call.
 A caller sends a function of its script by value with every request; the same bytes
 unpickle to the same function, so they are unpickled once (keyed by a digest of the bytes:
 a function whose globals changed pickles differently and is loaded again). What the calls
-took decides where the next ones run: a function whose calls have all been quick runs on
-the event loop, sparing the two thread hops (~150 us here) that would cost more than the
-call itself. The first slow call sends it back to the compute threads for good.
+took decides where the next ones run: a function whose calls have been quick runs on the
+event loop, sparing the two thread hops (~150 us here) that would cost more than the call
+itself. A slow call sends it back to the compute threads, until its calls there have been
+quick often enough in a row (twice as often each time it relapses).
 """
 
 import collections
@@ -34,34 +35,48 @@ CACHE_BYTES = 2**20  # a bigger pickle (a closure holding data) is loaded every 
 # 0 runs every call in a thread)
 QUICK_SECONDS = float(os.environ.get("D3ARROW_QUICK_CALL_SECONDS", "0.0005"))
 QUICK_BATCH_SECONDS = 0.002  # at most this long on the loop per request
-QUICK_AFTER = 2  # calls seen (in a compute thread) before the loop is trusted with more
+QUICK_AFTER = 2  # quick calls seen (in a compute thread) before the loop is trusted with more
+RETRUST_AFTER = 32  # after a slow call: quick calls in a row before the loop is trusted again
 
 
 class Function:
     """A loaded function and what its calls took on this worker."""
 
-    __slots__ = ("func", "calls", "longest", "off_loop")
+    __slots__ = ("func", "streak", "longest", "off_loop", "trusted_after", "needs_thread")
 
     def __init__(self, func):
         self.func = func
-        self.calls = 0
-        self.longest = 0.0  # seconds of its slowest call so far
-        self.off_loop = False  # once true, never on the event loop again
+        self.streak = 0  # quick calls in a row
+        self.longest = 0.0  # seconds of the slowest of them
+        self.off_loop = False  # a call was slow: in threads until enough quick ones again
+        self.trusted_after = QUICK_AFTER  # quick calls in a row it takes to be on the loop
+        self.needs_thread = False  # a call needed the loop free: never on the loop again
 
     def quick(self, ncalls):
-        """Whether ``ncalls`` calls may run on the event loop: every call so far was
-        quick, and all of them together are too."""
-        return (not self.off_loop and self.calls >= QUICK_AFTER
+        """Whether ``ncalls`` calls may run on the event loop: the calls since the last
+        slow one were quick, enough of them, and all of them together are quick too."""
+        return (not self.off_loop and not self.needs_thread
+                and self.streak >= self.trusted_after
                 and self.longest * ncalls <= max(QUICK_BATCH_SECONDS, QUICK_SECONDS))
 
     def record(self, seconds):
-        """One call took ``seconds``; False if that was too long to stay on the loop."""
-        self.calls += 1
+        """One call took ``seconds``; False if that was too long to stay on the loop.
+
+        A slow call sends the function to the threads until it has made twice as many
+        quick calls in a row as last time: a hiccup (the machine busy, a collection) costs
+        a few calls in threads, while a function that is sometimes slow comes back ever
+        more rarely, so few of its slow calls ever hold up the loop."""
+        if seconds > QUICK_SECONDS:
+            if self.streak >= self.trusted_after:  # it had been trusted: trust it less
+                self.trusted_after = max(self.trusted_after * 2, RETRUST_AFTER)
+            self.streak, self.longest, self.off_loop = 0, 0.0, True
+            return False
+        self.streak += 1
         if seconds > self.longest:
             self.longest = seconds
-        if seconds > QUICK_SECONDS:
-            self.off_loop = True
-        return not self.off_loop
+        if self.off_loop and self.streak >= self.trusted_after:
+            self.off_loop = False
+        return True
 
 
 class Functions:

@@ -470,7 +470,7 @@ class Worker(Server):
                 else:
                     value = func.func(*args, **kwargs)
             except MustLeaveLoop:  # a client inside the call: it needs our loop free
-                func.off_loop = True
+                func.needs_thread = True
                 return outcomes, time.perf_counter() - start, indices[position:]
             except BaseException as e:  # SystemExit too: an error of this call, not ours
                 func.record(time.perf_counter() - began)
