@@ -208,7 +208,19 @@ class References:
                 pass
 
     def apply_drops(self) -> None:
-        """Count the drops handed to the loop; start freeing keys nobody names."""
+        """Count the drops handed to the loop; start freeing keys nobody names.
+
+        While freeing is under way, later drops wake nobody: it counts them itself when
+        it next frees (a wake-up of the loop thread per dropped RemoteData would cost a
+        caller that makes and drops one per call more than the call)."""
+        self._count_drops()
+        if self._released and not self.closed:
+            if self._release_task is None or self._release_task.done():
+                self._release_task = asyncio.get_running_loop().create_task(self._release())
+                self._release_task.add_done_callback(log_failure("freeing released values"))
+            self._drops_scheduled = True  # _release counts what comes meanwhile
+
+    def _count_drops(self) -> None:
         self._drops_scheduled = False  # before taking them: a later drop schedules again
         while self._dropped:
             key = self._dropped.popleft()
@@ -217,20 +229,18 @@ class References:
                 del self._counts[key]
                 self.deleted.discard(key)
                 self._released.add(key)
-        if self._released and not self.closed and (
-                self._release_task is None or self._release_task.done()):
-            self._release_task = asyncio.get_running_loop().create_task(self._release())
-            self._release_task.add_done_callback(log_failure("freeing released values"))
 
     async def _release(self) -> None:
         while self._released:
             await asyncio.sleep(RELEASE_DELAY)
+            self._count_drops()
             keys = [k for k in self._released if k not in self._counts and k not in self.kept]
             self._released.clear()
             try:
                 await self._free(keys)
             except BaseException:  # cancelled by close, or failed: close frees them
                 self._released.update(k for k in keys if k not in self._counts)
+                self._drops_scheduled = False  # the next drop wakes the loop again
                 raise
 
     def __contains__(self, key: object) -> bool:
