@@ -25,6 +25,7 @@ from .addressing import normalize_address
 from .cluster import LocalCluster, token_for
 from .comm import CONNECT_TIMEOUT
 from .core import DEFAULT_TIMEOUT, ConnectionPool, Tasks, rebuild_error, time_limit
+from .direct import DirectLinks
 from .errors import (CommClosedError, KilledWorkerError, MissingDataError, NotACenterError,
                      PeerUnresponsiveError, ProtocolError, RemoteError, RemoteExit,
                      WorkerPausedError)
@@ -102,6 +103,8 @@ class Client:
         self.pool = ConnectionPool(  # a worker that failed us is left out for a while
             security=security, connect_timeout=min(timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT),
             on_failure=self._failed)
+        self.direct = DirectLinks(  # calls from the caller's thread (see d3arrow.direct)
+            security, connect_timeout=min(timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT))
         self.ncores = {}
         self.lineage = Lineage(self)
         self._inline = {}  # key -> small result that came back with its compute (or a
@@ -477,13 +480,28 @@ class Client:
                 logger.info("cannot check on workers with the center: %s", e)
                 continue
             for address in busy - registered.keys():
-                if await self._answers(address):  # the center forgot it only for a while
-                    logger.info("worker %s is not registered with the center but answers: "
-                                "still waiting on it", address)
+                if not await self._given_up(address, registered):
                     continue
                 logger.warning("worker %s was dropped by the center and does not answer: "
                                "giving up on its computations", address)
                 self.pool.abort(address)  # its requests fail: it is left out from then on
+
+    async def _given_up(self, address, registered=None):
+        """Whether to give up waiting on ``address``: the center dropped it (it missed its
+        heartbeats) and it does not answer. Not if the center cannot be asked."""
+        if registered is None:
+            try:
+                registered = (await self._rpc(self.center).ncores())["ncores"]
+            except (OSError, TimeoutError, CommClosedError) as e:
+                logger.info("cannot check on worker %s with the center: %s", address, e)
+                return False
+        if address in registered:
+            return False
+        if await self._answers(address):  # the center forgot it only for a while
+            logger.info("worker %s is not registered with the center but answers: "
+                        "still waiting on it", address)
+            return False
+        return True
 
     async def _answers(self, address):
         """Whether the worker at ``address`` answers a request within a watch period."""
@@ -538,6 +556,15 @@ class Client:
         once the request is written. Raises CommClosedError if the worker failed us,
         WorkerPausedError if it took none of them (over its memory limit).
         """
+        msg = self.compute_request(address, function, calls)
+        if self._watching is None or self._watching.done():
+            self._watching = self._tasks.spawn(self._watch_workers(), "watching busy workers")
+        reply = await self.pool.request(address, msg, on_sent=on_sent)
+        return self.compute_outcomes(address, function, calls, reply)
+
+    def compute_request(self, address, function, calls):
+        """The message asking ``address`` to run ``function`` once per call (from any
+        thread: see d3arrow.direct)."""
         needed = [list(call.needs) for call in calls]
         msg = {"op": "compute", "function": function, "keys": [call.key for call in calls],
                "args": serialize_args([call.args for call in calls])}
@@ -556,9 +583,11 @@ class Client:
                     if holders:
                         hints[key] = holders
             msg.update(needed=needed, who_has=hints)
-        if self._watching is None or self._watching.done():
-            self._watching = self._tasks.spawn(self._watch_workers(), "watching busy workers")
-        reply = await self.pool.request(address, msg, on_sent=on_sent)
+        return msg
+
+    def compute_outcomes(self, address, function, calls, reply):
+        """What a compute reply says, per call (see :meth:`compute`); what it placed is
+        noted. From any thread: each note is one atomic update."""
         if reply.get("status") == "paused":
             raise WorkerPausedError(f"worker {address} is paused: over its memory limit",
                                     reply.get("cannot_spill"))
@@ -675,6 +704,7 @@ class Client:
             logger.warning("could not free this client's values on close: %s", e)
         finally:
             self.closed = True
+            self.direct.close()
             self._loop.stop()
             if self.cluster is not None:
                 self.cluster.close()

@@ -65,7 +65,7 @@ class Placement:
     def failed(self, address: str) -> None:
         """``address`` could not be reached: leave it out until the center drops it."""
         self.unreachable.add(address)
-        for holders in self._where.values():
+        for holders in list(self._where.values()):  # (a caller's thread may add keys)
             holders.discard(address)
 
     def reachable(self, addresses: Iterable[str]) -> list[str]:

@@ -12,14 +12,17 @@ import collections
 import concurrent.futures
 import itertools
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .addressing import address_tuple
 from .calls import Call
 from . import graphs
-from .client import Client
+from .client import WATCH_SECONDS, Client
 from .core import RecentFailures
+from .direct import DirectCallFailed
 from .functions import wire_form as _serialize_function
 from .errors import (CommClosedError, MissingDataError, RemoteExit, SpillError,
                      WorkerPausedError)
@@ -69,6 +72,8 @@ class Pool:
         self._paused = RecentFailures(1.0)  # workers that said they are over their limit
         self._turns = Turns()  # requests in flight per worker, over all runs
         self._runs = itertools.count()  # first come, first served among equals
+        self._direct_running = collections.Counter()  # calls in hand from callers' threads
+        self._direct_lock = threading.Lock()
         self.client = Client(address, **kwargs)
         try:
             self.sync_center()
@@ -251,19 +256,95 @@ class Pool:
         the function receives their values. Returns a RemoteData. Errors and ``timeout``
         as for :meth:`map`.
         """
-        return self.client.sync(self._apply, func, args, kwargs, workers=workers,
-                                timeout=timeout)
+        started = time.monotonic()
+        function = _serialize_function(func)
+        call = Call.of(self.client.keys.new(), args, kwargs)
+        result, died = self._apply_direct(function, call, workers, timeout, _name(func))
+        if result is not None:
+            return result
+        return self.client.sync(self._run_one, function, call, workers, _name(func), died,
+                                timeout=timeout, what="apply", started=started)
+
+    def _apply_direct(self, function, call, workers, timeout, name):
+        """Run one call from the caller's thread, straight to its worker and back (see
+        d3arrow.direct): ``(RemoteData, None)``; or ``(None, died)`` where the client's
+        loop must run it: an input is pending or went missing, the worker is paused, or
+        the connection failed (``died``: a Deaths that counts it, if it had the call).
+        """
+        client = self.client
+        if client.closed or not client.ncores or not all(r.exists() for r in call.inputs):
+            return None, None
+        address = self._worker_for(call, workers)
+        msg = client.compute_request(address, function, [call])
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._direct_lock:
+            self._direct_running[address] += 1
+        try:
+            reply = client.direct.link(address).request(
+                msg, deadline=deadline, watch=WATCH_SECONDS,
+                still_there=lambda: not client.sync(client._given_up, address))
+            (outcome,), _ = client.compute_outcomes(address, function, [call], reply)
+        except DirectCallFailed as e:
+            if client.closed:
+                raise RuntimeError("this client is closed") from None
+            if not e.sent:
+                return None, None
+            logger.warning("worker %s failed (%s) with a call of %s in hand: running it "
+                           "elsewhere", address, e, name)
+            deaths = Deaths(client.allowed_failures, name)
+            given_up = deaths.record([0], address).get(0)
+            if given_up is not None:
+                raise given_up from None
+            return None, (address, deaths)
+        except TimeoutError:
+            raise TimeoutError(f"apply not done within {timeout:g} s") from None
+        except WorkerPausedError:
+            self._paused.add(address)
+            return None, None
+        finally:
+            with self._direct_lock:
+                self._direct_running[address] -= 1
+        if type(outcome) is MissingDataError:  # an input was lost: lineage, on the loop
+            return None, None
+        if isinstance(outcome, RemoteExit):
+            raise outcome.exc
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome, None
+
+    def _worker_for(self, call, workers):
+        """Where one call runs, placed as :meth:`_run_some` places a call alone."""
+        client = self.client
+        chosen = client.choose_workers(workers)
+        live = client.placement.reachable(chosen) or chosen
+        queues = dict.fromkeys(live, ())
+        address = self._place(call, queues)
+        if address is None:
+            (address,) = split_in_runs([0], live, client.ncores,
+                                       {a: self._in_hand(a) for a in live})
+        return self._unpaused(address, queues)
+
+    def _in_hand(self, address):
+        """Calls sent to ``address`` and not yet back, from the loop and from callers'
+        threads (read without the lock: a count off by one only moves a placement)."""
+        return self._running[address] + self._direct_running[address]
+
+    async def _run_one(self, function, call, workers, name, died=None):
+        """One call on the loop (after :meth:`_apply_direct` could not run it)."""
+        deaths = None
+        if died is not None:
+            address, deaths = died
+            self.client._failed(address)
+        (result,) = await self._run(function, [call], workers, name=name, deaths=deaths)
+        return result
 
     def apply_async(self, func: Callable, args: Sequence = (), kwargs: dict | None = None, *,
                     workers: Workers = None) -> "AsyncResult":
         """Like :meth:`apply` but return at once; ``.get()`` on the result gives the RemoteData."""
-        return AsyncResult(self.client.submit(self._apply, func, args, kwargs, workers=workers))
-
-    async def _apply(self, func, args, kwargs, *, workers=None):
         function = _serialize_function(func)
-        (result,) = await self._run(function, [Call.of(self.client.keys.new(), args, kwargs)],
-                                    workers, name=_name(func))
-        return result
+        call = Call.of(self.client.keys.new(), args, kwargs)
+        return AsyncResult(self.client.submit(self._run_one, function, call, workers,
+                                              _name(func)))
 
     def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         """A dask scheduler: ``dask.compute(x, scheduler=pool.get)``, ``x.compute(scheduler=
@@ -378,17 +459,18 @@ class Pool:
 
     # -- scheduling ----------------------------------------------------------------------------
 
-    async def _run(self, function, calls, workers, *, name, on_outcome=None):
+    async def _run(self, function, calls, workers, *, name, on_outcome=None, deaths=None):
         """Place each call, run them all, return their RemoteData in order (or raise the
         first call's exception)."""
         outcomes = await self._run_calls(function, calls, workers, name=name,
-                                         on_outcome=on_outcome)
+                                         on_outcome=on_outcome, deaths=deaths)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         return outcomes
 
-    async def _run_calls(self, function, calls, workers, *, name, pace=None, on_outcome=None):
+    async def _run_calls(self, function, calls, workers, *, name, pace=None, on_outcome=None,
+                         deaths=None):
         """Place each call, run them all: per call its RemoteData or its exception.
 
         ``on_outcome(index, outcome)``, if given, hears of each call's outcome as soon as
@@ -414,7 +496,7 @@ class Pool:
                 if failure is not None:
                     outcomes.arrived(i, failure)
         pending = [i for i in range(len(calls)) if outcomes[i] is None]
-        deaths = Deaths(client.allowed_failures, name)
+        deaths = deaths or Deaths(client.allowed_failures, name)
         pace = pace or Pace()
         priority = (-max(map(_depth, calls), default=0), next(self._runs))
 
@@ -445,9 +527,8 @@ class Pool:
                 loose.append(index)
             else:
                 queues[address].append(index)
-        running = self._running
         for address, run in split_in_runs(loose, list(queues), client.ncores, {
-                a: len(queues[a]) + running[a] for a in queues}).items():
+                a: len(queues[a]) + self._in_hand(a) for a in queues}).items():
             queues[address].extend(run)
         while any(queues.values()):
             if len(indices) == 1:  # one slot is enough: no tasks to create, no loop turns
@@ -467,8 +548,8 @@ class Pool:
         """The worker holding the most input bytes (the least loaded among equals: its
         queue here and the calls other runs have in hand there); else the one the call
         prefers, if it is live; else None: nothing ties the call anywhere."""
-        ncores, running = self.client.ncores, self._running
-        load = lambda a: (len(queues[a]) + running[a] + 1) / ncores.get(a, 1)  # noqa: E731
+        ncores = self.client.ncores
+        load = lambda a: (len(queues[a]) + self._in_hand(a) + 1) / ncores.get(a, 1)  # noqa: E731
         if len(call.needs) == 1:  # one input (a map's): choose_worker's rule, no sizes
             holders = self.client.placement.holders(call.needs[0])
             if holders:
@@ -548,7 +629,7 @@ class Pool:
         if not others:
             return address
         ncores = self.client.ncores
-        return min(others, key=lambda a: (len(queues[a]) + self._running[a] + 1)
+        return min(others, key=lambda a: (len(queues[a]) + self._in_hand(a) + 1)
                    / ncores.get(a, 1))
 
 

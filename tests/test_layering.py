@@ -15,7 +15,7 @@ LAYERS = [
     {"store", "values", "memory"},
     {"comm", "eventloop", "redis_center"},
     {"core", "metadata"},
-    {"transfer", "center_link", "placement", "references"},
+    {"transfer", "center_link", "placement", "references", "direct"},
     {"fetching", "calls", "futures", "dashboard", "functions"},
     {"center", "worker", "cluster", "lineage", "progress"},
     {"client", "graphs"},

@@ -1,0 +1,203 @@
+"""Requests from the caller's own thread: a blocking connection per thread and worker.
+
+A request through the client's event loop crosses threads twice each way (the caller hands
+it to the loop, the loop hands the reply back). On this kind of machine every crossing
+wakes a sleeping core, about 50 us of CPU each, so a short call the caller waits for
+anyway (``Pool.apply``) costs more in crossings than in work. Here the caller's thread
+writes the request itself and reads the reply itself: the same messages, framing
+(:mod:`d3arrow.protocol`) and token handshake (:mod:`d3arrow.security`) as
+:mod:`d3arrow.comm`, over a plain blocking socket (TLS-wrapped if the cluster uses TLS).
+
+Failures are the caller's to handle: :class:`~d3arrow.errors.CommClosedError` says the
+connection failed, and whether the request had been written (``sent``).
+"""
+
+import select
+import socket
+import ssl
+import threading
+import time
+import weakref
+
+from . import security
+from .addressing import parse_address
+from .core import raise_for_error
+from .errors import AuthenticationError, CommClosedError, ProtocolError
+from .protocol import MessageReader, dumps
+from .security import NO_SECURITY, Security
+
+JOIN_BYTES = 2**16  # a TLS socket has no sendmsg: frames up to this total are joined first
+
+
+class DirectCallFailed(CommClosedError):
+    """The connection failed; ``sent``: after the whole request was written (the worker
+    may have had it in hand when it died)."""
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class DirectLink:
+    """One blocking connection to one server, used by one thread at a time."""
+
+    def __init__(self, address: str, security_: Security, connect_timeout: float) -> None:
+        self.address = address
+        host, port = parse_address(address)
+        try:
+            sock = socket.create_connection((host, port), timeout=connect_timeout)
+        except OSError as e:
+            raise DirectCallFailed(f"cannot connect to {address}: {e}", sent=False) from e
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            context = security_.client_ssl_context()
+            if context is not None:
+                sock = context.wrap_socket(sock)
+            if security_.token is not None:
+                _handshake(sock, security_.token)
+        except BaseException as e:
+            sock.close()
+            if isinstance(e, AuthenticationError):
+                raise AuthenticationError(f"{address}: {e}") from None
+            if isinstance(e, OSError):
+                raise DirectCallFailed(f"cannot connect to {address}: {e}", sent=False) from e
+            raise
+        self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._reader = MessageReader()
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._closer = weakref.finalize(self, sock.close)
+
+    @property
+    def closed(self) -> bool:
+        return not self._closer.alive
+
+    def usable(self) -> bool:
+        """Whether it can carry a request: open, and nothing (an EOF) waiting to be read."""
+        return not self.closed and not self._poll.poll(0)
+
+    def request(self, msg: dict, *, deadline: float | None = None, watch: float = 1.0,
+                still_there=None, silence: float = 30.0) -> dict:
+        """Send ``msg``; the reply header (an error reply is raised, as its own type).
+
+        Waits past ``deadline`` (``time.monotonic()``) raise TimeoutError. Without one it
+        waits as long as the server computes, asking ``still_there()`` after every
+        ``watch`` seconds of quiet; False gives up (DirectCallFailed, ``sent``). Writing
+        stalled for ``silence`` seconds gives up too. The connection is closed after any
+        failure (its state is unknown), also an interrupt.
+        """
+        sent = False
+        try:
+            self._sock.settimeout(silence)
+            self._send(dumps(msg))
+            sent = True
+            while True:
+                wait = watch if deadline is None else min(watch, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError(f"no reply from {self.address} in time")
+                self._sock.settimeout(wait)
+                try:
+                    n = self._sock.recv_into(self._reader.get_buffer())
+                except TimeoutError:  # socket.timeout
+                    if deadline is None and still_there is not None and not still_there():
+                        raise DirectCallFailed(f"worker {self.address} was dropped by the "
+                                               "center and does not answer", sent=True)
+                    continue
+                if n == 0:
+                    raise DirectCallFailed(f"{self.address} closed the connection", sent=True)
+                done = self._reader.buffer_updated(n)
+                if done:
+                    break
+        except BaseException as e:
+            self.close()
+            if isinstance(e, OSError) and not isinstance(e, (DirectCallFailed, TimeoutError)):
+                raise DirectCallFailed(f"connection to {self.address} failed: {e}",
+                                       sent=sent) from e
+            if isinstance(e, TimeoutError) and not sent:
+                raise DirectCallFailed(f"{self.address} took no request for {silence} s",
+                                       sent=False) from None
+            raise
+        if isinstance(done[0], ProtocolError):
+            raise done[0]
+        return raise_for_error(done[0])
+
+    def _send(self, frames):
+        if self._tls:
+            if sum(map(len, frames)) <= JOIN_BYTES:
+                frames = [b"".join(frames)]
+            for frame in frames:
+                self._sock.sendall(frame)
+            return
+        views = [memoryview(f).cast("B") for f in frames]
+        while views:  # one system call for a small request, however many frames
+            sent = self._sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+
+    def close(self) -> None:
+        if self._closer.alive:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread reading it
+            except OSError:
+                pass
+            self._closer()
+
+
+def _handshake(sock, token):
+    """The client's side of the token handshake (see d3arrow.security), blocking."""
+    nonce = security.new_nonce()
+    sock.sendall(security.hello(nonce))
+    server_nonce = security.check_challenge(token, _read(sock, security.CHALLENGE_BYTES), nonce)
+    sock.sendall(security.proof(token, b"client", server_nonce, nonce))
+    if _read(sock, 1) != security.ACCEPTED:
+        raise AuthenticationError("the server refused this connection's auth token")
+
+
+def _read(sock, nbytes):
+    data = bytearray()
+    while len(data) < nbytes:
+        chunk = sock.recv(nbytes - len(data))
+        if not chunk:
+            raise ConnectionError("the server closed the connection during the handshake")
+        data += chunk
+    return bytes(data)
+
+
+class DirectLinks:
+    """The links of every thread of one client: each thread its own, per worker."""
+
+    def __init__(self, security_: Security = NO_SECURITY, connect_timeout: float = 10.0):
+        self._security = security_
+        self._connect_timeout = connect_timeout
+        self._local = threading.local()
+        self._all = weakref.WeakSet()  # to close them all, whichever thread holds them
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def link(self, address: str) -> DirectLink:
+        """This thread's usable link to ``address``, opened if need be."""
+        links = getattr(self._local, "links", None)
+        if links is None:
+            links = self._local.links = {}
+        link = links.get(address)
+        if link is not None and link.usable():
+            return link
+        if link is not None:
+            link.close()
+        if self.closed:
+            raise DirectCallFailed("the client is closed", sent=False)
+        link = links[address] = DirectLink(address, self._security, self._connect_timeout)
+        with self._lock:
+            self._all.add(link)
+        return link
+
+    def close(self) -> None:
+        self.closed = True
+        with self._lock:
+            links = list(self._all)
+        for link in links:
+            link.close()

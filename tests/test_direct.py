@@ -1,0 +1,97 @@
+"""Pool.apply from the caller's thread, straight to the worker and back (d3arrow.direct):
+the same outcomes as through the client's loop, also when the worker dies, freezes, or
+takes too long, and from many threads at once."""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import cloudpickle
+import pytest
+
+from d3arrow import LocalCluster, Pool
+from d3arrow.errors import KilledWorkerError
+
+from conftest import freeze, wait_until
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+
+
+def pid_after(seconds, mark=None):
+    if mark is not None:  # tells the test where it runs
+        with open(mark, "w") as f:
+            f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def exits_on(code):
+    if code:
+        os._exit(code)
+    return code
+
+
+def test_applies_from_many_threads_at_once_spread_over_the_workers():
+    with LocalCluster(n_workers=2, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        pids = {}
+
+        def caller(i):
+            pids[i] = pool.apply(pid_after, [0.3]).get()
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert len(pids) == 4
+        # each thread waited on its own call; they did not all queue on one worker
+        assert set(pids.values()) == {p.pid for p in cluster.worker_processes}
+        assert pool.apply(abs, [-2]).get() == 2  # and the links are reused after
+
+
+def test_an_apply_that_kills_its_worker_counts_each_death_once():
+    with LocalCluster(n_workers=3, ncores=1, heartbeat_interval=0.2,
+                      heartbeat_timeout=2) as cluster, \
+            Pool(cluster.center_address, allowed_failures=1) as pool:
+        with pytest.raises(KilledWorkerError, match=r"exits_on.*killed 2 workers"):
+            pool.apply(exits_on, [3])
+        alive = lambda: sorted(p.poll() is None for p in cluster.worker_processes)  # noqa: E731
+        assert wait_until(lambda: alive() == [False, False, True])
+        time.sleep(0.5)
+        assert alive() == [False, False, True]  # allowed_failures + 1 deaths, no more
+        assert pool.apply(exits_on, [0]).get() == 0
+
+
+def test_an_apply_past_its_timeout_raises_and_its_result_is_dropped():
+    with LocalCluster(n_workers=1, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        (worker,) = cluster.worker_addresses
+        with pytest.raises(TimeoutError, match="apply not done within 0.3 s"):
+            pool.apply(pid_after, [1.5], timeout=0.3)
+        time.sleep(1.5)  # the call finishes on the worker; nobody is there to take it
+        assert wait_until(lambda: pool.client.has_what()[worker] == [])
+        assert pool.apply(abs, [-1]).get() == 1
+
+
+def test_an_apply_on_a_frozen_worker_moves_once_the_center_drops_it(tmp_path):
+    mark = tmp_path / "running"
+    with LocalCluster(n_workers=2, ncores=1, heartbeat_interval=0.2,
+                      heartbeat_timeout=1.5) as cluster, Pool(cluster.center_address) as pool:
+        result = {}
+
+        def caller():
+            result["pid"] = pool.apply(pid_after, [1.0, str(mark)]).get()
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        assert wait_until(lambda: mark.exists() and mark.read_text())
+        (frozen,) = [p for p in cluster.worker_processes if p.pid == int(mark.read_text())]
+        freeze(frozen.pid)
+        try:
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+            # given up once the center dropped it, and run again where it could finish
+            assert result["pid"] in {p.pid for p in cluster.worker_processes} - {frozen.pid}
+        finally:
+            frozen.send_signal(signal.SIGCONT)
