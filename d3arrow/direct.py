@@ -27,6 +27,7 @@ from .protocol import MessageReader, dumps
 from .security import NO_SECURITY, Security
 
 JOIN_BYTES = 2**16  # a TLS socket has no sendmsg: frames up to this total are joined first
+IOV_MAX = 512  # frames per sendmsg (the kernel refuses more than 1024)
 
 
 class DirectCallFailed(CommClosedError):
@@ -131,7 +132,7 @@ class DirectLink:
             return
         views = [memoryview(f).cast("B") for f in frames]
         while views:  # one system call for a small request, however many frames
-            sent = self._sock.sendmsg(views)
+            sent = self._sock.sendmsg(views[:IOV_MAX])
             while views and sent >= len(views[0]):
                 sent -= len(views[0])
                 views.pop(0)
