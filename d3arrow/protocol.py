@@ -135,7 +135,7 @@ class MessageReader:
                 self._advance(done)
             return done
         data = self._scratch[:nbytes]
-        pos = 0
+        pos = self._whole_messages(data, done) if self.between_messages else 0
         while pos < nbytes:
             take = min(nbytes - pos, len(self._target) - self._filled)
             self._target[self._filled:self._filled + take] = data[pos:pos + take]
@@ -153,15 +153,53 @@ class MessageReader:
         self._target = memoryview(buffer).cast("B")
         self._filled = 0
 
+    def _whole_messages(self, data, done):
+        """Decode the messages that lie whole at the start of ``data`` in one go (a small
+        message arrives in one read; the stages below would copy it piece by piece); the
+        bytes they took. The rest goes through the stages."""
+        pos, end = 0, len(data)
+        while end - pos >= PREFIX.size:
+            header_len, n = PREFIX.unpack_from(data, pos)
+            self._check_prefix(header_len, n, data[pos:pos + PREFIX.size])
+            head = pos + PREFIX.size
+            body = head + 8 * n + header_len
+            if body > end:
+                break
+            lengths = struct.unpack_from(f"<{n}Q", data, head)
+            total = sum(lengths)
+            if body + total > end:
+                break
+            self._check_total(total)
+            try:
+                header, values = loads_header(data[head + 8 * n:body], n)
+            except ProtocolError as e:
+                header, values = e, []
+            buffers = self._allocate(values, lengths)
+            for buffer, length in zip(buffers, lengths):
+                if length:
+                    memoryview(buffer).cast("B")[:] = data[body:body + length]
+                    body += length
+            _attach(values, buffers)
+            done.append(header)
+            pos = body
+        return pos
+
+    def _check_prefix(self, header_len, n, prefix):
+        if not 0 < header_len <= self._max_header:
+            raise ProtocolError(f"message header of {header_len} bytes announced "
+                                f"(limit {self._max_header}); the stream began "
+                                f"{bytes(prefix)!r}")
+        if n > MAX_PAYLOADS:
+            raise ProtocolError(f"{n} payloads announced (limit {MAX_PAYLOADS})")
+
+    def _check_total(self, total):
+        if total > self._max_payload:
+            raise ProtocolError(f"{total} payload bytes announced (limit {self._max_payload})")
+
     def _advance(self, done):
         if self._stage == "prefix":
             header_len, n = PREFIX.unpack(self._target)
-            if not 0 < header_len <= self._max_header:
-                raise ProtocolError(f"message header of {header_len} bytes announced "
-                                    f"(limit {self._max_header}); the stream began "
-                                    f"{bytes(self._target)!r}")
-            if n > MAX_PAYLOADS:
-                raise ProtocolError(f"{n} payloads announced (limit {MAX_PAYLOADS})")
+            self._check_prefix(header_len, n, self._target)
             self._n = n
             self._stage = "head"
             self._head_parts, self._head_left = [], 8 * n + header_len
@@ -177,9 +215,7 @@ class MessageReader:
             head = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
             self._head_parts = None
             lengths = struct.unpack_from(f"<{n}Q", head)
-            total = sum(lengths)
-            if total > self._max_payload:
-                raise ProtocolError(f"{total} payload bytes announced (limit {self._max_payload})")
+            self._check_total(sum(lengths))
             try:
                 self._header, self._values = loads_header(head[8 * n:], n)
             except ProtocolError as e:
@@ -205,9 +241,14 @@ class MessageReader:
         if self._index < len(self._buffers):
             self._set_target(self._buffers[self._index])
             return
-        for value in self._values:
-            start, count = value.payloads
-            value.payloads = self._buffers[start:start + count]
+        _attach(self._values, self._buffers)
         done.append(self._header)
         self._header = self._values = self._buffers = None
         self._start_message()
+
+
+def _attach(values, buffers):
+    """Give each Serialized value of a message its payload buffers."""
+    for value in values:
+        start, count = value.payloads
+        value.payloads = buffers[start:start + count]

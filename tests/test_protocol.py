@@ -57,6 +57,18 @@ def test_values_arrive_in_their_own_buffers(chunk):
     assert deserialize(got["data"]["empty"]).shape == (0,)
 
 
+@pytest.mark.parametrize("chunk", [7, 100, 1000, 4096, 1 << 16])
+def test_small_messages_with_values_read_many_at_a_time_each_keep_their_own(chunk):
+    arrays = [np.arange(i * 10, dtype="f8") for i in range(6)]  # one without a payload
+    messages = [{"op": "x", "i": i, "a": serialize(a), "b": serialize(f"v{i}")}
+                for i, a in enumerate(arrays)]
+    got = feed(MessageReader(), wire(*messages), chunk)
+    assert [m["i"] for m in got] == list(range(6))
+    for m, a in zip(got, arrays):
+        np.testing.assert_array_equal(deserialize(m["a"]), a)
+        assert deserialize(m["b"]) == f"v{m['i']}"
+
+
 def test_absurd_header_length_is_refused_before_allocating():
     reader = MessageReader()
     with pytest.raises(ProtocolError, match="header of"):
