@@ -246,6 +246,8 @@ class RecentFailures:
         self._when[address] = time.monotonic()
 
     def recent(self):
+        if not self._when:  # the usual case, asked at every placement
+            return []
         now = time.monotonic()
         self._when = {a: t for a, t in self._when.items() if now - t <= self.seconds}
         return sorted(self._when)

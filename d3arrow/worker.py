@@ -386,8 +386,11 @@ class Worker(Server):
                 reply["cannot_spill"] = (f"worker {self.address} is over its memory limit "
                                          f"and cannot spill: {self.memory.error}")
             return reply
-        needed = needed or [()] * len(keys)
-        missing = await self.fetcher.gather({k for ks in needed for k in ks}, who_has or {})
+        if needed:
+            missing = await self.fetcher.gather({k for ks in needed for k in ks},
+                                                who_has or {})
+        else:
+            needed, missing = [()] * len(keys), set()
         try:
             func = (self.functions.load(function) if function.nbytes < LARGE_BYTES
                     else Function(await self._load(function)))
@@ -397,23 +400,16 @@ class Worker(Server):
             raise
         except BaseException as e:  # what unpickling ran was user code too
             return {"results": [{"key": key, **error_reply(e)} for key in keys], "seconds": 0.0}
-        runnable = [i for i, ks in enumerate(needed) if not missing.intersection(ks)]
+        runnable = ([i for i, ks in enumerate(needed) if not missing.intersection(ks)]
+                    if missing else list(range(len(keys))))
         loop = asyncio.get_running_loop()
         done = []
         if self.memory.limit is None and func.quick(len(runnable)):  # no thread hop
             part, seconds, runnable = self._execute(func, calls, call_kwargs, runnable, keys,
                                                     loop, on_the_loop=True)
             done.append((part, seconds))
-        # one trip to the thread pool per core, not per call: small calls stay cheap
-        chunks = [runnable[i::self.ncores] for i in range(min(self.ncores, len(runnable)))]
-        run = lambda chunk: loop.run_in_executor(  # noqa: E731
-            self.executor, self._execute, func, calls, call_kwargs, chunk, keys, loop)
-        self._calls_running += len(runnable)
-        try:
-            done += [(await run(chunks[0]))[:2]] if len(chunks) == 1 else [
-                d[:2] for d in await asyncio.gather(*map(run, chunks))]
-        finally:
-            self._calls_running -= len(runnable)
+        if runnable:
+            done += await self._in_threads(func, calls, call_kwargs, runnable, keys, loop)
         outcomes = {i: outcome for part, _ in done for i, outcome in part}
         seconds = sum(seconds for _, seconds in done)
         results, failed = [], 0
@@ -445,6 +441,20 @@ class Worker(Server):
         # the caller learns where they are from this reply; the center within a few ms
         self.link.tell_soon([r["key"] for r in results if r["status"] == "OK"])
         return {"results": results, "seconds": seconds}
+
+    async def _in_threads(self, func, calls, call_kwargs, runnable, keys, loop):
+        """Run the calls at ``runnable`` in the compute threads: ``[(part, seconds)]``.
+        One trip to the thread pool per core, not per call: small calls stay cheap."""
+        chunks = [runnable[i::self.ncores] for i in range(min(self.ncores, len(runnable)))]
+        run = lambda chunk: loop.run_in_executor(  # noqa: E731
+            self.executor, self._execute, func, calls, call_kwargs, chunk, keys, loop)
+        self._calls_running += len(runnable)
+        try:
+            if len(chunks) == 1:
+                return [(await run(chunks[0]))[:2]]
+            return [d[:2] for d in await asyncio.gather(*map(run, chunks))]
+        finally:
+            self._calls_running -= len(runnable)
 
     def _execute(self, func, calls, call_kwargs, indices, keys, loop, *, on_the_loop=False):
         """Run the calls at ``indices`` in this thread, storing each result under its key
