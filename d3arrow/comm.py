@@ -54,8 +54,8 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         self._nonces = {}
         self.ready = asyncio.get_running_loop().create_future()
         self._inbox = collections.deque()
-        self._waiter = None
-        self._drain_waiter = None
+        self._waiter = []  # futures of those waiting for a message (each their own)
+        self._drain_waiter = []  # ... for the transport's buffer to drain
         self._paused_writing = False
         self._paused_reading = False
         self.transport = None
@@ -234,7 +234,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
             if len(self._inbox) >= MAX_QUEUED_MESSAGES and not self._paused_reading:
                 self._paused_reading = True
                 self.transport.pause_reading()
-            self._wake(self._waiter)
+            self._wake("_waiter")
 
     def eof_received(self):
         return False
@@ -253,8 +253,8 @@ class _FramedProtocol(asyncio.BufferedProtocol):
             self.ready.exception()
         if not self.closed.done():
             self.closed.set_result(None)
-        self._wake(self._waiter)
-        self._wake(self._drain_waiter)
+        self._wake("_waiter")
+        self._wake("_drain_waiter")
 
     def pause_writing(self):
         self._paused_writing = True
@@ -262,20 +262,26 @@ class _FramedProtocol(asyncio.BufferedProtocol):
     def resume_writing(self):
         self.last_heard = time.monotonic()
         self._paused_writing = False
-        self._wake(self._drain_waiter)
+        self._wake("_drain_waiter")
 
     def wait(self, name):
-        """Wait until the future stored in attribute ``name`` is woken; waiters share it."""
-        waiter = getattr(self, name)
-        if waiter is None or waiter.done():
-            waiter = asyncio.get_running_loop().create_future()
-            setattr(self, name, waiter)
-        return asyncio.shield(waiter)
+        """A future resolved at the next wake of the waiters in attribute ``name``: each
+        caller gets its own, so a caller that is cancelled cancels nobody else's wait
+        (cheaper than sharing one behind asyncio.shield, at every message)."""
+        waiters = getattr(self, name)
+        if len(waiters) > 8:  # those that gave up (timed out) since the last wake
+            waiters[:] = [w for w in waiters if not w.done()]
+        waiter = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        return waiter
 
-    @staticmethod
-    def _wake(waiter):
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _wake(self, name):
+        waiters = getattr(self, name)
+        if waiters:
+            setattr(self, name, [])
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
 
 def _error_frame(exc):
