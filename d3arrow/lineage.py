@@ -53,7 +53,8 @@ class Lineage:
 
     def recipe(self, function, call: Call) -> Recipe:
         """The recipe of ``call``'s result; a result made again keeps the one it had."""
-        recipe = self._recipes.get(call.key)
+        # (a new key, the usual case, is not looked up: a miss costs the lookup an exception)
+        recipe = self._recipes.get(call.key) if call.key in self._recipes.data else None
         if recipe is None:
             inputs = {r.key: r.recipe for r in call.inputs}  # the common case: no lookup
             if len(inputs) != len(call.needs):  # some named by KeyRef only

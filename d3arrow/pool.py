@@ -297,6 +297,8 @@ class Pool:
                 raise given_up from None
             return None, (address, deaths)
         except TimeoutError:
+            if timeout is None:
+                raise
             raise TimeoutError(f"apply not done within {timeout:g} s") from None
         except WorkerPausedError:
             self._paused.add(address)
@@ -319,9 +321,9 @@ class Pool:
         live = client.placement.reachable(chosen) or chosen
         queues = dict.fromkeys(live, ())
         address = self._place(call, queues)
-        if address is None:
-            (address,) = split_in_runs([0], live, client.ncores,
-                                       {a: self._in_hand(a) for a in live})
+        if address is None:  # nothing ties it anywhere: where split_in_runs puts one call,
+            ncores = client.ncores  # the least loaded per core, the first among equals
+            address = min(live, key=lambda a: (self._in_hand(a) + 1) / ncores.get(a, 1))
         return self._unpaused(address, queues)
 
     def _in_hand(self, address):
