@@ -13,7 +13,8 @@ a function whose globals changed pickles differently and is loaded again). What 
 took decides where the next ones run: a function whose calls have been quick runs on the
 event loop, sparing the two thread hops (~150 us here) that would cost more than the call
 itself. A slow call sends it back to the compute threads, until its calls there have been
-quick often enough in a row (twice as often each time it relapses).
+quick often enough in a row (twice as often each time it relapses); a call ten times over
+the limit sends it there for good.
 """
 
 import collections
@@ -37,6 +38,7 @@ QUICK_SECONDS = float(os.environ.get("D3ARROW_QUICK_CALL_SECONDS", "0.0005"))
 QUICK_BATCH_SECONDS = 0.002  # at most this long on the loop per request
 QUICK_AFTER = 2  # quick calls seen (in a compute thread) before the loop is trusted with more
 RETRUST_AFTER = 32  # after a slow call: quick calls in a row before the loop is trusted again
+SLOW_FOR_GOOD = 10  # a call this many times QUICK_SECONDS is no hiccup: threads for good
 
 
 class Function:
@@ -65,8 +67,12 @@ class Function:
         A slow call sends the function to the threads until it has made twice as many
         quick calls in a row as last time: a hiccup (the machine busy, a collection) costs
         a few calls in threads, while a function that is sometimes slow comes back ever
-        more rarely, so few of its slow calls ever hold up the loop."""
+        more rarely. A call over SLOW_FOR_GOOD times the quick limit is no hiccup: the
+        function stays in the threads for good, so at most one long call of a function
+        ever holds up the loop (its first), as before hiccups were forgiven."""
         if seconds > QUICK_SECONDS:
+            if seconds > QUICK_SECONDS * SLOW_FOR_GOOD:  # really slow, not a hiccup
+                self.needs_thread = True
             if self.streak >= self.trusted_after:  # it had been trusted: trust it less
                 self.trusted_after = max(self.trusted_after * 2, RETRUST_AFTER)
             self.streak, self.longest, self.off_loop = 0, 0.0, True

@@ -13,7 +13,7 @@ import cloudpickle
 import pytest
 
 from d3arrow import LocalCluster, Pool
-from d3arrow.functions import QUICK_AFTER, RETRUST_AFTER, wire_form
+from d3arrow.functions import QUICK_AFTER, RETRUST_AFTER, SLOW_FOR_GOOD, wire_form
 
 pytestmark = pytest.mark.timeout(120)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
@@ -21,6 +21,13 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot im
 
 def thread_of(seconds=0.0):
     """The thread the call ran in, after sleeping ``seconds``."""
+    if seconds:
+        time.sleep(seconds)
+    return threading.current_thread().name
+
+
+def thread_after(seconds=0.0):
+    """As thread_of: another function, so the worker keeps what its calls took apart."""
     if seconds:
         time.sleep(seconds)
     return threading.current_thread().name
@@ -101,6 +108,17 @@ def test_a_slow_call_sends_a_function_to_the_threads_until_it_is_quick_again(one
     assert {pool.apply(thread_of, [0.0]).get() for _ in range(2 * RETRUST_AFTER)} == {
         "d3arrow-compute_0"}
     assert pool.apply(thread_of, [0.0]).get() == "MainThread"
+
+
+def test_a_call_far_over_the_quick_limit_sends_a_function_to_the_threads_for_good(
+        one_worker):
+    _, pool = one_worker
+    for _ in range(QUICK_AFTER + 1):
+        pool.apply(thread_after, [0.0]).get()
+    assert pool.apply(thread_after, [0.0]).get() == "MainThread"
+    pool.apply(thread_after, [0.05 * SLOW_FOR_GOOD + 0.1]).get()  # no hiccup: really slow
+    threads = {pool.apply(thread_after, [0.0]).get() for _ in range(2 * RETRUST_AFTER)}
+    assert threads == {"d3arrow-compute_0"}  # never trusted with the loop again
 
 
 def test_a_client_inside_a_quick_function_is_run_again_in_a_thread(one_worker):
