@@ -64,6 +64,7 @@ class CenterLink:
         self._updates_comm = None  # a connection to the center for add/remove_keys only
         self._updates_pending = collections.deque()  # their answers, in order
         self._updates_lock = asyncio.Lock()
+        self._last_update = None  # resolved once the center answered the latest update
         self._soon = []  # results to tell the center of with the next batch
         self._soon_timer = None
         self._registering = None
@@ -159,9 +160,19 @@ class CenterLink:
         await self._update(op, keys, applied=applied)
 
     async def told(self) -> None:
-        """Once the center has applied every result :meth:`tell_soon` held."""
+        """Once the center has applied every update sent so far, the results
+        :meth:`tell_soon` held included (a batch may be on its way already)."""
         if self._soon:
-            await self.tell("add_keys", [], applied=True)
+            await self.tell("add_keys", [])
+        if self._last_update is not None:
+            await self._applied(self._last_update)
+
+    async def _applied(self, answered):
+        try:
+            await asyncio.wait_for(asyncio.shield(answered), DEFAULT_TIMEOUT)
+        except TimeoutError:
+            logger.warning("center %s did not apply an update within %s s", self.shown_center,
+                           DEFAULT_TIMEOUT)
 
     async def _update(self, op, keys, *, applied=False):
         keys = [k for k in keys if k in self.values] if op == "add_keys" else list(keys)
@@ -170,25 +181,25 @@ class CenterLink:
         msg = {"op": op, "address": self.address, "keys": keys}
         if op == "add_keys":
             msg["nbytes"] = self.values.nbytes_of(keys)
+        answered = self._last_update = asyncio.get_running_loop().create_future()
         if is_redis(self.center):  # applied in call order, each before the next is sent
-            await self._tell_redis(msg)
+            try:
+                await self._tell_redis(msg)
+            finally:
+                answered.set_result(None)
             return
         try:
             comm = self._updates_comm
             if comm is None or comm.closed:
                 comm = await self._open_updates_link()
-            answered = asyncio.get_running_loop().create_future()
             self._updates_pending.append(answered)
             await comm.send(msg, silence=DEFAULT_TIMEOUT)
         except (OSError, TimeoutError, CommClosedError) as e:
             logger.warning("could not tell center %s of %d keys: %s", self.shown_center, len(keys), e)
+            answered.done() or answered.set_result(None)  # not applied: nothing to wait for
             return
         if applied:
-            try:
-                await asyncio.wait_for(asyncio.shield(answered), DEFAULT_TIMEOUT)
-            except TimeoutError:
-                logger.warning("center %s did not apply an update within %s s", self.shown_center,
-                               DEFAULT_TIMEOUT)
+            await self._applied(answered)
 
     async def _tell_redis(self, msg):
         op = msg.pop("op")

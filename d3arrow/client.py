@@ -223,8 +223,9 @@ class Client:
         as of every result we have."""
         now = time.monotonic()
         recent = [a for a, at in list(self._results_from.items()) if now - at < TELL_SECONDS]
-        replies = await asyncio.gather(*(self._rpc(a).told() for a in recent),
-                                       return_exceptions=True)
+        replies = await asyncio.gather(*(  # a frozen worker holds nobody up for long
+            self.pool.request(a, {"op": "told"}, timeout=WATCH_SECONDS * 2) for a in recent),
+            return_exceptions=True)
         for address, reply in zip(recent, replies):
             if isinstance(reply, BaseException):  # gone: the center forgets its keys anyway
                 logger.info("could not make sure the center knows %s's results: %s",

@@ -170,6 +170,24 @@ def test_a_task_whose_input_lives_on_a_frozen_worker_finishes_without_it(frozen_
             frozen.send_signal(signal.SIGCONT)
 
 
+def test_who_has_right_after_a_compute_is_not_held_up_by_a_frozen_worker():
+    with LocalCluster(n_workers=2, ncores=1, heartbeat_timeout=60) as cluster, \
+            Pool(cluster.center_address, timeout=120) as pool:
+        a, b = cluster.worker_addresses
+        pool.apply(abs, [-1], workers=[a])  # a gave us a result: asked to confirm it
+        live_result = pool.apply(abs, [-2], workers=[b])
+        freeze(cluster.worker_processes[0].pid)
+        try:
+            answer = {}
+            asking = threading.Thread(target=lambda: answer.update(pool.client.who_has()))
+            asking.start()
+            asking.join(timeout=15)  # not the pool's 120 s of patience for a silent peer
+            assert not asking.is_alive()
+            assert answer[live_result.key] == [b]
+        finally:
+            cluster.worker_processes[0].send_signal(signal.SIGCONT)
+
+
 def test_a_center_that_was_frozen_does_not_drop_its_live_workers():
     with LocalCluster(n_workers=2, ncores=1, heartbeat_interval=0.2,
                       heartbeat_timeout=1.5) as cluster, Pool(cluster.center_address) as pool:
