@@ -124,20 +124,21 @@ class DirectLink:
         return raise_for_error(done[0])
 
     def _send(self, frames):
+        views = [memoryview(f).cast("B") for f in frames]  # lengths in bytes
         if self._tls:
-            if sum(map(len, frames)) <= JOIN_BYTES:
-                frames = [b"".join(frames)]
-            for frame in frames:
-                self._sock.sendall(frame)
+            if sum(map(len, views)) <= JOIN_BYTES:
+                views = [b"".join(views)]
+            for view in views:
+                self._sock.sendall(view)
             return
-        views = [memoryview(f).cast("B") for f in frames]
-        while views:  # one system call for a small request, however many frames
-            sent = self._sock.sendmsg(views[:IOV_MAX])
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if views and sent:
-                views[0] = views[0][sent:]
+        first = 0
+        while first < len(views):  # one system call for a small request, however many frames
+            sent = self._sock.sendmsg(views[first:first + IOV_MAX])
+            while first < len(views) and sent >= len(views[first]):
+                sent -= len(views[first])
+                first += 1
+            if sent:
+                views[first] = views[first][sent:]
 
     def close(self) -> None:
         if self._closer.alive:

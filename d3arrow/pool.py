@@ -322,9 +322,15 @@ class Pool:
         queues = dict.fromkeys(live, ())
         address = self._place(call, queues)
         if address is None:  # nothing ties it anywhere: where split_in_runs puts one call,
-            ncores = client.ncores  # the least loaded per core, the first among equals
-            address = min(live, key=lambda a: (self._in_hand(a) + 1) / ncores.get(a, 1))
+            # the least loaded per core, the first among equals
+            address = min(live, key=lambda a: self._load(a, queues))
         return self._unpaused(address, queues)
+
+    def _load(self, address, queues):
+        """Calls per core ``address`` would have with one more: those queued for it here
+        and those in hand there."""
+        return ((len(queues[address]) + self._in_hand(address) + 1)
+                / self.client.ncores.get(address, 1))
 
     def _in_hand(self, address):
         """Calls sent to ``address`` and not yet back, from the loop and from callers'
@@ -550,8 +556,7 @@ class Pool:
         """The worker holding the most input bytes (the least loaded among equals: its
         queue here and the calls other runs have in hand there); else the one the call
         prefers, if it is live; else None: nothing ties the call anywhere."""
-        ncores = self.client.ncores
-        load = lambda a: (len(queues[a]) + self._in_hand(a) + 1) / ncores.get(a, 1)  # noqa: E731
+        load = lambda a: self._load(a, queues)  # noqa: E731
         if len(call.needs) == 1:  # one input (a map's): choose_worker's rule, no sizes
             holders = self.client.placement.holders(call.needs[0])
             if holders:
@@ -630,9 +635,7 @@ class Pool:
         others = [a for a in queues if a not in paused]
         if not others:
             return address
-        ncores = self.client.ncores
-        return min(others, key=lambda a: (len(queues[a]) + self._in_hand(a) + 1)
-                   / ncores.get(a, 1))
+        return min(others, key=lambda a: self._load(a, queues))
 
 
 def _slotted(queues, ncores):
