@@ -594,8 +594,11 @@ class Client:
                                     reply.get("cannot_spill"))
         outcomes = []
         self._results_from[address] = time.monotonic()
+        recipe = None
         for call, result in zip(calls, reply["results"]):
             if result["status"] == "OK":
+                if recipe is None:
+                    recipe = self.lineage.record(function)
                 self.placement.placed(call.key, address, result["nbytes"])
                 self._drop_inline(call.key)  # made again: the old one goes
                 if "plain" in result:
@@ -605,8 +608,7 @@ class Client:
                 elif "ref" in result:  # the place in the worker's memory, to view
                     self._inline[call.key] = result["ref"]
                     note_store_of(address, result["ref"].meta["socket"])
-                outcomes.append(RemoteData(call.key, self, owned=True,
-                                           recipe=self.lineage.recipe(function, call)))
+                outcomes.append(RemoteData(call.key, self, owned=True, recipe=recipe(call)))
             elif result["status"] == "missing-data":
                 for peer in result.get("unreachable", ()):  # the worker found them gone
                     self.placement.failed(peer)

@@ -1,16 +1,15 @@
 """Lineage: how each result was made, and making lost results again.
 
-Every ``map`` / ``apply`` result keeps a :class:`Recipe` (held by its RemoteData). When
-every copy of a result is lost with its workers, the client computes it again from the
-recipe, its lost inputs first, on the live worker holding most of its inputs, under the
-same key. Recipes keep recipes alive, never data.
+Every ``map`` / ``apply`` result keeps the :class:`Recipe` of its batch (held by its
+RemoteData). When every copy of a result is lost with its workers, the client computes it
+again from the recipe, its lost inputs first, on the live worker holding most of its
+inputs, under the same key. Recipes keep recipes alive, never data.
 """
 
 import asyncio
 import collections
 import itertools
 import logging
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -19,6 +18,7 @@ from .errors import (CommClosedError, KilledWorkerError, LostDataError, MissingD
                      SpillError, WorkerPausedError)
 from .references import RemoteData
 from .scheduling import PAUSED_RETRY_SECONDS
+from .task import KeyRef
 
 logger = logging.getLogger(__name__)
 
@@ -26,18 +26,48 @@ REMAKE_ATTEMPTS = 3
 
 
 class Recipe:
-    """How a result was made, to make it again when every copy of it is lost.
+    """How a batch of results was made, to make them again when every copy is lost.
 
-    ``args`` / ``kwargs`` name inputs by :class:`~d3arrow.task.KeyRef`; ``inputs`` gives each
-    input key's own Recipe (None for a scattered value, which cannot be remade). A dropped
-    intermediate result is freed on the workers, and made again only if a value that needs
-    it must be.
+    One per batch of calls that came back together, not one per result: a result adds a
+    few dict entries, no objects (a map of 10,000 calls made 10,000 recipes and as many
+    weak references, and the garbage collector walked them all again and again).
+    ``args`` / ``kwargs`` / ``needs`` give each key's arguments (inputs named by
+    :class:`~d3arrow.task.KeyRef`) and the keys it needs; ``inputs`` each input key's own
+    Recipe (None for a scattered value, which cannot be remade). A recipe stays alive
+    while a result of its batch does, or a recipe that needs one of them: a dropped
+    intermediate result is freed on the workers, and made again only if a value that
+    needs it must be.
     """
 
-    __slots__ = ("function", "args", "kwargs", "inputs", "__weakref__")
+    __slots__ = ("function", "args", "kwargs", "needs", "inputs", "__weakref__")
 
-    def __init__(self, function, args, kwargs, inputs):
-        self.function, self.args, self.kwargs, self.inputs = function, args, kwargs, inputs
+    def __init__(self, function):
+        self.function = function
+        self.args = {}  # key -> args
+        self.kwargs = {}  # key -> kwargs, of the calls that have any
+        self.needs = {}  # key -> the keys it needs, of the calls that need any
+        self.inputs = {}  # input key -> its Recipe, or None
+
+    def call(self, key: str) -> Call:
+        """``key``'s call, its inputs named by key only."""
+        args = self.args[key]
+        if args is _SOLE_INPUT:
+            args = (KeyRef(self.needs[key][0]),)
+        return Call(key, args, self.kwargs.get(key), self.needs.get(key, ()))
+
+    def inputs_of(self, key: str) -> dict:
+        """``{input key: Recipe or None}`` of ``key``'s call."""
+        return {k: self.inputs[k] for k in self.needs.get(key, ())}
+
+
+_SOLE_INPUT = "the value of its only input"  # a recipe's args of f(x): no objects kept
+
+
+def _by_key(args):
+    """Flat arguments as a recipe keeps them: their RemoteData named by key only."""
+    if any(type(a) is RemoteData for a in args):
+        return tuple(KeyRef(a.key) if type(a) is RemoteData else a for a in args)
+    return args
 
 
 class Lineage:
@@ -49,31 +79,49 @@ class Lineage:
 
     def __init__(self, client: Any) -> None:
         self._client = client
-        self._recipes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._recipes: dict[str, Recipe] = {}  # key -> its recipe, until it is freed
 
-    def recipe(self, function, call: Call) -> Recipe:
-        """The recipe of ``call``'s result; a result made again keeps the one it had."""
-        # (a new key, the usual case, is not looked up: a miss costs the lookup an exception)
-        recipe = self._recipes.get(call.key) if call.key in self._recipes.data else None
-        if recipe is None:
-            inputs = {r.key: r.recipe for r in call.inputs}  # the common case: no lookup
-            if len(inputs) != len(call.needs):  # some named by KeyRef only
-                inputs = {k: inputs.get(k) or self._recipes.get(k) for k in call.needs}
-            recipe = self._recipes[call.key] = Recipe(function, call.args, call.kwargs, inputs)
-        return recipe
+    def record(self, function) -> Callable[[Call], Recipe]:
+        """Start the recipe of a batch of ``function`` calls; returns ``add(call)``, which
+        records a call whose result was made and gives the recipe its RemoteData holds:
+        a result made again keeps the one it had."""
+        recipe = Recipe(function)
+        recipes = self._recipes
+
+        def add(call):
+            key, args, needs = call.key, call.args, call.needs
+            if needs:
+                recipe.needs[key] = needs
+                for ref in call.inputs:
+                    recipe.inputs[ref.key] = ref._recipe
+                for need in needs:  # named by KeyRef only
+                    if need not in recipe.inputs:
+                        recipe.inputs[need] = recipes.get(need)
+                if call.inputs:  # flat arguments hold RemoteData, which keep values alive
+                    args = _SOLE_INPUT if args is call.inputs and len(args) == 1 \
+                        else _by_key(args)
+            recipe.args[key] = args
+            if call.kwargs:
+                recipe.kwargs[key] = call.kwargs
+            return recipes.setdefault(key, recipe)
+
+        return add
 
     def forget(self, key: str) -> None:
+        """``key`` was freed: no longer looked up (its recipe lives on while needed)."""
         self._recipes.pop(key, None)
 
-    async def retry(self, attempt: Callable[[], Awaitable[Iterable[str]]]) -> None:
+    async def retry(self, attempt: Callable[[], Awaitable[Iterable[str]]],
+                    known: dict | None = None) -> None:
         """Run ``attempt()`` until it finds no value it needs missing.
 
         The one rule for lost inputs: ``attempt`` returns the keys it found held by no
         live worker (none: done); they are made again from their recipes (their lost
         inputs first, recursively), and it runs again, at most REMAKE_ATTEMPTS times.
-        Raises LostDataError for a lost value without a recipe (scattered),
-        MissingDataError for a key we never made (or deleted) or when they keep getting
-        lost.
+        ``known``: recipes of keys that may no longer be looked up (freed intermediates
+        being remade). Raises LostDataError for a lost value without a recipe
+        (scattered), MissingDataError for a key we never made (or deleted) or when they
+        keep getting lost.
         """
         keep: list = []  # what was made again stays until the attempt that needs it ran
         for remakes in itertools.count():
@@ -82,15 +130,15 @@ class Lineage:
                 return
             if remakes == REMAKE_ATTEMPTS:
                 raise MissingDataError(missing)
-            await self._remake_into(self._recipes_of(missing), keep)
+            await self._remake_into(self._recipes_of(missing, known or {}), keep)
 
-    def _recipes_of(self, keys) -> dict:
+    def _recipes_of(self, keys, known) -> dict:
         refs = self._client.refs
         unknown = [k for k in keys if k in refs.deleted
-                   or (k not in refs and k not in self._recipes)]
+                   or (k not in refs and k not in self._recipes and k not in known)]
         if unknown:
             raise MissingDataError(unknown)
-        return {k: self._recipes.get(k) for k in keys}
+        return {k: self._recipes[k] if k in self._recipes else known.get(k) for k in keys}
 
     async def _remake_into(self, recipes: dict, keep: list) -> None:
         """Have each key of ``recipes`` ({key: Recipe or None}) on a live worker.
@@ -99,6 +147,7 @@ class Lineage:
         intermediate) while its dependents are computed; the caller drops them at the end.
         """
         client = self._client
+        known = {}  # the recipes of the lost keys' inputs: freed ones cannot be looked up
 
         async def attempt():
             who_has = await client.ask_who_has(list(recipes))
@@ -112,8 +161,9 @@ class Lineage:
             if cannot:
                 raise LostDataError(cannot)
             logger.warning("remaking %d lost value(s) from their lineage", len(lost))
-            await self._remake_into(
-                {k: r for key in lost for k, r in recipes[key].inputs.items()}, keep)
+            inputs = {k: r for key in lost for k, r in recipes[key].inputs_of(key).items()}
+            known.update(inputs)
+            await self._remake_into(inputs, keep)
             if not client.ncores:
                 await client.refresh_workers()
             by_function = collections.defaultdict(list)
@@ -121,8 +171,7 @@ class Lineage:
                 by_function[id(recipes[key].function)].append(key)
             gone = set()  # inputs that went again meanwhile
             for keys in by_function.values():
-                calls = [Call(key, recipes[key].args, recipes[key].kwargs,
-                              tuple(recipes[key].inputs)) for key in keys]
+                calls = [recipes[key].call(key) for key in keys]
                 outcomes = await self._compute_somewhere(recipes[keys[0]].function, calls)
                 for outcome in outcomes:
                     if type(outcome) is MissingDataError:
@@ -133,7 +182,7 @@ class Lineage:
                         keep.append(outcome)
             return gone
 
-        await self.retry(attempt)
+        await self.retry(attempt, known=known)
 
     async def _compute_somewhere(self, function, calls: list[Call]) -> list:
         """Run ``calls`` where most of their inputs live, trying others if it is unreachable.
