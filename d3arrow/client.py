@@ -535,7 +535,7 @@ class Client:
             who_has = {}
         holders = collections.defaultdict(set)
         for key in keys:
-            for address in set(who_has.get(key, ())) | self.placement.drop(key):
+            for address in {*who_has.get(key, ()), *self.placement.drop(key)}:
                 holders[address].add(key)
             self._drop_inline(key)
         addresses = self.placement.reachable(holders)  # the unreachable took theirs along
@@ -566,7 +566,6 @@ class Client:
     def compute_request(self, address, function, calls):
         """The message asking ``address`` to run ``function`` once per call (from any
         thread: see d3arrow.direct)."""
-        needed = [list(call.needs) for call in calls]
         msg = {"op": "compute", "function": function, "keys": [call.key for call in calls],
                "args": serialize_args([call.args for call in calls])}
         if self.host:  # results in a co-located store come back as references to view
@@ -576,14 +575,9 @@ class Client:
                 msg["session"] = session
         if any(call.kwargs for call in calls):
             msg["kwargs"] = serialize([call.kwargs for call in calls])
+        needed = [call.needs for call in calls]
         if any(needed):
-            hints = {}
-            for key in {k for ks in needed for k in ks}:
-                if not self.placement.holds(address, key):
-                    holders = self.placement.holders(key)
-                    if holders:
-                        hints[key] = holders
-            msg.update(needed=needed, who_has=hints)
+            msg.update(needed=needed, who_has=self.placement.hints(address, needed))
         return msg
 
     def compute_outcomes(self, address, function, calls, reply):

@@ -245,6 +245,10 @@ class RecentFailures:
     def add(self, address):
         self._when[address] = time.monotonic()
 
+    def __bool__(self):
+        """Whether any address failed lately (or did so before and was not yet forgotten)."""
+        return bool(self._when)
+
     def recent(self):
         if not self._when:  # the usual case, asked at every placement
             return []

@@ -12,16 +12,20 @@ from .core import RecentFailures
 
 
 class Placement:
-    """``key -> holders`` and ``key -> nbytes`` for the values a client placed or learned of."""
+    """``key -> holders`` and ``key -> nbytes`` for the values a client placed or learned of.
+
+    Holders are kept as tuples: immutable, so the garbage collector stops tracking them
+    (a client holding a million results would have it walk a million sets).
+    """
 
     def __init__(self) -> None:
-        self._where: dict[str, set[str]] = {}
+        self._where: dict[str, tuple[str, ...]] = {}
         self._nbytes: dict[str, int] = {}
         self.unreachable = RecentFailures()
 
     def placed(self, key: str, address: str, nbytes: int | None = None) -> None:
         """``key`` now lives on ``address`` only (we put it there)."""
-        self._where[key] = {address}
+        self._where[key] = (address,)
         if nbytes is not None:
             self._nbytes[key] = nbytes
 
@@ -29,13 +33,13 @@ class Placement:
         """Take the center's answer for these keys (keys it knows no holder of are kept)."""
         for key, addresses in who_has.items():
             if addresses:
-                self._where[key] = set(addresses)
+                self._where[key] = tuple(dict.fromkeys(addresses))
 
-    def forget(self, key: str) -> set[str]:
+    def forget(self, key: str) -> tuple[str, ...]:
         """Forget where ``key`` lives (stale); the holders we believed in."""
-        return self._where.pop(key, set())
+        return self._where.pop(key, ())
 
-    def drop(self, key: str) -> set[str]:
+    def drop(self, key: str) -> tuple[str, ...]:
         """Forget ``key`` altogether (deleted); the holders we believed in."""
         self._nbytes.pop(key, None)
         return self.forget(key)
@@ -43,9 +47,21 @@ class Placement:
     def unplaced(self, keys: Iterable[str]) -> set[str]:
         return {k for k in keys if not self._where.get(k)}
 
-    def holders(self, key: str) -> list[str]:
+    def holders(self, key: str) -> tuple[str, ...] | list[str]:
         """Reachable holders of ``key``, as far as we know."""
-        return self.reachable(self._where.get(key, ()))
+        where = self._where.get(key, ())
+        return self.reachable(where) if self.unreachable else where
+
+    def hints(self, address: str, keys_per_call: Iterable[Iterable[str]]) -> dict:
+        """``{key: holders}`` of the keys that ``address`` does not hold and others do, as
+        far as we know: where a worker asked to run calls needing them finds them."""
+        hints = {}
+        where = self._where
+        for keys in keys_per_call:
+            for key in keys:
+                if key not in hints and address not in where.get(key, ()):
+                    hints[key] = self.holders(key)
+        return {k: v for k, v in hints.items() if v}
 
     def holds(self, address: str, key: str) -> bool:
         """Whether we believe ``address`` holds ``key``."""
@@ -65,8 +81,9 @@ class Placement:
     def failed(self, address: str) -> None:
         """``address`` could not be reached: leave it out until the center drops it."""
         self.unreachable.add(address)
-        for holders in list(self._where.values()):  # (a caller's thread may add keys)
-            holders.discard(address)
+        for key, holders in list(self._where.items()):  # (a caller's thread may add keys)
+            if address in holders:
+                self._where[key] = tuple(a for a in holders if a != address)
 
     def reachable(self, addresses: Iterable[str]) -> list[str]:
         """``addresses`` less those that failed us lately (they may have died)."""

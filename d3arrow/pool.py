@@ -506,7 +506,7 @@ class Pool:
         pending = [i for i in range(len(calls)) if outcomes[i] is None]
         deaths = deaths or Deaths(client.allowed_failures, name)
         pace = pace or Pace()
-        priority = (-max(map(_depth, calls), default=0), next(self._runs))
+        priority = (-_depth(*calls), next(self._runs))
 
         async def attempt():
             nonlocal pending
@@ -559,6 +559,8 @@ class Pool:
         load = lambda a: self._load(a, queues)  # noqa: E731
         if len(call.needs) == 1:  # one input (a map's): choose_worker's rule, no sizes
             holders = self.client.placement.holders(call.needs[0])
+            if len(holders) == 1 and holders[0] in queues:  # the usual case
+                return holders[0]
             if holders:
                 here = [a for a in holders if a in queues]
                 return here[0] if len(here) == 1 else min(here or queues, key=load)
@@ -662,9 +664,10 @@ class _Outcomes(list):
             self.on_outcome(index, outcome)
 
 
-def _depth(call):
-    """How many submitted tasks lead up to ``call``: one more than its deepest input."""
-    return max((ref._depth + 1 for ref in call.inputs), default=0)
+def _depth(*calls):
+    """How many submitted tasks lead up to the deepest of ``calls``: one more than its
+    deepest input."""
+    return max((ref._depth for call in calls for ref in call.inputs), default=-1) + 1
 
 
 def _name(func):
