@@ -1,8 +1,10 @@
 """One call of a function, normalized once: its key, its arguments, the values it needs.
 
-The arguments are walked once, when the call is made: RemoteData become KeyRefs (the wire
-form the worker substitutes values into), their keys are listed, and the RemoteData are
-kept alive with the call so that no input is freed while it waits to run.
+The arguments are walked once, when the call is made: their references are found (a
+RemoteData is a KeyRef: the wire form the worker substitutes values into), their keys are
+listed, and the RemoteData are kept alive with the call so that no input is freed while it
+waits to run. Flat arguments (a map's) keep their RemoteData, which travel by key; inside
+containers they become plain KeyRefs, since the arguments are then pickled.
 """
 
 from dataclasses import dataclass, field
@@ -11,7 +13,7 @@ from typing import Any
 from .references import RemoteData
 from .task import KeyRef, find_leaves, map_leaves
 
-REFERENCES = (RemoteData, KeyRef)  # how arguments name values held by the workers
+REFERENCES = KeyRef  # how arguments name values held by the workers (RemoteData too)
 _CONTAINERS = frozenset([list, tuple, set, frozenset, dict])  # where references may nest
 
 
@@ -23,7 +25,8 @@ class Call:
     ----------
     key : str
     args : tuple
-        With :class:`KeyRef` where the caller passed RemoteData.
+        References (:class:`KeyRef`) where the caller passed RemoteData: the RemoteData
+        themselves in flat arguments, plain KeyRefs inside containers.
     kwargs : dict or None
     needs : tuple of str
         The keys the call needs, each once, in order of first use.
@@ -44,7 +47,13 @@ class Call:
     @classmethod
     def of(cls, key: str, args: Any = (), kwargs: dict | None = None) -> "Call":
         args = tuple(args)
-        if not kwargs:  # flat arguments (a map's) take one look at each
+        if not kwargs and len(args) == 1:  # f(x): a map's call, the most common
+            (arg,) = args
+            if type(arg) is RemoteData:
+                return cls(key, args, None, (arg.key,), args)
+            if type(arg) not in _CONTAINERS and not isinstance(arg, REFERENCES):
+                return cls(key, args, None, ())
+        if not kwargs:  # flat arguments take one look at each
             refs = []
             for arg in args:
                 if type(arg) in _CONTAINERS:
@@ -56,10 +65,7 @@ class Call:
                     return cls(key, args, None, ())
                 if len(refs) == 1 and type(refs[0]) is RemoteData:  # f(x) over RemoteData
                     (ref,) = refs
-                    args = (KeyRef(ref.key),) if len(args) == 1 else tuple(
-                        KeyRef(ref.key) if a is ref else a for a in args)
-                    return cls(key, args, None, (ref.key,), (ref,))
-                args = tuple(KeyRef(a.key) if isinstance(a, RemoteData) else a for a in args)
+                    return cls(key, args, None, (ref.key,), args if len(args) == 1 else (ref,))
                 return cls._naming(key, args, None, refs)
         refs = find_leaves((args, kwargs), REFERENCES)
         if refs:

@@ -15,6 +15,7 @@ from typing import Any
 
 from .core import log_failure
 from .errors import RemoteExit
+from .task import KeyRef
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def _finished() -> concurrent.futures.Future:
 _DONE = _finished()  # the state of every value that exists already
 
 
-class RemoteData:
+class RemoteData(KeyRef):
     """A value held by the workers, named by ``key``; ``get()`` fetches it.
 
     A RemoteData is also a future (``Pool.submit`` returns it before its task ran):
@@ -44,7 +45,7 @@ class RemoteData:
         Address of the center that knows where the value lives.
     """
 
-    __slots__ = ("key", "_client", "_owned", "_recipe", "_state", "_depth", "__weakref__")
+    __slots__ = ("_client", "_owned", "_recipe", "_state", "_depth", "__weakref__")
     __dask_future__ = True  # inside a dask graph it names a value the workers hold
 
     def __init__(self, key: str, client: Any, *, owned: bool = False,

@@ -88,16 +88,24 @@ def serialize_args(args_per_call):
     places = []  # (call, argument) of each KeyRef
     for i, args in enumerate(args_per_call):
         for j, arg in enumerate(args):
-            if type(arg) is KeyRef:
+            if isinstance(arg, KeyRef):
                 places.append((i, j))
             elif not is_plain(arg):
-                return serialize(list(args_per_call))
+                return serialize([_picklable(args) for args in args_per_call])
     packed = msgpack.packb([args_per_call, places], default=_key_of, use_bin_type=True)
     return Serialized({"kind": "args"}, [[packed]])
 
 
+def _picklable(args):
+    """``args`` with its references as plain KeyRefs (a subclass, RemoteData, refuses to
+    be pickled: it is bound to its client)."""
+    if any(isinstance(a, KeyRef) and type(a) is not KeyRef for a in args):
+        return tuple(KeyRef(a.key) if isinstance(a, KeyRef) else a for a in args)
+    return args
+
+
 def _key_of(ref):
-    if type(ref) is not KeyRef:  # checked above: cannot happen
+    if not isinstance(ref, KeyRef):  # checked above: cannot happen
         raise TypeError(f"cannot pack {type(ref).__name__}")
     return ref.key
 

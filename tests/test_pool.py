@@ -67,6 +67,14 @@ def test_map_runs_where_each_input_lives(pool, cluster):
     assert pool.gather(results) == [1, 2, 3, 4] * 2
 
 
+def test_remote_values_beside_values_that_are_pickled_in_one_call(pool):
+    arrays = pool.map(np.arange, [3, 3])
+    sums = pool.map(np.add, arrays, [np.ones(3), np.full(3, 2.0)])  # the args are pickled
+    assert [s.tolist() for s in pool.gather(sums)] == [[1, 2, 3], [2, 3, 4]]
+    both = pool.map(lambda a, b, c: a + b + c, arrays, sums, [10, 20])  # two inputs, flat
+    assert [b.tolist() for b in pool.gather(both)] == [[11, 13, 15], [22, 24, 26]]
+
+
 def test_apply_runs_where_most_input_bytes_live(pool, cluster):
     a, b = cluster.worker_addresses
     (big,) = pool.scatter([np.ones(1_000_000)], workers=[b])
