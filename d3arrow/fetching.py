@@ -61,9 +61,10 @@ class PeerFetcher:
 
     async def gather(self, keys: Iterable[str], who_has: dict) -> set[str]:
         """Fetch the keys not held here; return those that no live worker could provide."""
-        wanted = [k for k in keys if k not in self.values]
+        wanted = self.values.lacking(keys)
         if not wanted:
             return set()
+        wanted = list(dict.fromkeys(wanted))
         new = [k for k in wanted if k not in self._fetching]
         if new:
             task = self._tasks.spawn(self._fetch(new, who_has), "fetching from peers")

@@ -27,15 +27,23 @@ class KeyRef:
         return f"KeyRef({self.key!r})"
 
 
+_SEQUENCES = (list, tuple, set, frozenset)
+_CONTAINERS = frozenset([*_SEQUENCES, dict])
+
+
 def map_leaves(obj, leaf_type, func):
     """Rebuild ``obj`` with every ``leaf_type`` instance inside containers replaced by ``func(it)``."""
     if isinstance(obj, leaf_type):
         return func(obj)
     kind = type(obj)
-    if kind in (list, tuple, set, frozenset):
-        return kind(map_leaves(item, leaf_type, func) for item in obj)
+    if kind in _SEQUENCES:  # (one look at each item: no call for a leaf or a scalar)
+        return kind([func(item) if isinstance(item, leaf_type) else
+                     map_leaves(item, leaf_type, func) if type(item) in _CONTAINERS else item
+                     for item in obj])
     if kind is dict:
-        return {k: map_leaves(v, leaf_type, func) for k, v in obj.items()}
+        return {k: func(v) if isinstance(v, leaf_type) else
+                map_leaves(v, leaf_type, func) if type(v) in _CONTAINERS else v
+                for k, v in obj.items()}
     return obj
 
 

@@ -83,6 +83,11 @@ class Values:
     def __contains__(self, key: object) -> bool:
         return key in self._data
 
+    def lacking(self, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` not held here."""
+        data = self._data
+        return [k for k in keys if k not in data]
+
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._data))
 

@@ -14,6 +14,7 @@ spilled files instead.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -387,7 +388,7 @@ class Worker(Server):
                                          f"and cannot spill: {self.memory.error}")
             return reply
         if needed:
-            missing = await self.fetcher.gather({k for ks in needed for k in ks},
+            missing = await self.fetcher.gather((k for ks in needed for k in ks),
                                                 who_has or {})
         else:
             needed, missing = [()] * len(keys), set()
@@ -405,11 +406,13 @@ class Worker(Server):
         loop = asyncio.get_running_loop()
         done = []
         if self.memory.limit is None and func.quick(len(runnable)):  # no thread hop
-            part, seconds, runnable = self._execute(func, calls, call_kwargs, runnable, keys,
+            part, seconds, runnable = self._execute(func, calls, call_kwargs, needed, runnable,
+                                                    keys,
                                                     loop, on_the_loop=True)
             done.append((part, seconds))
         if runnable:
-            done += await self._in_threads(func, calls, call_kwargs, runnable, keys, loop)
+            done += await self._in_threads(func, calls, call_kwargs, needed, runnable, keys,
+                                           loop)
         outcomes = {i: outcome for part, _ in done for i, outcome in part}
         seconds = sum(seconds for _, seconds in done)
         results, failed = [], 0
@@ -442,12 +445,12 @@ class Worker(Server):
         self.link.tell_soon([r["key"] for r in results if r["status"] == "OK"])
         return {"results": results, "seconds": seconds}
 
-    async def _in_threads(self, func, calls, call_kwargs, runnable, keys, loop):
+    async def _in_threads(self, func, calls, call_kwargs, needed, runnable, keys, loop):
         """Run the calls at ``runnable`` in the compute threads: ``[(part, seconds)]``.
         One trip to the thread pool per core, not per call: small calls stay cheap."""
         chunks = [runnable[i::self.ncores] for i in range(min(self.ncores, len(runnable)))]
         run = lambda chunk: loop.run_in_executor(  # noqa: E731
-            self.executor, self._execute, func, calls, call_kwargs, chunk, keys, loop)
+            self.executor, self._execute, func, calls, call_kwargs, needed, chunk, keys, loop)
         self._calls_running += len(runnable)
         try:
             if len(chunks) == 1:
@@ -456,7 +459,8 @@ class Worker(Server):
         finally:
             self._calls_running -= len(runnable)
 
-    def _execute(self, func, calls, call_kwargs, indices, keys, loop, *, on_the_loop=False):
+    def _execute(self, func, calls, call_kwargs, needed, indices, keys, loop, *,
+                 on_the_loop=False):
         """Run the calls at ``indices`` in this thread, storing each result under its key
         as it is made: ``([(i, outcome)], seconds, indices not run)``.
 
@@ -466,19 +470,24 @@ class Worker(Server):
         ``on_the_loop``: on the event loop, stopping at the first call that was slow or
         made a blocking d3arrow call (that one is run again); the rest are left.
         """
+        # on the loop, the calls (and our bookkeeping between them, which runs in compute
+        # threads as well) run as in a compute thread: see on_loop
+        with on_loop() if on_the_loop else _IN_A_THREAD:
+            return self._run_each(func, calls, call_kwargs, needed, indices, keys, loop,
+                                  on_the_loop)
+
+    def _run_each(self, func, calls, call_kwargs, needed, indices, keys, loop, on_the_loop):
         start = time.perf_counter()
         substitute = lambda ref: self.values[ref.key]  # noqa: E731
         outcomes = []
         for position, i in enumerate(indices):
             began = time.perf_counter()
             try:
-                args = map_leaves(calls[i], KeyRef, substitute)
-                kwargs = map_leaves(call_kwargs[i], KeyRef, substitute) or {}
-                if on_the_loop:
-                    with on_loop():
-                        value = func.func(*args, **kwargs)
-                else:
-                    value = func.func(*args, **kwargs)
+                args, kwargs = calls[i], call_kwargs[i] or {}
+                if needed[i]:  # (else it names no value: nothing to put in)
+                    args = map_leaves(args, KeyRef, substitute)
+                    kwargs = map_leaves(kwargs, KeyRef, substitute)
+                value = func.func(*args, **kwargs)
             except MustLeaveLoop:  # a client inside the call: it needs our loop free
                 func.needs_thread = True
                 return outcomes, time.perf_counter() - start, indices[position:]
@@ -509,6 +518,7 @@ class Worker(Server):
 
 
 _NOT_SMALL = object()
+_IN_A_THREAD = contextlib.nullcontext()
 
 
 def _ref_nbytes(meta):
