@@ -151,6 +151,7 @@ def wire_form(func) -> Serialized:
 _sent = weakref.WeakKeyDictionary()  # function -> (fingerprint, serialized)
 _CHANGEABLE = object()
 _SCALARS = frozenset([int, float, complex, str, bytes, bool, type(None), type(Ellipsis)])
+_AS_THEY_ARE = _SCALARS | {types.ModuleType, types.BuiltinFunctionType}  # in a fingerprint
 
 
 def _sent_by_reference(func):
@@ -180,25 +181,30 @@ def _check_imported(func):
             f"`if __name__ == '__main__':`")
 
 
-def _fingerprint(func, seen=frozenset()):
+def _fingerprint(func, seen=()):
     """What the by-value pickle of a plain function depends on, as a tuple of objects that
     compare by value (scalars, code) or identity (modules, functions sent by name); or
-    _CHANGEABLE where it depends on something that can change in place."""
+    _CHANGEABLE where it depends on something that can change in place. (Computed at
+    every call of a script's function: written for speed.)"""
     if type(func) is not types.FunctionType or func.__dict__:
         return _CHANGEABLE
-    seen = seen | {id(func)}
-    named = tuple(name for name in _names(func.__code__) if name in func.__globals__)
-    values = [_part(value, seen) for value in (
-        *(func.__globals__[name] for name in named),
-        *(func.__defaults__ or ()),
-        *(func.__kwdefaults__ or {}).values(),
-        *(_contents(cell) for cell in func.__closure__ or ()))]
-    if any(value is _CHANGEABLE for value in values):
-        return _CHANGEABLE
+    code, globals_ = func.__code__, func.__globals__
+    named = tuple([name for name in _names(code) if name in globals_])
+    values = [globals_[name] for name in named]
+    if func.__defaults__:
+        values.extend(func.__defaults__)
+    if func.__kwdefaults__:
+        values.extend(func.__kwdefaults__.values())
+    if func.__closure__:
+        values.extend([_contents(cell) for cell in func.__closure__])
+    for i, value in enumerate(values):
+        if type(value) not in _AS_THEY_ARE:
+            value = values[i] = _part(value, (*seen, id(func)))
+            if value is _CHANGEABLE:
+                return _CHANGEABLE
     # the names beside the values: a global the code names that appears or goes counts
-    return (func.__code__, func.__qualname__, func.__module__,
-            tuple(func.__annotations__.items()), named, tuple(func.__kwdefaults__ or ()),
-            tuple(values))
+    return (code, func.__qualname__, func.__module__, tuple(func.__annotations__.items()),
+            named, tuple(func.__kwdefaults__ or ()), tuple(values))
 
 
 def _contents(cell):
@@ -211,7 +217,7 @@ def _contents(cell):
 def _part(value, seen):
     """``value`` as part of a fingerprint, or _CHANGEABLE."""
     kind = type(value)
-    if kind in _SCALARS or kind in (types.ModuleType, types.BuiltinFunctionType):
+    if kind in _AS_THEY_ARE:
         return value
     if kind is tuple:
         parts = tuple(_part(v, seen) for v in value)
