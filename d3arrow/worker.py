@@ -486,7 +486,8 @@ class Worker(Server):
                 args, kwargs = calls[i], call_kwargs[i] or {}
                 if needed[i]:  # (else it names no value: nothing to put in)
                     args = map_leaves(args, KeyRef, substitute)
-                    kwargs = map_leaves(kwargs, KeyRef, substitute)
+                    if kwargs:
+                        kwargs = map_leaves(kwargs, KeyRef, substitute)
                 value = func.func(*args, **kwargs)
             except MustLeaveLoop:  # a client inside the call: it needs our loop free
                 func.needs_thread = True
