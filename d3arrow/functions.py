@@ -8,8 +8,8 @@ closure, or the globals it names); where that cannot be told cheaply (it names a
 dict, an array: changeable in place) it is pickled at every call.
 
 A caller sends a function of its script by value with every request; the same bytes
-unpickle to the same function, so they are unpickled once (keyed by a digest of the bytes:
-a function whose globals changed pickles differently and is loaded again). What the calls
+unpickle to the same function, so they are unpickled once (keyed by the bytes, or a digest
+of big ones: a function whose globals changed pickles differently and is loaded again). What the calls
 took decides where the next ones run: a function whose calls have been quick runs on the
 event loop, sparing the two thread hops (~150 us here) that would cost more than the call
 itself. A slow call sends it back to the compute threads, until its calls there have been
@@ -32,6 +32,7 @@ from .store import load
 
 CACHED = 256  # distinct functions kept per worker
 CACHE_BYTES = 2**20  # a bigger pickle (a closure holding data) is loaded every time
+KEY_BYTES = 2**14  # a pickle this small is its own cache key
 # a call this short costs less than the hop to a compute thread ($D3ARROW_QUICK_CALL_SECONDS;
 # 0 runs every call in a thread)
 QUICK_SECONDS = float(os.environ.get("D3ARROW_QUICK_CALL_SECONDS", "0.0005"))
@@ -107,14 +108,23 @@ class Functions:
 
 
 def _digest(serialized):
-    """What identifies a function's pickle (None: too big to keep)."""
-    if sum(payload_nbytes(p) for p in serialized.payloads) > CACHE_BYTES:
+    """What identifies a function's pickle (None: too big to keep): a small plain pickle
+    by its bytes (hashing them is ten times cheaper than a digest, and this runs at every
+    request), others by a digest of their meta and bytes."""
+    payloads = serialized.payloads
+    if (serialized.meta == _PLAIN_PICKLE and len(payloads) == 1
+            and not isinstance(payloads[0], list) and len(payloads[0]) <= KEY_BYTES):
+        return payloads[0].to_pybytes()
+    if sum(payload_nbytes(p) for p in payloads) > CACHE_BYTES:
         return None
     h = hashlib.blake2b(repr(sorted(serialized.meta.items())).encode(), digest_size=16)
     for payload in serialized.payloads:
         for piece in payload if isinstance(payload, list) else [payload]:
             h.update(piece)
-    return h.digest()
+    return ("digest", h.digest())
+
+
+_PLAIN_PICKLE = {"kind": "pickle"}
 
 
 # -- the caller's side -----------------------------------------------------------------------
