@@ -16,6 +16,7 @@ that a handler then chooses to deserialize.
 
 import os
 import struct
+import threading
 
 import msgpack
 import pyarrow as pa
@@ -38,13 +39,19 @@ def default_max_payload_bytes():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def dumps(header):
-    """Encode a message as a list of bytes-like frames to write in order (no payload copies)."""
-    payloads = []
+class _Encoder(threading.local):
+    """This thread's msgpack packers, made once (``msgpack.packb`` makes a packer, and its
+    buffer, at every call), and the payloads of the message being encoded."""
 
-    def default(obj):
+    def __init__(self):
+        self.payloads = []
+        self.header = msgpack.Packer(default=self._default, use_bin_type=True)
+        self.ext = msgpack.Packer(use_bin_type=True)
+
+    def _default(self, obj):
         if isinstance(obj, Serialized):
-            ext = msgpack.packb([obj.meta, len(payloads), len(obj.payloads)], use_bin_type=True)
+            payloads = self.payloads
+            ext = self.ext.pack([obj.meta, len(payloads), len(obj.payloads)])
             payloads.extend(obj.payloads)
             return msgpack.ExtType(SERIALIZED_EXT, ext)
         if isinstance(obj, (set, frozenset, tuple)):
@@ -53,7 +60,15 @@ def dumps(header):
             f"cannot put a {type(obj).__name__} in a message header; serialize() it first"
         )
 
-    head = msgpack.packb(header, default=default, use_bin_type=True)
+
+_encoder = _Encoder()
+
+
+def dumps(header):
+    """Encode a message as a list of bytes-like frames to write in order (no payload copies)."""
+    encoder = _encoder
+    encoder.payloads = payloads = []
+    head = encoder.header.pack(header)  # (a packer that fails midway starts afresh)
     lengths = [payload_nbytes(p) for p in payloads]
     frames = [PREFIX.pack(len(head), len(lengths)) + struct.pack(f"<{len(lengths)}Q", *lengths) + head]
     for payload in payloads:
