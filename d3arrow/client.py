@@ -378,10 +378,8 @@ class Client:
         read in the caller's thread (no trip to the loop); None if any is not one."""
         values = []
         for item in items:
-            if type(item) is not RemoteData or not item._state.done():
-                return None
-            if (item.key not in self._inline or item._state.cancelled()
-                    or item._state.exception() is not None or item.key in self.refs.deleted):
+            if (type(item) is not RemoteData or item.key not in self._inline
+                    or not item.exists() or item.key in self.refs.deleted):
                 return None
             value = self._inline_value(item.key, timeout=timeout)
             if value is _NOT_INLINE:
@@ -594,7 +592,8 @@ class Client:
                 if recipe is None:
                     recipe = self.lineage.record(function)
                 self.placement.placed(call.key, address, result["nbytes"])
-                self._drop_inline(call.key)  # made again: the old one goes
+                if call.key in self._inline:  # made again: the old one goes
+                    self._drop_inline(call.key)
                 if "plain" in result:
                     self._inline[call.key] = result["plain"]
                 elif "value" in result:  # rebuilt when asked for: most are never read here

@@ -335,7 +335,7 @@ class Pool:
     def _in_hand(self, address):
         """Calls sent to ``address`` and not yet back, from the loop and from callers'
         threads (read without the lock: a count off by one only moves a placement)."""
-        return self._running[address] + self._direct_running[address]
+        return self._running.get(address, 0) + self._direct_running.get(address, 0)
 
     async def _run_one(self, function, call, workers, name, died=None):
         """One call on the loop (after :meth:`_apply_direct` could not run it)."""

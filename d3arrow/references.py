@@ -195,8 +195,9 @@ class References:
         self.closed = False
 
     def add(self, key: str) -> None:
-        """Count a new RemoteData; on the loop thread, where every RemoteData of ours is made."""
-        self._counts[key] += 1
+        """Count a new RemoteData (of a key made for it, or on the loop thread)."""
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1  # (Counter's += calls __missing__ in Python)
 
     def drop(self, key: str) -> None:
         """From any thread, also from inside a garbage collection: never blocks, no lock."""
