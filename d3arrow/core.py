@@ -101,8 +101,9 @@ class Server:
 
     handlers = {}
 
-    def __init__(self, *, allocate=allocate_buffers, security=NO_SECURITY):
+    def __init__(self, *, allocate=allocate_buffers, security=NO_SECURITY, stay_awake=None):
         self.security = security
+        self._stay_awake = stay_awake  # a StayAwake, poked after replies that ask for it
         self.listener = Listener(self.handle_comm, allocate=allocate, security=security)
         self.address = None
         self.draining = False
@@ -127,9 +128,13 @@ class Server:
                     self._waiting.discard(comm)
                 self._in_flight += 1
                 try:
+                    # a caller in its own thread sends its next request at once: see StayAwake
+                    awake = type(msg) is dict and msg.pop("stay_awake", False)
                     reply = await self.handle_message(msg)
                     try:  # a requester that stops reading our reply is gone too
                         await comm.send(reply, silence=self._reply_silence)
+                        if awake and self._stay_awake is not None:
+                            self._stay_awake.poke()
                     except CommClosedError:
                         await self.undelivered(reply)
                         raise

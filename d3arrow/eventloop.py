@@ -5,9 +5,18 @@ user code never needs to know about asyncio.
 """
 
 import asyncio
+import os
 import threading
+import time
 
 import uvloop
+
+# On a virtual machine a core with nothing to do halts, and waking it for the next message
+# takes tens of microseconds: a round trip between two processes cost 69 us asleep, 25 us
+# with the caller polling (docs/benchmarks.md). So a worker that answered a request, and a
+# caller waiting for a quick reply, poll for this long before they sleep
+# ($D3ARROW_SPIN_SECONDS; 0: never).
+SPIN_SECONDS = float(os.environ.get("D3ARROW_SPIN_SECONDS", "0.0002"))
 
 
 def new_event_loop():
@@ -49,6 +58,34 @@ class on_loop:
         _on_loop.active = False
         asyncio.events._set_running_loop(self._loop)
         asyncio.set_event_loop(self._loop)  # asyncio.run in the call unset it
+
+
+class StayAwake:
+    """Keeps the running loop polling for ``seconds`` after each :meth:`poke`, instead of
+    sleeping: a caller that sends its next request right after our answer (``apply`` in a
+    loop) finds this core awake. It costs at most ``seconds`` of one core per poke, and
+    only while the loop has nothing else to do (the loop runs its other work meanwhile;
+    the GIL is free while it polls)."""
+
+    def __init__(self, seconds: float = SPIN_SECONDS) -> None:
+        self.seconds = seconds
+        self._until = 0.0
+        self._ticking = False
+
+    def poke(self) -> None:
+        if self.seconds <= 0:
+            return
+        self._until = time.perf_counter() + self.seconds
+        if not self._ticking:
+            self._ticking = True
+            asyncio.get_running_loop().call_soon(self._tick)
+
+    def _tick(self) -> None:
+        """While a callback is ready the loop polls without waiting: one more turn."""
+        if time.perf_counter() < self._until:
+            asyncio.get_running_loop().call_soon(self._tick)
+        else:
+            self._ticking = False
 
 
 class LoopThread:

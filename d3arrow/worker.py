@@ -26,7 +26,7 @@ from .center_link import CenterLink
 from .comm import CONNECT_TIMEOUT
 from .core import ConnectionPool, Server, Tasks, error_reply, peer_timeout
 from .errors import SpillError
-from .eventloop import MustLeaveLoop, on_loop
+from .eventloop import MustLeaveLoop, StayAwake, on_loop
 from .fetching import PeerFetcher
 from .functions import Function, Functions
 from .protocol import allocate_buffers
@@ -71,7 +71,8 @@ class Worker(Server):
         # with a limit, the store holds no memory beyond its values (no faulting in ahead)
         self.store = _open_store(shm_size, shared=shm, tight=bool(memory_limit))
         allocate = self.store.allocate_payloads if self.store else allocate_buffers
-        super().__init__(allocate=allocate, security=security)
+        # a caller in a loop (apply) sends its next request right after our answer
+        super().__init__(allocate=allocate, security=security, stay_awake=StayAwake())
         self.center = center
         self.ncores = ncores or os.cpu_count() or 1
         self.name = name

@@ -9,6 +9,7 @@ import threading
 import time
 
 import cloudpickle
+import psutil
 import pytest
 
 from d3arrow import LocalCluster, Pool
@@ -95,3 +96,18 @@ def test_an_apply_on_a_frozen_worker_moves_once_the_center_drops_it(tmp_path):
             assert result["pid"] in {p.pid for p in cluster.worker_processes} - {frozen.pid}
         finally:
             frozen.send_signal(signal.SIGCONT)
+
+
+def test_waiting_awake_is_bounded_for_the_caller_and_the_worker():
+    """Caller and worker poll for a moment instead of sleeping (SPIN_SECONDS), never for
+    the length of a slow call, nor on after the answer."""
+    with LocalCluster(n_workers=1, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        (worker,) = [p for p in psutil.Process().children(recursive=True)
+                     if "d3arrow.cli.worker" in " ".join(p.cmdline())]
+        pool.apply(pid_after, [0]).get()  # quick: the next call is polled for
+        used = time.thread_time()
+        assert pool.apply(pid_after, [0.5]).get() == worker.pid
+        assert time.thread_time() - used < 0.1  # the caller slept through the slow call
+        worker_cpu = sum(worker.cpu_times()[:2])
+        time.sleep(1.0)  # nothing asked of the worker meanwhile
+        assert sum(worker.cpu_times()[:2]) - worker_cpu < 0.1
