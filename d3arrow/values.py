@@ -18,11 +18,14 @@ class Values:
     """``key -> value`` with ``nbytes`` and, for values in a shared store or spilled to
     disk, the reference a co-located reader opens them by."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, reads_count: bool = True) -> None:
         self._data: dict[str, Any] = {}
         self._nbytes: dict[str, int] = {}
         self._shared: dict[str, dict] = {}
         self._recent: collections.OrderedDict = collections.OrderedDict()  # LRU first
+        # whether reading a value makes it recent: only spilling by a memory limit asks
+        # (moving a node of a big linked list costs a read cache misses for nothing)
+        self._reads_count = reads_count
 
     def put(self, key: str, value: Any, ref_meta: dict | None = None) -> None:
         """Hold ``value`` under ``key``; ``ref_meta`` says where it lies in shared memory.
@@ -74,10 +77,11 @@ class Values:
         held = self._data[key]
         if type(held) is SpilledValue:
             return held.load()
-        try:
-            self._recent.move_to_end(key)
-        except KeyError:  # discarded meanwhile by the loop
-            pass
+        if self._reads_count:
+            try:
+                self._recent.move_to_end(key)
+            except KeyError:  # discarded meanwhile by the loop
+                pass
         return held
 
     def __contains__(self, key: object) -> bool:

@@ -76,7 +76,7 @@ class Worker(Server):
         self.center = center
         self.ncores = ncores or os.cpu_count() or 1
         self.name = name
-        self.values = Values()
+        self.values = Values(reads_count=memory_limit is not None)
         self._moving = {}  # key -> its copy into the shared store, while it is made
         self._memory_task = None
         self.memory = MemoryManager(
