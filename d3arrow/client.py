@@ -523,8 +523,7 @@ class Client:
         if not keys:
             return
         self.refs.mark_deleted(keys)
-        for key in keys:
-            self.lineage.forget(key)
+        self.lineage.forget(keys)
         try:
             who_has = await self.ask_who_has(keys)
         except (CommClosedError, OSError) as e:  # what we placed ourselves we know anyway
@@ -532,10 +531,13 @@ class Client:
                            "placed them", self.shown_center, e, len(keys))
             who_has = {}
         holders = collections.defaultdict(set)
-        for key in keys:
-            for address in {*who_has.get(key, ()), *self.placement.drop(key)}:
+        drop = self.placement.drop
+        for key in keys:  # where we put it, and the copies the center knows of
+            for address in drop(key):
                 holders[address].add(key)
-            self._drop_inline(key)
+            for address in who_has.get(key, ()):
+                holders[address].add(key)
+        self._drop_inline(keys)
         addresses = self.placement.reachable(holders)  # the unreachable took theirs along
         replies = await asyncio.gather(*(
             self._rpc(address).delete_data(keys=list(holders[address]))
@@ -593,7 +595,7 @@ class Client:
                     recipe = self.lineage.record(function)
                 self.placement.placed(call.key, address, result["nbytes"])
                 if call.key in self._inline:  # made again: the old one goes
-                    self._drop_inline(call.key)
+                    self._drop_inline([call.key])
                 if "plain" in result:
                     self._inline[call.key] = result["plain"]
                 elif "value" in result:  # rebuilt when asked for: most are never read here
@@ -642,13 +644,14 @@ class Client:
                     del self._inline[key]
             return _NOT_INLINE
 
-    def _drop_inline(self, key):
-        """Forget what came back with ``key``'s compute; a reference never viewed is
+    def _drop_inline(self, keys):
+        """Forget what came back with these keys' computes; a reference never viewed is
         unpinned (a view releases its pin when collected)."""
         with self._inline_lock:
-            held = self._inline.pop(key, None)
-        if type(held) is Serialized and "pin" in held.meta:
-            release_pin(held.meta)
+            held = [self._inline.pop(key, None) for key in keys]
+        for value in held:
+            if type(value) is Serialized and "pin" in value.meta:
+                release_pin(value.meta)
 
     # -- published values: beyond the life of their client ------------------------------------
 

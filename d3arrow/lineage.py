@@ -107,9 +107,11 @@ class Lineage:
 
         return add
 
-    def forget(self, key: str) -> None:
-        """``key`` was freed: no longer looked up (its recipe lives on while needed)."""
-        self._recipes.pop(key, None)
+    def forget(self, keys: Iterable[str]) -> None:
+        """These keys were freed: no longer looked up (their recipes live on while needed)."""
+        recipes = self._recipes
+        for key in keys:
+            recipes.pop(key, None)
 
     async def retry(self, attempt: Callable[[], Awaitable[Iterable[str]]],
                     known: dict | None = None) -> None:
