@@ -71,7 +71,8 @@ class DirectLink:
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._closer = weakref.finalize(self, sock.close)
-        self._quick = True  # the last reply came within SPIN_SECONDS
+        self._missed = 0  # polls in a row (for SPIN_SECONDS) that saw no reply
+        self._skip = 0  # requests to make without polling, after polls that saw nothing
 
     @property
     def closed(self) -> bool:
@@ -97,9 +98,7 @@ class DirectLink:
             self._sock.settimeout(silence)
             self._send(dumps(msg))
             sent = True
-            started = time.perf_counter()
-            # a reply that came quickly last time likely will again: poll for it awake
-            done = self._receive_soon(SPIN_SECONDS) if self._quick else []
+            done = self._poll_for_reply()
             while not done:
                 wait = watch if deadline is None else min(watch, deadline - time.monotonic())
                 if wait <= 0:
@@ -124,10 +123,24 @@ class DirectLink:
                 raise DirectCallFailed(f"{self.address} took no request for {silence} s",
                                        sent=False) from None
             raise
-        self._quick = time.perf_counter() - started <= SPIN_SECONDS
         if isinstance(done[0], ProtocolError):
             raise done[0]
         return raise_for_error(done[0])
+
+    def _poll_for_reply(self):
+        """The reply, if it comes within SPIN_SECONDS, read awake; else []. After polls
+        that saw nothing (a slow function), the next 1, 3, 7, ... 63 requests do not poll:
+        a hiccup costs one request's polling, a slow function almost none."""
+        if self._skip:
+            self._skip -= 1
+            return []
+        done = self._receive_soon(SPIN_SECONDS)
+        if done:
+            self._missed = 0
+        else:
+            self._missed = min(self._missed + 1, 6)
+            self._skip = 2 ** self._missed - 1
+        return done
 
     def _receive_soon(self, seconds):
         """The messages that arrived whole within ``seconds``, read without sleeping (see
