@@ -16,6 +16,7 @@ import logging
 import os
 import time
 import traceback
+import types
 
 from .comm import CONNECT_TIMEOUT, Listener, connect, stall_timeout
 from .protocol import allocate_buffers
@@ -157,7 +158,7 @@ class Server:
         self.requests[op] += 1
         try:
             reply = handler(**msg)
-            if inspect.isawaitable(reply):
+            if type(reply) is types.CoroutineType or inspect.isawaitable(reply):
                 reply = await reply
         except asyncio.CancelledError:
             raise

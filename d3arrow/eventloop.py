@@ -57,7 +57,9 @@ class on_loop:
     def __exit__(self, *exc):
         _on_loop.active = False
         asyncio.events._set_running_loop(self._loop)
-        asyncio.set_event_loop(self._loop)  # asyncio.run in the call unset it
+        policy = asyncio.get_event_loop_policy()
+        if getattr(getattr(policy, "_local", None), "_loop", None) is not self._loop:
+            asyncio.set_event_loop(self._loop)  # asyncio.run in the call unset it
 
 
 class StayAwake:

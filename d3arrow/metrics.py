@@ -23,6 +23,11 @@ class Counters:
     def add(self, name: str, amount: float = 1) -> None:
         self.totals[name] += amount
 
+    def add_each(self, **amounts: float) -> None:
+        totals = self.totals
+        for name, amount in amounts.items():
+            totals[name] += amount
+
     def snapshot(self) -> dict[str, float]:
         return dict(self.totals)
 

@@ -26,6 +26,7 @@ from .task import KeyRef
 
 PICKLE_PROTOCOL = 5
 _PLAIN = (int, float, str, bytes, bool, type(None))  # exact types msgpack keeps as they are
+PLAIN_TYPES = frozenset(_PLAIN)
 PLAIN_HEADER_BYTES = 64 * 2**10  # longer str / bytes travel as payloads, not in the header
 PAGE = 4096
 ALIGNED_COPY_BYTES = 2**20  # from this size on, serialize_into aligns the copy to the source
@@ -53,6 +54,8 @@ class Serialized:
 
 
 def payload_nbytes(payload):
+    if type(payload) is pa.Buffer:  # as received
+        return payload.size
     if isinstance(payload, list):
         return sum(memoryview(piece).nbytes for piece in payload)
     return memoryview(payload).nbytes

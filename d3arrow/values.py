@@ -41,8 +41,11 @@ class Values:
         else:
             self._shared[key] = ref_meta
         self._data[key] = value
-        self._recent[key] = None
-        self._recent.move_to_end(key)
+        recent = self._recent
+        if key in recent:
+            recent.move_to_end(key)
+        else:
+            recent[key] = None
 
     def spill(self, key: str, value: Any, spilled: SpilledValue) -> bool:
         """Hold ``key`` in its spilled file from now on, if it still is ``value`` (not

@@ -31,7 +31,7 @@ from .fetching import PeerFetcher
 from .functions import Function, Functions
 from .protocol import allocate_buffers
 from .security import NO_SECURITY, Security
-from .serialize import Serialized, is_plain, serialize
+from .serialize import PLAIN_TYPES, Serialized, is_plain, serialize
 from .spill import adopt_spilled
 from .store import SharedDataGone, SharedStore, load
 from .task import KeyRef, map_leaves
@@ -183,6 +183,9 @@ class Worker(Server):
         nothing bounds. With a memory limit results stay private until a local reader asks:
         a copy into the store is memory to account for, and spilled values are shared by
         their files."""
+        if type(value) in PLAIN_TYPES:  # a number or short text: never shared
+            self.values.put(key, value, ref_meta)
+            return False
         if shared and ref_meta is None:
             value, ref_meta = self._share(value)
         self.values.put(key, value, ref_meta)
@@ -438,9 +441,8 @@ class Worker(Server):
                     if ref_meta is not None and ref_meta.get("socket") == self.store.socket_name:
                         result["ref"] = self._reference(ref_meta, session)
                 results.append(result)
-        self.counters.add("tasks", len(outcomes) - failed)
-        self.counters.add("tasks_failed", failed)
-        self.counters.add("compute_seconds", seconds)
+        self.counters.add_each(tasks=len(outcomes) - failed, tasks_failed=failed,
+                               compute_seconds=seconds)
         self.memory.check_soon()
         # the caller learns where they are from this reply; the center within a few ms
         self.link.tell_soon([r["key"] for r in results if r["status"] == "OK"])
