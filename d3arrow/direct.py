@@ -151,7 +151,7 @@ class DirectLink:
         while True:
             try:
                 n = sock.recv_into(reader.get_buffer())
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):  # (TLS: no whole record yet)
                 if time.perf_counter() >= end:
                     return []
                 os.sched_yield()
