@@ -577,7 +577,9 @@ class Client:
             msg["kwargs"] = serialize([call.kwargs for call in calls])
         needed = [call.needs for call in calls]
         if any(needed):
-            msg.update(needed=needed, who_has=self.placement.hints(address, needed))
+            msg["who_has"] = self.placement.hints(address, needed)
+            if msg["args"].meta["kind"] != "keys":  # (that form names what each call needs)
+                msg["needed"] = needed
         return msg
 
     def compute_outcomes(self, address, function, calls, reply):

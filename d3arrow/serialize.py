@@ -88,6 +88,10 @@ def serialize_args(args_per_call):
     they travel as msgpack, each KeyRef as its key with its place noted beside: several
     times cheaper than pickling KeyRefs, and read back with no unpickling. Else pickled
     as any value."""
+    if all(len(args) == 1 and isinstance(args[0], KeyRef) for args in args_per_call):
+        # f(x) over values the workers hold (a map over RemoteData): only the keys travel
+        keys = msgpack.packb([args[0].key for args in args_per_call], use_bin_type=True)
+        return Serialized({"kind": "keys"}, [[keys]])
     places = []  # (call, argument) of each KeyRef
     for i, args in enumerate(args_per_call):
         for j, arg in enumerate(args):
@@ -111,6 +115,15 @@ def _key_of(ref):
     if not isinstance(ref, KeyRef):  # checked above: cannot happen
         raise TypeError(f"cannot pack {type(ref).__name__}")
     return ref.key
+
+
+def sole_keys(serialized):
+    """The keys of a batch whose calls each take one value the worker holds (kind
+    ``keys``, see :func:`serialize_args`): call ``i`` needs key ``i`` alone."""
+    keys = msgpack.unpackb(_as_buffer(serialized.payloads[0]), raw=False)
+    if type(keys) is not list or not all(type(key) is str for key in keys):
+        raise ValueError("malformed call arguments: a list of keys expected")
+    return keys
 
 
 def _unpack_args(packed):
@@ -146,6 +159,8 @@ def deserialize(serialized):
         return pickle.loads(buffers[0], buffers=buffers[1:])
     if kind == "args":  # lists where the caller had tuples: the worker unpacks them
         return _unpack_args(buffers[0])
+    if kind == "keys":
+        return [[KeyRef(key)] for key in sole_keys(serialized)]
     raise ValueError(f"unknown serialization kind {kind!r}")
 
 

@@ -31,7 +31,7 @@ from .fetching import PeerFetcher
 from .functions import Function, Functions
 from .protocol import allocate_buffers
 from .security import NO_SECURITY, Security
-from .serialize import PLAIN_TYPES, Serialized, is_plain, serialize
+from .serialize import PLAIN_TYPES, Serialized, is_plain, serialize, sole_keys
 from .spill import adopt_spilled
 from .store import SharedDataGone, SharedStore, load
 from .task import KeyRef, map_leaves
@@ -391,6 +391,12 @@ class Worker(Server):
                 reply["cannot_spill"] = (f"worker {self.address} is over its memory limit "
                                          f"and cannot spill: {self.memory.error}")
             return reply
+        if needed is None and args.meta.get("kind") == "keys":
+            try:  # each call needs the one key it names
+                needed = [(key,) for key in sole_keys(args)]
+            except ValueError as e:
+                return {"results": [{"key": key, **error_reply(e)} for key in keys],
+                        "seconds": 0.0}
         if needed:
             missing = await self.fetcher.gather((k for ks in needed for k in ks),
                                                 who_has or {})

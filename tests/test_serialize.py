@@ -150,6 +150,17 @@ def test_call_arguments_with_keyrefs_travel_without_pickle():
     assert deserialize(serialize_args([(1, (2, 3))])) == [(1, (2, 3))]
 
 
+def test_calls_of_one_held_value_each_travel_as_their_keys():
+    calls = [(KeyRef("x"),), (KeyRef("y"),)]
+    serialized = serialize_args(calls)
+    assert serialized.meta == {"kind": "keys"}
+    assert deserialize(_framed(serialized)) == [[KeyRef("x")], [KeyRef("y")]]
+    assert serialize_args([(KeyRef("x"),), (1,)]).meta == {"kind": "args"}  # not all
+    bad = Serialized({"kind": "keys"}, [[msgpack.packb(["x", 5])]])
+    with pytest.raises(ValueError, match="malformed call arguments"):
+        deserialize(bad)
+
+
 def test_malformed_call_arguments_are_a_clear_error():
     bad = Serialized({"kind": "args"}, [[msgpack.packb([[[1]], [[5, 0]]])]])
     with pytest.raises(ValueError, match="malformed call arguments"):

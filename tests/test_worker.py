@@ -7,7 +7,7 @@ import numpy as np
 
 from conftest import gen_cluster
 from d3arrow.core import rebuild_error
-from d3arrow.serialize import deserialize, serialize
+from d3arrow.serialize import deserialize, serialize, serialize_args
 from d3arrow.task import KeyRef
 
 
@@ -65,6 +65,18 @@ async def test_keyrefs_nested_in_lists_and_kwargs(center, workers, pool):
         **calls(task("s", [KeyRef("p"), KeyRef("q"), 3], needed=["p", "q"], scale=KeyRef("q"))))
     assert reply["results"][0]["status"] == "OK"
     assert b.values["s"] == 12
+
+
+@gen_cluster(n_workers=2)
+async def test_calls_of_one_held_value_each_name_their_inputs_by_key_alone(
+        center, workers, pool):
+    a, b = workers
+    await pool.rpc(a.address).update_data(data={"p": serialize(1), "q": serialize(2)})
+    reply = await pool.rpc(b.address).compute(  # no "needed": the keys say it all
+        function=serialize(lambda x: x * 10), keys=["r", "s"],
+        args=serialize_args([(KeyRef("p"),), (KeyRef("q"),)]))
+    assert [r["status"] for r in reply["results"]] == ["OK", "OK"]
+    assert (b.values["r"], b.values["s"]) == (10, 20)  # fetched from a first
 
 
 @gen_cluster(n_workers=1)
