@@ -16,7 +16,7 @@ import uvloop
 # with the caller polling (docs/benchmarks.md). So a worker that answered a request, and a
 # caller waiting for a quick reply, poll for this long before they sleep
 # ($D3ARROW_SPIN_SECONDS; 0: never).
-SPIN_SECONDS = float(os.environ.get("D3ARROW_SPIN_SECONDS", "0.0002"))
+SPIN_SECONDS = float(os.environ.get("D3ARROW_SPIN_SECONDS", "0.0005"))
 
 
 def new_event_loop():
