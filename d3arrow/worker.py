@@ -391,12 +391,16 @@ class Worker(Server):
                 reply["cannot_spill"] = (f"worker {self.address} is over its memory limit "
                                          f"and cannot spill: {self.memory.error}")
             return reply
-        if needed is None and args.meta.get("kind") == "keys":
-            try:  # each call needs the one key it names
-                needed = [(key,) for key in sole_keys(args)]
+        calls = None
+        if args.meta.get("kind") == "keys":  # each call takes the value of one key
+            try:
+                sole = sole_keys(args)
             except ValueError as e:
                 return {"results": [{"key": key, **error_reply(e)} for key in keys],
                         "seconds": 0.0}
+            calls = [[KeyRef(key)] for key in sole]
+            if needed is None:
+                needed = [(key,) for key in sole]
         if needed:
             missing = await self.fetcher.gather((k for ks in needed for k in ks),
                                                 who_has or {})
@@ -405,7 +409,8 @@ class Worker(Server):
         try:
             func = (self.functions.load(function) if function.nbytes < LARGE_BYTES
                     else Function(await self._load(function)))
-            calls = await self._load(args)
+            if calls is None:
+                calls = await self._load(args)
             call_kwargs = await self._load(kwargs) if kwargs is not None else [None] * len(keys)
         except asyncio.CancelledError:
             raise
