@@ -39,7 +39,7 @@ class Recipe:
     needs it must be.
     """
 
-    __slots__ = ("function", "args", "kwargs", "needs", "inputs", "__weakref__")
+    __slots__ = ("function", "args", "kwargs", "needs", "inputs")
 
     def __init__(self, function):
         self.function = function
