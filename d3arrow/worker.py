@@ -31,7 +31,7 @@ from .fetching import PeerFetcher
 from .functions import Function, Functions
 from .protocol import allocate_buffers
 from .security import NO_SECURITY, Security
-from .serialize import PLAIN_TYPES, Serialized, is_plain, serialize, sole_keys
+from .serialize import PLAIN_TYPES, Serialized, is_plain, serialize
 from .spill import adopt_spilled
 from .store import SharedDataGone, SharedStore, load
 from .task import KeyRef, map_leaves
@@ -394,13 +394,12 @@ class Worker(Server):
         calls = None
         if args.meta.get("kind") == "keys":  # each call takes the value of one key
             try:
-                sole = sole_keys(args)
+                calls = load(args)
             except ValueError as e:
                 return {"results": [{"key": key, **error_reply(e)} for key in keys],
                         "seconds": 0.0}
-            calls = [[KeyRef(key)] for key in sole]
             if needed is None:
-                needed = [(key,) for key in sole]
+                needed = [(ref.key,) for (ref,) in calls]
         if needed:
             missing = await self.fetcher.gather((k for ks in needed for k in ks),
                                                 who_has or {})
@@ -422,8 +421,7 @@ class Worker(Server):
         done = []
         if self.memory.limit is None and func.quick(len(runnable)):  # no thread hop
             part, seconds, runnable = self._execute(func, calls, call_kwargs, needed, runnable,
-                                                    keys,
-                                                    loop, on_the_loop=True)
+                                                    keys, loop, on_the_loop=True)
             done.append((part, seconds))
         if runnable:
             done += await self._in_threads(func, calls, call_kwargs, needed, runnable, keys,
