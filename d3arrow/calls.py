@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .references import RemoteData
-from .task import KeyRef, find_leaves, map_leaves
+from .task import CONTAINERS, KeyRef, find_leaves, map_leaves
 
 REFERENCES = KeyRef  # how arguments name values held by the workers (RemoteData too)
-_CONTAINERS = frozenset([list, tuple, set, frozenset, dict])  # where references may nest
 
 
 @dataclass(slots=True)  # never changed once made; not frozen: that costs a call 0.6 us
@@ -51,12 +50,12 @@ class Call:
             (arg,) = args
             if type(arg) is RemoteData:
                 return cls(key, args, None, (arg.key,), args)
-            if type(arg) not in _CONTAINERS and not isinstance(arg, REFERENCES):
+            if type(arg) not in CONTAINERS and not isinstance(arg, REFERENCES):
                 return cls(key, args, None, ())
         if not kwargs:  # flat arguments take one look at each
             refs = []
             for arg in args:
-                if type(arg) in _CONTAINERS:
+                if type(arg) in CONTAINERS:
                     break
                 if isinstance(arg, REFERENCES):
                     refs.append(arg)

@@ -28,7 +28,7 @@ class KeyRef:
 
 
 _SEQUENCES = (list, tuple, set, frozenset)
-_CONTAINERS = frozenset([*_SEQUENCES, dict])
+CONTAINERS = frozenset([*_SEQUENCES, dict])  # where references may nest
 
 
 def map_leaves(obj, leaf_type, func):
@@ -38,11 +38,11 @@ def map_leaves(obj, leaf_type, func):
     kind = type(obj)
     if kind in _SEQUENCES:  # (one look at each item: no call for a leaf or a scalar)
         return kind([func(item) if isinstance(item, leaf_type) else
-                     map_leaves(item, leaf_type, func) if type(item) in _CONTAINERS else item
+                     map_leaves(item, leaf_type, func) if type(item) in CONTAINERS else item
                      for item in obj])
     if kind is dict:
         return {k: func(v) if isinstance(v, leaf_type) else
-                map_leaves(v, leaf_type, func) if type(v) in _CONTAINERS else v
+                map_leaves(v, leaf_type, func) if type(v) in CONTAINERS else v
                 for k, v in obj.items()}
     return obj
 
