@@ -578,8 +578,8 @@ class Client:
         needed = [call.needs for call in calls]
         if any(needed):
             msg["who_has"] = self.placement.hints(address, needed)
-            if msg["args"].meta["kind"] != "keys":  # (that form names what each call needs)
-                msg["needed"] = needed
+            if msg["args"].meta["kind"] != "keys" or "kwargs" in msg:  # (calls of f(x) name
+                msg["needed"] = needed  # what they need: their x)
         return msg
 
     def compute_outcomes(self, address, function, calls, reply):

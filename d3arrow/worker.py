@@ -31,7 +31,7 @@ from .fetching import PeerFetcher
 from .functions import Function, Functions
 from .protocol import allocate_buffers
 from .security import NO_SECURITY, Security
-from .serialize import PLAIN_TYPES, Serialized, is_plain, serialize
+from .serialize import PLAIN_TYPES, Serialized, is_plain, serialize, sole_keys
 from .spill import adopt_spilled
 from .store import SharedDataGone, SharedStore, load
 from .task import KeyRef, map_leaves
@@ -391,48 +391,30 @@ class Worker(Server):
                 reply["cannot_spill"] = (f"worker {self.address} is over its memory limit "
                                          f"and cannot spill: {self.memory.error}")
             return reply
-        calls = None
-        if args.meta.get("kind") == "keys":  # each call takes the value of one key
-            try:
-                calls = load(args)
-            except ValueError as e:
-                return {"results": [{"key": key, **error_reply(e)} for key in keys],
-                        "seconds": 0.0}
-            if needed is None:
-                needed = [(ref.key,) for (ref,) in calls]
-        if needed:
-            missing = await self.fetcher.gather((k for ks in needed for k in ks),
-                                                who_has or {})
-        else:
-            needed, missing = [()] * len(keys), set()
         try:
-            func = (self.functions.load(function) if function.nbytes < LARGE_BYTES
-                    else Function(await self._load(function)))
-            if calls is None:
-                calls = await self._load(args)
-            call_kwargs = await self._load(kwargs) if kwargs is not None else [None] * len(keys)
+            batch = await self._read_batch(function, keys, args, kwargs, needed)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # what unpickling ran was user code too
             return {"results": [{"key": key, **error_reply(e)} for key in keys], "seconds": 0.0}
-        runnable = ([i for i, ks in enumerate(needed) if not missing.intersection(ks)]
+        missing = (await self.fetcher.gather(batch.inputs(), who_has or {})
+                   if batch.needed is not None else set())
+        runnable = ([i for i in range(len(keys)) if not missing.intersection(batch.needs(i))]
                     if missing else list(range(len(keys))))
         loop = asyncio.get_running_loop()
         done = []
-        if self.memory.limit is None and func.quick(len(runnable)):  # no thread hop
-            part, seconds, runnable = self._execute(func, calls, call_kwargs, needed, runnable,
-                                                    keys, loop, on_the_loop=True)
+        if self.memory.limit is None and batch.func.quick(len(runnable)):  # no thread hop
+            part, seconds, runnable = self._execute(batch, runnable, loop, on_the_loop=True)
             done.append((part, seconds))
         if runnable:
-            done += await self._in_threads(func, calls, call_kwargs, needed, runnable, keys,
-                                           loop)
+            done += await self._in_threads(batch, runnable, loop)
         outcomes = {i: outcome for part, _ in done for i, outcome in part}
         seconds = sum(seconds for _, seconds in done)
         results, failed = [], 0
         for i, key in enumerate(keys):
             if i not in outcomes:
                 results.append({"key": key, "status": "missing-data",
-                                "keys": sorted(missing.intersection(needed[i])),
+                                "keys": sorted(missing.intersection(batch.needs(i))),
                                 "unreachable": self.fetcher.unreachable.recent()})
             elif outcomes[i][0] == "error":
                 failed += 1
@@ -457,12 +439,24 @@ class Worker(Server):
         self.link.tell_soon([r["key"] for r in results if r["status"] == "OK"])
         return {"results": results, "seconds": seconds}
 
-    async def _in_threads(self, func, calls, call_kwargs, needed, runnable, keys, loop):
+    async def _read_batch(self, function, keys, args, kwargs, needed):
+        """The calls of a compute request, read once (unpickling them may raise)."""
+        func = (self.functions.load(function) if function.nbytes < LARGE_BYTES
+                else Function(await self._load(function)))
+        if args.meta.get("kind") == "keys" and kwargs is None:  # f(x) over held values
+            return _Batch(func, keys, sole_keys(args), None, None, sole=True)
+        calls = await self._load(args)
+        call_kwargs = await self._load(kwargs) if kwargs is not None else [None] * len(keys)
+        if needed is None and args.meta.get("kind") == "keys":  # (and kwargs: they name
+            needed = [(ref.key,) for (ref,) in calls]  # nothing else, or it would say)
+        return _Batch(func, keys, calls, call_kwargs, needed or None)
+
+    async def _in_threads(self, batch, runnable, loop):
         """Run the calls at ``runnable`` in the compute threads: ``[(part, seconds)]``.
         One trip to the thread pool per core, not per call: small calls stay cheap."""
         chunks = [runnable[i::self.ncores] for i in range(min(self.ncores, len(runnable)))]
         run = lambda chunk: loop.run_in_executor(  # noqa: E731
-            self.executor, self._execute, func, calls, call_kwargs, needed, chunk, keys, loop)
+            self.executor, self._execute, batch, chunk, loop)
         self._calls_running += len(runnable)
         try:
             if len(chunks) == 1:
@@ -471,8 +465,7 @@ class Worker(Server):
         finally:
             self._calls_running -= len(runnable)
 
-    def _execute(self, func, calls, call_kwargs, needed, indices, keys, loop, *,
-                 on_the_loop=False):
+    def _execute(self, batch, indices, loop, *, on_the_loop=False):
         """Run the calls at ``indices`` in this thread, storing each result under its key
         as it is made: ``([(i, outcome)], seconds, indices not run)``.
 
@@ -485,22 +478,27 @@ class Worker(Server):
         # on the loop, the calls (and our bookkeeping between them, which runs in compute
         # threads as well) run as in a compute thread: see on_loop
         with on_loop() if on_the_loop else _IN_A_THREAD:
-            return self._run_each(func, calls, call_kwargs, needed, indices, keys, loop,
-                                  on_the_loop)
+            return self._run_each(batch, indices, loop, on_the_loop)
 
-    def _run_each(self, func, calls, call_kwargs, needed, indices, keys, loop, on_the_loop):
+    def _run_each(self, batch, indices, loop, on_the_loop):
         start = time.perf_counter()
-        substitute = lambda ref: self.values[ref.key]  # noqa: E731
+        values = self.values
+        substitute = lambda ref: values[ref.key]  # noqa: E731
+        func, calls, call_kwargs, needed, keys = (batch.func, batch.calls, batch.kwargs,
+                                                  batch.needed, batch.keys)
         outcomes = []
         for position, i in enumerate(indices):
             began = time.perf_counter()
             try:
-                args, kwargs = calls[i], call_kwargs[i] or {}
-                if needed[i]:  # (else it names no value: nothing to put in)
-                    args = map_leaves(args, KeyRef, substitute)
-                    if kwargs:
-                        kwargs = map_leaves(kwargs, KeyRef, substitute)
-                value = func.func(*args, **kwargs)
+                if batch.sole:  # over a value we hold: its key is the call
+                    value = func.func(values[calls[i]])
+                else:
+                    args, kwargs = calls[i], call_kwargs[i] or {}
+                    if needed and needed[i]:  # (else it names no value: nothing to put in)
+                        args = map_leaves(args, KeyRef, substitute)
+                        if kwargs:
+                            kwargs = map_leaves(kwargs, KeyRef, substitute)
+                    value = func.func(*args, **kwargs)
             except MustLeaveLoop:  # a client inside the call: it needs our loop free
                 func.needs_thread = True
                 return outcomes, time.perf_counter() - start, indices[position:]
@@ -528,6 +526,31 @@ class Worker(Server):
         if serialized.nbytes < LARGE_BYTES or serialized.meta.get("kind") in ("tensor", "shm"):
             return load(serialized)
         return await asyncio.get_running_loop().run_in_executor(None, load, serialized)
+
+
+class _Batch:
+    """The calls of one compute request: ``calls[i]`` are call ``i``'s arguments (naming
+    held values by KeyRef, the keys of ``needed[i]``), or, for a batch over held values
+    (``sole``), the key of the one value it takes."""
+
+    __slots__ = ("func", "keys", "calls", "kwargs", "needed", "sole")
+
+    def __init__(self, func, keys, calls, kwargs, needed, *, sole=False):
+        self.func, self.keys, self.calls, self.kwargs = func, keys, calls, kwargs
+        self.needed = calls if sole else needed  # None: no call needs any
+        self.sole = sole
+
+    def needs(self, i):
+        """The keys call ``i`` needs."""
+        if self.sole:
+            return (self.calls[i],)
+        return self.needed[i]
+
+    def inputs(self):
+        """The keys the calls need (a key as often as calls need it)."""
+        if self.sole:
+            return self.calls
+        return (key for keys in self.needed for key in keys)
 
 
 _NOT_SMALL = object()

@@ -96,6 +96,14 @@ def test_apply_with_kwargs_and_pinned_worker(pool, cluster):
     assert result.get()[:5] == [0, 3, 6, 9, 12]
 
 
+def test_keyword_arguments_name_values_held_elsewhere_beside_one_remote_argument(pool, cluster):
+    a, b = cluster.worker_addresses
+    (x,) = pool.scatter([np.arange(3)], workers=[a])
+    (y,) = pool.scatter([np.full(3, 10)], workers=[b])
+    result = pool.apply(lambda v, plus: (v + plus).tolist(), [x], {"plus": y}, workers=[a])
+    assert result.get() == [10, 11, 12]
+
+
 def test_idle_worker_takes_over_tasks_of_a_busy_one(pool, cluster):
     a, b = cluster.worker_addresses
     inputs = pool.scatter(range(8), workers=[a])
