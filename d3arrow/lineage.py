@@ -90,6 +90,12 @@ class Lineage:
 
         def add(call):
             key, args, needs = call.key, call.args, call.needs
+            if args is call.inputs and len(args) == 1:  # f(x) over a RemoteData: a map's
+                (ref,) = args
+                recipe.needs[key] = needs
+                recipe.inputs[ref.key] = ref._recipe
+                recipe.args[key] = _SOLE_INPUT
+                return recipes.setdefault(key, recipe)
             if needs:
                 recipe.needs[key] = needs
                 for ref in call.inputs:
@@ -98,8 +104,7 @@ class Lineage:
                     if need not in recipe.inputs:
                         recipe.inputs[need] = recipes.get(need)
                 if call.inputs:  # flat arguments hold RemoteData, which keep values alive
-                    args = _SOLE_INPUT if args is call.inputs and len(args) == 1 \
-                        else _by_key(args)
+                    args = _by_key(args)
             recipe.args[key] = args
             if call.kwargs:
                 recipe.kwargs[key] = call.kwargs

@@ -20,12 +20,16 @@ class Placement:
 
     def __init__(self) -> None:
         self._where: dict[str, tuple[str, ...]] = {}
+        self._only: dict[str, tuple[str]] = {}  # address -> (address,): one tuple, shared
         self._nbytes: dict[str, int] = {}
         self.unreachable = RecentFailures()
 
     def placed(self, key: str, address: str, nbytes: int | None = None) -> None:
         """``key`` now lives on ``address`` only (we put it there)."""
-        self._where[key] = (address,)
+        only = self._only.get(address)
+        if only is None:
+            only = self._only[address] = (address,)
+        self._where[key] = only
         if nbytes is not None:
             self._nbytes[key] = nbytes
 
