@@ -87,6 +87,7 @@ class Arena:
         self._high = 0  # the highest end of any allocation now
         # the highest allocation end in this window of TRIM_DELAY seconds, and the last one
         self._peak, self._last_peak, self._window_at = 0, 0, 0.0
+        self._growing = False  # the last allocation reached beyond the recent peaks
         self._reserve_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._blocks = {}  # id -> weakref to the allocation
@@ -207,6 +208,8 @@ class Arena:
             else:
                 self._free[i] = (offset + need, length - need)
             self._used += need
+            # beyond anything of the last TRIM_DELAY seconds: faulting in must keep ahead
+            self._growing = offset + need > max(self._peak, self._last_peak)
             self._high = max(self._high, offset + need)
             self._note_peak()
         try:
@@ -258,15 +261,15 @@ class Arena:
                 if self._reserved > self._keep_reserved() + CHUNK and self.fd >= 0:
                     self._prefault_wanted.set()  # the prefault thread trims
 
-    def _keep_reserved(self):
+    def _keep_reserved(self, *, growing=True):
         """How far memory stays reserved: the highest allocation of the last TRIM_DELAY
         seconds (a pipeline that frees its values and makes the next ones at once keeps its
         pages faulted in, rather than giving them back and faulting them in again) and some
-        room ahead."""
+        room ahead, a quarter of that while ``growing``, else a chunk."""
         high = self._high
         self._note_peak()
         high = max(high, self._peak, self._last_peak)
-        ahead = min(PREFAULT_AHEAD, max(CHUNK, high // 4))
+        ahead = min(PREFAULT_AHEAD, max(CHUNK, high // 4)) if growing else CHUNK
         return min(self.capacity, _round_up(high + ahead, CHUNK))
 
     def _note_peak(self):
@@ -337,11 +340,24 @@ class Arena:
             # what it holds stays bounded
             self._trim()
             try:
-                with self._lock:
-                    keep = self._keep_reserved()
-                self._ensure_reserved(keep)
+                self._reserve_ahead()
             except OSError as e:
                 logger.warning("could not fault in shared memory ahead of use: %s", e)
+
+    def _reserve_ahead(self):
+        """Fault in a chunk at a time while the allocations want more room ahead: plenty
+        while the store grows; where it only reuses what it reached lately (a pipeline's
+        later runs), room it would not use costs them 3 s per GiB, so the target is
+        looked at again after each chunk (trimming keeps more: see _trim)."""
+        if self.fd < 0:
+            return
+        while not self._closed:
+            with self._lock:
+                keep = self._keep_reserved(growing=self._growing)
+            with self._reserve_lock:
+                if self._reserved >= keep:
+                    return
+                self._reserve_chunk()
 
     def close(self):
         """Stop prefaulting and drop this process's handle. Live views keep the memory."""
