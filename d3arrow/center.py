@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 
-from .checks import check_keys, check_owner, check_publish, check_registration
+from .checks import check_believed, check_keys, check_owner, check_publish, check_registration
 from .core import HEARTBEAT_INTERVAL, Server, Tasks
 from .dashboard import Dashboard
 from .keys import owner_of
@@ -309,12 +309,24 @@ class Center(Server):
         self._discard(address, keys)
         return {"status": "OK"}
 
-    def who_has(self, *, keys=None):
+    def who_has(self, *, keys=None, believed=None):
+        """``{key: [address]}`` of ``keys`` (all, by default). ``believed``
+        (``{address: [key]}``: where the caller thinks each key lies, alone) adds the
+        keys that lie elsewhere instead or as well, and only those: a client freeing
+        the results it placed hears of the few copies peers made, not of every key."""
         if keys is None:
-            keys = self._who_has
+            keys = self._who_has if believed is None else ()
         else:
             check_keys(keys)
-        return {"who_has": {key: list(self._holders(key)) for key in keys}}
+        who_has = {key: list(self._holders(key)) for key in keys}
+        if believed is not None:
+            check_believed(believed)
+            known = self._who_has
+            for address, believed_keys in believed.items():
+                for key in believed_keys:
+                    if known.get(key) != address:  # (one holder is kept as its address)
+                        who_has[key] = list(self._holders(key))
+        return {"who_has": who_has}
 
     def has_what(self, *, workers=None):
         if workers is None:

@@ -28,6 +28,14 @@ def check_keys(keys, nbytes=None):
         raise ValueError(f"nbytes must map keys to integers, got {short(nbytes)}")
 
 
+def check_believed(believed):
+    """``{address: [key]}``: strings only."""
+    if not isinstance(believed, dict) or not all(isinstance(a, str) for a in believed):
+        raise ValueError(f"expected {{address: [key]}}, got {short(believed)}")
+    for keys in believed.values():
+        check_keys(keys)
+
+
 def check_publish(name, key):
     if not isinstance(name, str) or not isinstance(key, str):
         raise ValueError(f"publish takes a name and a key (strings), not {name!r}, {key!r}")

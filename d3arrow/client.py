@@ -524,18 +524,27 @@ class Client:
             return
         self.refs.mark_deleted(keys)
         self.lineage.forget(keys)
-        try:
-            who_has = await self.ask_who_has(keys)
+        holders = collections.defaultdict(set)
+        believed = collections.defaultdict(list)  # address -> the keys we put there alone
+        unsure = []
+        drop = self.placement.drop
+        for key in keys:  # where we put it, and the copies the center knows of
+            placed = drop(key)
+            for address in placed:
+                holders[address].add(key)
+            if len(placed) == 1:
+                believed[placed[0]].append(key)
+            else:
+                unsure.append(key)
+        try:  # (of the keys we placed, only those held elsewhere too come back)
+            who_has = (await self._rpc(self.center).who_has(keys=unsure, believed=believed)
+                       )["who_has"]
         except (CommClosedError, OSError) as e:  # what we placed ourselves we know anyway
             logger.warning("center %s unreachable (%s): deleting %d values where this client "
                            "placed them", self.shown_center, e, len(keys))
             who_has = {}
-        holders = collections.defaultdict(set)
-        drop = self.placement.drop
-        for key in keys:  # where we put it, and the copies the center knows of
-            for address in drop(key):
-                holders[address].add(key)
-            for address in who_has.get(key, ()):
+        for key, addresses in who_has.items():
+            for address in addresses:
                 holders[address].add(key)
         self._drop_inline(keys)
         addresses = self.placement.reachable(holders)  # the unreachable took theirs along

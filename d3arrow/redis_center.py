@@ -28,7 +28,7 @@ import json
 import logging
 import random
 
-from .checks import check_keys, check_owner, check_publish, check_registration
+from .checks import check_believed, check_keys, check_owner, check_publish, check_registration
 from .errors import CommClosedError
 from .keys import owner_of
 from .metrics import totals_of
@@ -294,7 +294,15 @@ class RedisCenter:
             await self._holders_change(self._drop_holder, address, list(keys))
         return {"status": "OK"}
 
-    async def who_has(self, *, keys=None):
+    async def who_has(self, *, keys=None, believed=None):
+        """As :meth:`d3arrow.center.Center.who_has`."""
+        if believed is not None:
+            check_believed(believed)
+            asked = (await self.who_has(keys=keys or []))["who_has"]
+            believed_in = {key: address for address, ks in believed.items() for key in ks}
+            held = (await self.who_has(keys=list(believed_in)))["who_has"]
+            return {"who_has": {**asked, **{k: h for k, h in held.items()
+                                           if h != [believed_in[k]]}}}
         if keys is None:
             keys = [k.removeprefix(PREFIX + "who_has:")
                     for k in await self._call(self._scan(PREFIX + "who_has:*"))]

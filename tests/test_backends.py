@@ -1,6 +1,7 @@
 """The same Pool suite against both places the metadata can live: a d3arrow center, and a
 real Redis server (Debian's redis-server, started here on a free port) with no center."""
 
+import gc
 import os
 import shutil
 import signal
@@ -116,6 +117,21 @@ def test_calls_run_where_their_inputs_live(metadata):
         who_has = pool.client.who_has([r.key for r in arrays])  # the metadata agrees
         assert [set(who_has[r.key]) for r in arrays] == holders
         assert pool.gather(sums) == pytest.approx([_big(i).sum() for i in range(6)])
+
+
+def test_a_dropped_value_goes_from_the_peers_that_copied_it_too(metadata):
+    with LocalCluster(n_workers=2, ncores=1, **metadata) as cluster, \
+            Pool(cluster.center_address) as pool:
+        a, b = cluster.worker_addresses
+        x = pool.apply(_big, [2], workers=[a])
+        assert pool.apply(len, [x], workers=[b]).get() == 50_000  # b fetched a copy
+        key = x.key
+        assert wait_until(lambda: set(pool.client.who_has([key])[key]) == {a, b})
+        del x
+        gc.collect()
+        assert wait_until(lambda: not pool.client.who_has([key])[key])
+        for address in (a, b):  # gone from the workers, not only from the metadata
+            assert key not in pool.client.sync(pool.client._rpc(address).keys)["keys"]
 
 
 def test_a_result_lost_with_its_worker_is_made_again(metadata):
