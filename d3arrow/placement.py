@@ -59,12 +59,10 @@ class Placement:
     def hints(self, address: str, keys_per_call: Iterable[Iterable[str]]) -> dict:
         """``{key: holders}`` of the keys that ``address`` does not hold and others do, as
         far as we know: where a worker asked to run calls needing them finds them."""
-        hints = {}
         where = self._where
-        for keys in keys_per_call:
-            for key in keys:
-                if key not in hints and address not in where.get(key, ()):
-                    hints[key] = self.holders(key)
+        elsewhere = {key for keys in keys_per_call for key in keys
+                     if address not in where.get(key, ())}  # (usually none: placed there)
+        hints = {key: self.holders(key) for key in elsewhere}
         return {k: v for k, v in hints.items() if v}
 
     def holds(self, address: str, key: str) -> bool:

@@ -556,19 +556,19 @@ class Pool:
         """The worker holding the most input bytes (the least loaded among equals: its
         queue here and the calls other runs have in hand there); else the one the call
         prefers, if it is live; else None: nothing ties the call anywhere."""
-        load = lambda a: self._load(a, queues)  # noqa: E731
         if len(call.needs) == 1:  # one input (a map's): choose_worker's rule, no sizes
             holders = self.client.placement.holders(call.needs[0])
             if len(holders) == 1 and holders[0] in queues:  # the usual case
                 return holders[0]
             if holders:
                 here = [a for a in holders if a in queues]
-                return here[0] if len(here) == 1 else min(here or queues, key=load)
+                return here[0] if len(here) == 1 else min(
+                    here or queues, key=lambda a: self._load(a, queues))
             return call.prefer if call.prefer in queues else None
         held = call.needs and self.client.placement.held_bytes(call.needs)
         if not held:
             return call.prefer if call.prefer in queues else None
-        return choose_worker(held, queues, load)
+        return choose_worker(held, queues, lambda a: self._load(a, queues))
 
     async def _slot(self, address, function, calls, queues, outcomes, pace, deaths,
                     priority):

@@ -88,10 +88,13 @@ def serialize_args(args_per_call):
     they travel as msgpack, each KeyRef as its key with its place noted beside: several
     times cheaper than pickling KeyRefs, and read back with no unpickling. Else pickled
     as any value."""
-    if all(len(args) == 1 and isinstance(args[0], KeyRef) for args in args_per_call):
-        # f(x) over values the workers hold (a map over RemoteData): only the keys travel
-        keys = msgpack.packb([args[0].key for args in args_per_call], use_bin_type=True)
-        return Serialized({"kind": "keys"}, [[keys]])
+    keys = []  # f(x) over values the workers hold (a map over RemoteData): only keys travel
+    for args in args_per_call:
+        if len(args) != 1 or not isinstance(args[0], KeyRef):
+            break
+        keys.append(args[0].key)
+    else:
+        return Serialized({"kind": "keys"}, [[msgpack.packb(keys, use_bin_type=True)]])
     places = []  # (call, argument) of each KeyRef
     for i, args in enumerate(args_per_call):
         for j, arg in enumerate(args):
