@@ -397,8 +397,9 @@ class Worker(Server):
             raise
         except BaseException as e:  # what unpickling ran was user code too
             return {"results": [{"key": key, **error_reply(e)} for key in keys], "seconds": 0.0}
-        missing = (await self.fetcher.gather(batch.inputs(), who_has or {})
-                   if batch.needed is not None else set())
+        inputs = batch.inputs()
+        missing = (await self.fetcher.gather(inputs, who_has or {}) if inputs is not None
+                   else set())
         runnable = ([i for i in range(len(keys)) if not missing.intersection(batch.needs(i))]
                     if missing else list(range(len(keys))))
         loop = asyncio.get_running_loop()
@@ -484,13 +485,13 @@ class Worker(Server):
         start = time.perf_counter()
         values = self.values
         substitute = lambda ref: values[ref.key]  # noqa: E731
-        func, calls, call_kwargs, needed, keys = (batch.func, batch.calls, batch.kwargs,
-                                                  batch.needed, batch.keys)
+        func, calls, call_kwargs, needed, keys, sole = (
+            batch.func, batch.calls, batch.kwargs, batch.needed, batch.keys, batch.sole)
         outcomes = []
         for position, i in enumerate(indices):
             began = time.perf_counter()
             try:
-                if batch.sole:  # over a value we hold: its key is the call
+                if sole:  # over a value we hold: its key is the call
                     value = func.func(values[calls[i]])
                 else:
                     args, kwargs = calls[i], call_kwargs[i] or {}
@@ -537,7 +538,7 @@ class _Batch:
 
     def __init__(self, func, keys, calls, kwargs, needed, *, sole=False):
         self.func, self.keys, self.calls, self.kwargs = func, keys, calls, kwargs
-        self.needed = calls if sole else needed  # None: no call needs any
+        self.needed = needed  # None: no call needs any, or a batch over held values
         self.sole = sole
 
     def needs(self, i):
@@ -547,9 +548,11 @@ class _Batch:
         return self.needed[i]
 
     def inputs(self):
-        """The keys the calls need (a key as often as calls need it)."""
+        """The keys the calls need (a key as often as calls need it); None if none."""
         if self.sole:
             return self.calls
+        if self.needed is None:
+            return None
         return (key for keys in self.needed for key in keys)
 
 
