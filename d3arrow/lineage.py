@@ -32,7 +32,8 @@ class Recipe:
     few dict entries, no objects (a map of 10,000 calls made 10,000 recipes and as many
     weak references, and the garbage collector walked them all again and again).
     ``args`` / ``kwargs`` / ``needs`` give each key's arguments (inputs named by
-    :class:`~d3arrow.task.KeyRef`) and the keys it needs; ``inputs`` each input key's own
+    :class:`~d3arrow.task.KeyRef`; none for f(x) over a RemoteData: x is its one need)
+    and the keys it needs; ``inputs`` each input key's own
     Recipe (None for a scattered value, which cannot be remade). A recipe stays alive
     while a result of its batch does, or a recipe that needs one of them: a dropped
     intermediate result is freed on the workers, and made again only if a value that
@@ -50,17 +51,15 @@ class Recipe:
 
     def call(self, key: str) -> Call:
         """``key``'s call, its inputs named by key only."""
-        args = self.args[key]
-        if args is _SOLE_INPUT:
-            args = (KeyRef(self.needs[key][0]),)
-        return Call(key, args, self.kwargs.get(key), self.needs.get(key, ()))
+        needs = self.needs.get(key, ())
+        args = self.args.get(key)
+        if args is None:  # f(x) over a RemoteData
+            args = (KeyRef(needs[0]),)
+        return Call(key, args, self.kwargs.get(key), needs)
 
     def inputs_of(self, key: str) -> dict:
         """``{input key: Recipe or None}`` of ``key``'s call."""
         return {k: self.inputs[k] for k in self.needs.get(key, ())}
-
-
-_SOLE_INPUT = "the value of its only input"  # a recipe's args of f(x): no objects kept
 
 
 def _by_key(args):
@@ -90,11 +89,10 @@ class Lineage:
 
         def add(call):
             key, args, needs = call.key, call.args, call.needs
-            if args is call.inputs and len(args) == 1:  # f(x) over a RemoteData: a map's
+            if args is call.inputs and args:  # f(x) over a RemoteData: a map's
                 (ref,) = args
                 recipe.needs[key] = needs
                 recipe.inputs[ref.key] = ref._recipe
-                recipe.args[key] = _SOLE_INPUT
                 return recipes.setdefault(key, recipe)
             if needs:
                 recipe.needs[key] = needs

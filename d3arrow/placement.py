@@ -56,6 +56,11 @@ class Placement:
         where = self._where.get(key, ())
         return self.reachable(where) if self.unreachable else where
 
+    def known_holders(self) -> Mapping[str, tuple[str, ...]] | None:
+        """``{key: holders}`` to read while no peer failed us lately (each of them is then
+        reachable as far as we know), else None: ask :meth:`holders` per key."""
+        return None if self.unreachable else self._where
+
     def hints(self, address: str, keys_per_call: Iterable[Iterable[str]]) -> dict:
         """``{key: holders}`` of the keys that ``address`` does not hold and others do, as
         far as we know: where a worker asked to run calls needing them finds them."""

@@ -27,7 +27,7 @@ from .functions import wire_form as _serialize_function
 from .errors import (CommClosedError, MissingDataError, RemoteExit, SpillError,
                      WorkerPausedError)
 from .progress import progress_bar
-from .references import RemoteData, wait_for
+from .references import RemoteData, not_made, wait_for
 from .scheduling import (PAUSED_RETRY_SECONDS, Deaths, Pace, Turns, choose_worker,
                          split_in_runs, take_batch)
 
@@ -496,11 +496,11 @@ class Pool:
         if not client.ncores:
             await client.refresh_workers()
         outcomes = _Outcomes(len(calls), on_outcome)
-        for i, call in enumerate(calls):  # pending inputs (from submit) must exist first
-            inputs = call.inputs
-            if inputs and not (inputs[0].exists() if len(inputs) == 1
-                               else all(r.exists() for r in inputs)):
-                failure = await wait_for(call.inputs)
+        # pending inputs (from submit) must exist first
+        for i in not_made([call.inputs for call in calls]):
+            inputs = calls[i].inputs
+            if not all(r.exists() for r in inputs):
+                failure = await wait_for(inputs)
                 if failure is not None:
                     outcomes.arrived(i, failure)
         pending = [i for i in range(len(calls)) if outcomes[i] is None]
@@ -529,8 +529,9 @@ class Pool:
         live = client.placement.reachable(chosen) or chosen
         queues = {address: collections.deque() for address in live}
         loose = []  # calls that nothing ties to a worker
+        where = client.placement.known_holders()
         for index in indices:
-            address = self._place(calls[index], queues)
+            address = self._place(calls[index], queues, where)
             if address is None:
                 loose.append(index)
             else:
@@ -552,12 +553,14 @@ class Pool:
             if not queues:
                 raise CommClosedError("every worker this computation could use has died")
 
-    def _place(self, call, queues):
+    def _place(self, call, queues, where=None):
         """The worker holding the most input bytes (the least loaded among equals: its
         queue here and the calls other runs have in hand there); else the one the call
-        prefers, if it is live; else None: nothing ties the call anywhere."""
+        prefers, if it is live; else None: nothing ties the call anywhere. ``where``:
+        Placement.known_holders(), read for many calls at once (None: asked per call)."""
         if len(call.needs) == 1:  # one input (a map's): choose_worker's rule, no sizes
-            holders = self.client.placement.holders(call.needs[0])
+            holders = (where.get(call.needs[0], ()) if where is not None
+                       else self.client.placement.holders(call.needs[0]))
             if len(holders) == 1 and holders[0] in queues:  # the usual case
                 return holders[0]
             if holders:
@@ -667,7 +670,7 @@ class _Outcomes(list):
 def _depth(*calls):
     """How many submitted tasks lead up to the deepest of ``calls``: one more than its
     deepest input."""
-    return max((ref._depth for call in calls for ref in call.inputs), default=-1) + 1
+    return max([ref._depth for call in calls for ref in call.inputs], default=-1) + 1
 
 
 def _name(func):

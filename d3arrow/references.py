@@ -152,6 +152,13 @@ class RemoteData(KeyRef):
                 pass
 
 
+def not_made(inputs_per_call: Iterable[tuple]) -> list[int]:
+    """The positions of the calls with an input not known to exist yet (a pending or
+    failed task's): the inputs of a map over made values cost one look each, no call."""
+    return sorted({i for i, inputs in enumerate(inputs_per_call) for ref in inputs
+                   if ref._state is not _DONE})
+
+
 async def wait_for(inputs: Iterable[RemoteData]) -> BaseException | None:
     """On the client's loop: until every input's task has finished; the first failure of
     one (what it raised, or a CancelledError), else None. Cancelling the waiter cancels
