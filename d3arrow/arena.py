@@ -258,18 +258,28 @@ class Arena:
                 self._give_back(released_at, released_size)
             elif offset + size == self.capacity:  # the top is free: memory may go back
                 self._high = offset
+                self._growing = False  # (whatever grew the store lately was freed)
                 if self._reserved > self._keep_reserved() + CHUNK and self.fd >= 0:
                     self._prefault_wanted.set()  # the prefault thread trims
 
-    def _keep_reserved(self, *, growing=True):
+    def _keep_reserved(self, *, growing=None):
         """How far memory stays reserved: the highest allocation of the last TRIM_DELAY
         seconds (a pipeline that frees its values and makes the next ones at once keeps its
         pages faulted in, rather than giving them back and faulting them in again) and some
-        room ahead, a quarter of that while ``growing``, else a chunk."""
+        room ahead: a quarter of that when trimming (``growing`` None); when faulting in
+        ahead, a chunk, or while ``growing`` as much as the store grew beyond the last
+        window's peak, up to that quarter (a store filling up is kept ahead; a pipeline
+        whose later runs reach a value or two higher gets a chunk, not another quarter)."""
         high = self._high
         self._note_peak()
         high = max(high, self._peak, self._last_peak)
-        ahead = min(PREFAULT_AHEAD, max(CHUNK, high // 4)) if growing else CHUNK
+        quarter = min(PREFAULT_AHEAD, max(CHUNK, high // 4))
+        if growing is None:
+            ahead = quarter
+        elif growing:
+            ahead = min(quarter, max(CHUNK, high - self._last_peak))
+        else:
+            ahead = CHUNK
         return min(self.capacity, _round_up(high + ahead, CHUNK))
 
     def _note_peak(self):
