@@ -390,7 +390,7 @@ def targets(systems):
     paired = d3.get("tiny_remote_vs_plain")
     if paired is not None:  # the median of each round's ratio: drift between rounds cancels
         out.append({"target": "  same, each round's maps paired (median of their ratios)",
-                    "measured": f"{paired:.2f}x", "met": paired >= 1.0})
+                    "measured": f"{paired:.3f}x", "met": paired >= 1.0})
     return out
 
 
