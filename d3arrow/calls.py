@@ -27,8 +27,11 @@ class Call:
         References (:class:`KeyRef`) where the caller passed RemoteData: the RemoteData
         themselves in flat arguments, plain KeyRefs inside containers.
     kwargs : dict or None
-    needs : tuple of str
-        The keys the call needs, each once, in order of first use.
+    needs : tuple of str, or str
+        The keys the call needs, each once, in order of first use; for f(x) over a
+        RemoteData x's key alone, no tuple (a map over held values would make one per
+        call, kept as long as the call: the collector counts them). :func:`keys_needed`
+        reads both.
     inputs : tuple of RemoteData
         Keeps the caller's inputs alive until the call has run.
     prefer : str or None
@@ -39,7 +42,7 @@ class Call:
     key: str
     args: tuple
     kwargs: dict | None
-    needs: tuple[str, ...]
+    needs: tuple[str, ...] | str
     inputs: tuple = field(default=(), repr=False, compare=False)
     prefer: str | None = None
 
@@ -49,7 +52,7 @@ class Call:
         if not kwargs and len(args) == 1:  # f(x): a map's call, the most common
             (arg,) = args
             if type(arg) is RemoteData:
-                return cls(key, args, None, (arg.key,), args)
+                return cls(key, args, None, arg.key, args)
             if type(arg) not in CONTAINERS and not isinstance(arg, REFERENCES):
                 return cls(key, args, None, ())
         if not kwargs:  # flat arguments take one look at each
@@ -78,3 +81,9 @@ class Call:
         """The call whose arguments hold ``refs`` (RemoteData and KeyRefs, in order)."""
         return cls(key, args, kwargs, tuple(dict.fromkeys(r.key for r in refs)),
                    tuple(r for r in refs if isinstance(r, RemoteData)))
+
+
+def keys_needed(call: Call) -> tuple[str, ...]:
+    """The keys ``call`` needs, as a tuple."""
+    needs = call.needs
+    return (needs,) if type(needs) is str else needs

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .addressing import normalize_address
+from .calls import keys_needed
 from .cluster import LocalCluster, token_for
 from .comm import CONNECT_TIMEOUT
 from .core import DEFAULT_TIMEOUT, ConnectionPool, Tasks, rebuild_error, time_limit
@@ -584,11 +585,15 @@ class Client:
                 msg["session"] = session
         if any(call.kwargs for call in calls):
             msg["kwargs"] = serialize([call.kwargs for call in calls])
+        if msg["args"].meta["kind"] == "keys" and "kwargs" not in msg:  # f(x) over held
+            msg["who_has"] = self.placement.hints(address, [c.args[0].key for c in calls])
+            return msg  # (their args name what they need: their x)
         needed = [call.needs for call in calls]
         if any(needed):
-            msg["who_has"] = self.placement.hints(address, needed)
-            if msg["args"].meta["kind"] != "keys" or "kwargs" in msg:  # (calls of f(x) name
-                msg["needed"] = needed  # what they need: their x)
+            needed = [keys_needed(call) for call in calls]
+            msg["who_has"] = self.placement.hints(
+                address, [key for keys in needed for key in keys])
+            msg["needed"] = needed
         return msg
 
     def compute_outcomes(self, address, function, calls, reply):

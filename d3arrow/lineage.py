@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from .calls import Call
+from .calls import Call, keys_needed
 from .errors import (CommClosedError, KilledWorkerError, LostDataError, MissingDataError,
                      SpillError, WorkerPausedError)
 from .references import RemoteData
@@ -33,7 +33,7 @@ class Recipe:
     weak references, and the garbage collector walked them all again and again).
     ``args`` / ``kwargs`` / ``needs`` give each key's arguments (inputs named by
     :class:`~d3arrow.task.KeyRef`; none for f(x) over a RemoteData: x is its one need)
-    and the keys it needs; ``inputs`` each input key's own
+    and the keys it needs (x's key alone, as calls give it); ``inputs`` each input key's own
     Recipe (None for a scattered value, which cannot be remade). A recipe stays alive
     while a result of its batch does, or a recipe that needs one of them: a dropped
     intermediate result is freed on the workers, and made again only if a value that
@@ -51,7 +51,7 @@ class Recipe:
 
     def call(self, key: str) -> Call:
         """``key``'s call, its inputs named by key only."""
-        needs = self.needs.get(key, ())
+        needs = self._needs(key)
         args = self.args.get(key)
         if args is None:  # f(x) over a RemoteData
             args = (KeyRef(needs[0]),)
@@ -59,7 +59,11 @@ class Recipe:
 
     def inputs_of(self, key: str) -> dict:
         """``{input key: Recipe or None}`` of ``key``'s call."""
-        return {k: self.inputs[k] for k in self.needs.get(key, ())}
+        return {k: self.inputs[k] for k in self._needs(key)}
+
+    def _needs(self, key):
+        needs = self.needs.get(key, ())
+        return (needs,) if type(needs) is str else needs  # (f(x)'s: x's key alone)
 
 
 def _by_key(args):
@@ -90,9 +94,8 @@ class Lineage:
         def add(call):
             key, args, needs = call.key, call.args, call.needs
             if args is call.inputs and args:  # f(x) over a RemoteData: a map's
-                (ref,) = args
-                recipe.needs[key] = needs
-                recipe.inputs[ref.key] = ref._recipe
+                recipe.needs[key] = needs  # (x's key)
+                recipe.inputs[needs] = args[0]._recipe
                 return recipes.setdefault(key, recipe)
             if needs:
                 recipe.needs[key] = needs
@@ -198,7 +201,7 @@ class Lineage:
         died = []
         rounds = 0
         while rounds < 2:
-            held = client.placement.held_bytes(k for call in calls for k in call.needs)
+            held = client.placement.held_bytes(k for call in calls for k in keys_needed(call))
             candidates = sorted(client.placement.reachable(client.ncores),
                                 key=lambda a: -held.get(a, 0))
             paused, cannot_spill = 0, None

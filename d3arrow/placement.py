@@ -61,11 +61,11 @@ class Placement:
         reachable as far as we know), else None: ask :meth:`holders` per key."""
         return None if self.unreachable else self._where
 
-    def hints(self, address: str, keys_per_call: Iterable[Iterable[str]]) -> dict:
+    def hints(self, address: str, keys: Iterable[str]) -> dict:
         """``{key: holders}`` of the keys that ``address`` does not hold and others do, as
         far as we know: where a worker asked to run calls needing them finds them."""
         where = self._where
-        elsewhere = {key for keys in keys_per_call for key in keys
+        elsewhere = {key for key in keys
                      if address not in where.get(key, ())}  # (usually none: placed there)
         hints = {key: self.holders(key) for key in elsewhere}
         return {k: v for k, v in hints.items() if v}

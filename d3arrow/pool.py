@@ -558,9 +558,11 @@ class Pool:
         queue here and the calls other runs have in hand there); else the one the call
         prefers, if it is live; else None: nothing ties the call anywhere. ``where``:
         Placement.known_holders(), read for many calls at once (None: asked per call)."""
-        if len(call.needs) == 1:  # one input (a map's): choose_worker's rule, no sizes
-            holders = (where.get(call.needs[0], ()) if where is not None
-                       else self.client.placement.holders(call.needs[0]))
+        needs = call.needs
+        if type(needs) is str or len(needs) == 1:  # one input (a map's): choose_worker's
+            key = needs if type(needs) is str else needs[0]  # rule, no sizes
+            holders = (where.get(key, ()) if where is not None
+                       else self.client.placement.holders(key))
             if len(holders) == 1 and holders[0] in queues:  # the usual case
                 return holders[0]
             if holders:
@@ -568,7 +570,7 @@ class Pool:
                 return here[0] if len(here) == 1 else min(
                     here or queues, key=lambda a: self._load(a, queues))
             return call.prefer if call.prefer in queues else None
-        held = call.needs and self.client.placement.held_bytes(call.needs)
+        held = needs and self.client.placement.held_bytes(needs)
         if not held:
             return call.prefer if call.prefer in queues else None
         return choose_worker(held, queues, lambda a: self._load(a, queues))
