@@ -93,8 +93,8 @@ class Lineage:
 
         def add(call):
             key, args, needs = call.key, call.args, call.needs
-            if args is call.inputs and args:  # f(x) over a RemoteData: a map's
-                recipe.needs[key] = needs  # (x's key)
+            if type(needs) is str:  # f(x) over a RemoteData (x's key): a map's
+                recipe.needs[key] = needs
                 recipe.inputs[needs] = args[0]._recipe
                 return recipes.setdefault(key, recipe)
             if needs:
