@@ -75,6 +75,17 @@ def test_remote_values_beside_values_that_are_pickled_in_one_call(pool):
     assert [b.tolist() for b in pool.gather(both)] == [[11, 13, 15], [22, 24, 26]]
 
 
+def test_a_map_over_held_and_plain_values_alike_fetches_the_held_ones(pool, cluster):
+    a, b = cluster.worker_addresses
+    held = pool.scatter([np.arange(n) for n in range(20)], workers=[a])
+    # batches on b (after the first calls, many to a batch): calls over a held value need
+    # it from a, the others need nothing
+    mixed = [x for pair in zip(held, range(20)) for x in pair]
+    results = pool.map(lambda v: int(np.sum(v)), mixed, workers=[b])
+    assert pool.gather(results) == [x for n in range(20) for x in (n * (n - 1) // 2, n)]
+    assert {a for r in results for a in holders(pool, [r])[r.key]} == {b}
+
+
 def test_apply_runs_where_most_input_bytes_live(pool, cluster):
     a, b = cluster.worker_addresses
     (big,) = pool.scatter([np.ones(1_000_000)], workers=[b])
