@@ -30,7 +30,7 @@ class Call:
     needs : tuple of str, or str
         The keys the call needs, each once, in order of first use; for f(x) over a
         RemoteData x's key alone, no tuple (a map over held values would make one per
-        call, kept as long as the call: the collector counts them). :func:`keys_needed`
+        call, kept as long as the call: the collector counts them). :func:`as_keys`
         reads both.
     inputs : tuple of RemoteData
         Keeps the caller's inputs alive until the call has run.
@@ -83,7 +83,6 @@ class Call:
                    tuple(r for r in refs if isinstance(r, RemoteData)))
 
 
-def keys_needed(call: Call) -> tuple[str, ...]:
-    """The keys ``call`` needs, as a tuple."""
-    needs = call.needs
+def as_keys(needs: tuple[str, ...] | str) -> tuple[str, ...]:
+    """A call's ``needs`` (or a recipe's entry of them) as a tuple of keys."""
     return (needs,) if type(needs) is str else needs

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .addressing import normalize_address
-from .calls import keys_needed
+from .calls import as_keys
 from .cluster import LocalCluster, token_for
 from .comm import CONNECT_TIMEOUT
 from .core import DEFAULT_TIMEOUT, ConnectionPool, Tasks, rebuild_error, time_limit
@@ -590,7 +590,7 @@ class Client:
             return msg  # (their args name what they need: their x)
         needed = [call.needs for call in calls]
         if any(needed):
-            needed = [keys_needed(call) for call in calls]
+            needed = [as_keys(call.needs) for call in calls]
             msg["who_has"] = self.placement.hints(
                 address, [key for keys in needed for key in keys])
             msg["needed"] = needed

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from .calls import Call, keys_needed
+from .calls import Call, as_keys
 from .errors import (CommClosedError, KilledWorkerError, LostDataError, MissingDataError,
                      SpillError, WorkerPausedError)
 from .references import RemoteData
@@ -51,7 +51,7 @@ class Recipe:
 
     def call(self, key: str) -> Call:
         """``key``'s call, its inputs named by key only."""
-        needs = self._needs(key)
+        needs = as_keys(self.needs.get(key, ()))
         args = self.args.get(key)
         if args is None:  # f(x) over a RemoteData
             args = (KeyRef(needs[0]),)
@@ -59,11 +59,7 @@ class Recipe:
 
     def inputs_of(self, key: str) -> dict:
         """``{input key: Recipe or None}`` of ``key``'s call."""
-        return {k: self.inputs[k] for k in self._needs(key)}
-
-    def _needs(self, key):
-        needs = self.needs.get(key, ())
-        return (needs,) if type(needs) is str else needs  # (f(x)'s: x's key alone)
+        return {k: self.inputs[k] for k in as_keys(self.needs.get(key, ()))}
 
 
 def _by_key(args):
@@ -201,7 +197,7 @@ class Lineage:
         died = []
         rounds = 0
         while rounds < 2:
-            held = client.placement.held_bytes(k for call in calls for k in keys_needed(call))
+            held = client.placement.held_bytes(k for call in calls for k in as_keys(call.needs))
             candidates = sorted(client.placement.reachable(client.ncores),
                                 key=lambda a: -held.get(a, 0))
             paused, cannot_spill = 0, None
