@@ -38,7 +38,17 @@ class KeyMaker:
 
 def owner_of(key):
     """The owner id a key starts with, or None for a key of no owner."""
-    if (len(key) > OWNER_CHARS and key[OWNER_CHARS] in "-/"
-            and _HEX.issuperset(key[:OWNER_CHARS])):
-        return key[:OWNER_CHARS]
-    return None
+    head = key[:OWNER_CHARS + 1]  # the owner and the separator: few of them, each read once
+    owner = _owners.get(head, _UNREAD)
+    if owner is _UNREAD:
+        if len(_owners) >= _OWNERS_KEPT:
+            _owners.clear()
+        owner = _owners[head] = (head[:OWNER_CHARS] if len(key) > OWNER_CHARS and
+                                 head[-1] in "-/" and _HEX.issuperset(head[:OWNER_CHARS])
+                                 else None)
+    return owner
+
+
+_owners = {}  # key's head -> its owner or None: the center reads one per key it is told of
+_OWNERS_KEPT = 4096
+_UNREAD = object()
