@@ -520,25 +520,24 @@ class Client:
         return self.sync(self._delete, keys, timeout=timeout)
 
     async def _delete(self, keys):
-        keys = set(keys)
+        keys = list(dict.fromkeys(keys))  # each once, in order: see References._released
         if not keys:
             return
         self.refs.mark_deleted(keys)
         self.lineage.forget(keys)
-        holders = collections.defaultdict(set)
         believed = collections.defaultdict(list)  # address -> the keys we put there alone
-        unsure = []
-        drop = self.placement.drop
-        for key in keys:  # where we put it, and the copies the center knows of
-            placed = drop(key)
-            for address in placed:
-                holders[address].add(key)
+        unsure = {}  # key -> where we put it, where that is not one worker
+        for key, placed in zip(keys, self.placement.drop_all(keys)):
             if len(placed) == 1:
                 believed[placed[0]].append(key)
             else:
-                unsure.append(key)
+                unsure[key] = placed
+        holders = {a: dict.fromkeys(ks) for a, ks in believed.items()}  # address -> keys
+        for key, placed in unsure.items():  # and the copies the center knows of
+            for address in placed:
+                holders.setdefault(address, {})[key] = None
         try:  # (of the keys we placed, only those held elsewhere too come back)
-            who_has = (await self._rpc(self.center).who_has(keys=unsure, believed=believed)
+            who_has = (await self._rpc(self.center).who_has(keys=list(unsure), believed=believed)
                        )["who_has"]
         except (CommClosedError, OSError) as e:  # what we placed ourselves we know anyway
             logger.warning("center %s unreachable (%s): deleting %d values where this client "
@@ -546,7 +545,7 @@ class Client:
             who_has = {}
         for key, addresses in who_has.items():
             for address in addresses:
-                holders[address].add(key)
+                holders.setdefault(address, {})[key] = None
         self._drop_inline(keys)
         addresses = self.placement.reachable(holders)  # the unreachable took theirs along
         replies = await asyncio.gather(*(

@@ -48,6 +48,13 @@ class Placement:
         self._nbytes.pop(key, None)
         return self.forget(key)
 
+    def drop_all(self, keys: Iterable[str]) -> list[tuple[str, ...]]:
+        """:meth:`drop` each of ``keys``; the holders of each, in order."""
+        nbytes, where = self._nbytes, self._where
+        for key in keys:
+            nbytes.pop(key, None)
+        return [where.pop(key, ()) for key in keys]
+
     def unplaced(self, keys: Iterable[str]) -> set[str]:
         return {k for k in keys if not self._where.get(k)}
 

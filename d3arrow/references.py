@@ -192,10 +192,13 @@ class References:
                  free: Callable[[list[str]], Awaitable[None]]) -> None:
         self._call_soon = call_soon
         self._free = free
-        self._counts: collections.Counter = collections.Counter()
+        self._counts: dict[str, int] = {}  # (a Counter's del is a Python call per key)
         self._dropped: collections.deque = collections.deque()  # keys whose RemoteData went
         self._drops_scheduled = False
-        self._released: set[str] = set()  # keys no RemoteData names, to free on the workers
+        # keys no RemoteData names, to free on the workers: in the order they went (a dict
+        # as an ordered set), which is mostly the order they were made in, so each of the
+        # dicts they are freed from is read in its own order, not at random
+        self._released: dict[str, None] = {}
         self._release_task: asyncio.Task | None = None
         self.deleted: set[str] = set()  # deleted on purpose while RemoteData still name them
         self.kept: set[str] = set()  # published: not freed with their RemoteData, nor on close
@@ -231,24 +234,28 @@ class References:
 
     def _count_drops(self) -> None:
         self._drops_scheduled = False  # before taking them: a later drop schedules again
-        while self._dropped:
-            key = self._dropped.popleft()
-            self._counts[key] -= 1
-            if self._counts[key] <= 0:
-                del self._counts[key]
-                self.deleted.discard(key)
-                self._released.add(key)
+        counts, released, dropped = self._counts, self._released, self._dropped
+        while dropped:
+            key = dropped.popleft()
+            left = counts.pop(key, 1) - 1
+            if left > 0:  # another RemoteData still names it
+                counts[key] = left
+            else:
+                released[key] = None
+        if self.deleted:
+            self.deleted.difference_update([k for k in released if k not in counts])
 
     async def _release(self) -> None:
         while self._released:
             await asyncio.sleep(RELEASE_DELAY)
             self._count_drops()
-            keys = [k for k in self._released if k not in self._counts and k not in self.kept]
-            self._released.clear()
+            counts, kept = self._counts, self.kept
+            keys = [k for k in self._released if k not in counts and k not in kept]
+            self._released = {}
             try:
                 await self._free(keys)
             except BaseException:  # cancelled by close, or failed: close frees them
-                self._released.update(k for k in keys if k not in self._counts)
+                self._released.update(dict.fromkeys(k for k in keys if k not in self._counts))
                 self._drops_scheduled = False  # the next drop wakes the loop again
                 raise
 
@@ -257,7 +264,7 @@ class References:
         return key in self._counts
 
     def mark_deleted(self, keys: Iterable[str]) -> None:
-        self.deleted.update(k for k in keys if k in self._counts)
+        self.deleted.update(self._counts.keys() & keys)
 
     async def close(self) -> set[str]:
         """Stop freeing in the background; the keys still to free (named or released)."""
@@ -266,4 +273,4 @@ class References:
         if self._release_task is not None:
             self._release_task.cancel()
             await asyncio.gather(self._release_task, return_exceptions=True)
-        return (set(self._counts) | self._released) - self.kept
+        return (set(self._counts) | self._released.keys()) - self.kept
