@@ -62,13 +62,23 @@ class Values:
 
     def discard(self, key: str) -> bool:
         """Forget ``key``; whether it was held."""
-        self._forget_file(key)
-        if self._data.pop(key, _MISSING) is _MISSING:
-            return False
-        del self._nbytes[key]
-        self._shared.pop(key, None)
-        self._recent.pop(key, None)
-        return True
+        return bool(self.discard_all((key,)))
+
+    def discard_all(self, keys: Iterable[str]) -> list[str]:
+        """Forget these keys (a client freeing a map's results); those that were held."""
+        data, nbytes, shared, recent = self._data, self._nbytes, self._shared, self._recent
+        held = []
+        for key in keys:
+            value = data.pop(key, _MISSING)
+            if value is _MISSING:
+                continue
+            if type(value) is SpilledValue:
+                value.close()
+            del nbytes[key]
+            shared.pop(key, None)
+            recent.pop(key, None)
+            held.append(key)
+        return held
 
     def _forget_file(self, key: str) -> None:
         held = self._data.get(key)

@@ -331,7 +331,7 @@ class Worker(Server):
         return {"keys": keys, "nbytes": self.values.nbytes_of(keys)}
 
     async def delete_data(self, *, keys, report=True):
-        deleted = [k for k in keys if self.values.discard(k)]
+        deleted = self.values.discard_all(keys)
         if report:
             await self.link.tell("remove_keys", deleted, applied=True)
         return {"keys": deleted}
