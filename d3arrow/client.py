@@ -604,28 +604,31 @@ class Client:
         outcomes = []
         self._results_from[address] = time.monotonic()
         recipe = None
-        for call, result in zip(calls, reply["results"]):
-            if result["status"] == "OK":
-                if recipe is None:
-                    recipe = self.lineage.record(function)
-                self.placement.placed(call.key, address, result["nbytes"])
-                if call.key in self._inline:  # made again: the old one goes
-                    self._drop_inline([call.key])
-                if "plain" in result:
-                    self._inline[call.key] = result["plain"]
-                elif "value" in result:  # rebuilt when asked for: most are never read here
-                    self._inline[call.key] = result["value"]
-                elif "ref" in result:  # the place in the worker's memory, to view
-                    self._inline[call.key] = result["ref"]
-                    note_store_of(address, result["ref"].meta["socket"])
-                outcomes.append(RemoteData(call.key, self, owned=True, recipe=recipe(call)))
-            elif result["status"] == "missing-data":
-                for peer in result.get("unreachable", ()):  # the worker found them gone
-                    self.placement.failed(peer)
-                outcomes.append(MissingDataError(result["keys"]))
-            else:
-                outcomes.append(rebuild_error(result))
+        small = reply.get("small", {})
+        for i, (call, nbytes) in enumerate(zip(calls, reply["nbytes"])):
+            if nbytes is None:
+                outcomes.append(self._failure(reply["failed"][i]))
+                continue
+            if recipe is None:
+                recipe = self.lineage.record(function)
+            self.placement.placed(call.key, address, nbytes)
+            if call.key in self._inline:  # made again: the old one goes
+                self._drop_inline([call.key])
+            if i in small:  # rebuilt when asked for: most are never read here
+                value = self._inline[call.key] = small[i]
+                if type(value) is Serialized and value.meta.get("kind") == "shm":
+                    note_store_of(address, value.meta["socket"])  # a place to view
+            outcomes.append(RemoteData(call.key, self, owned=True, recipe=recipe(call)))
         return outcomes, reply["seconds"]
+
+    def _failure(self, result):
+        """What a call that stored no result raises: its error, or MissingDataError if an
+        input was gone (the peers the worker found gone are left out from now on)."""
+        if result["status"] == "missing-data":
+            for peer in result.get("unreachable", ()):
+                self.placement.failed(peer)
+            return MissingDataError(result["keys"])
+        return rebuild_error(result)
 
     def _inline_value(self, key, *, on_loop=False, timeout=None):
         """A result that came back with its compute; _NOT_INLINE if there is none, or it

@@ -131,21 +131,23 @@ class Server:
                 try:
                     # a caller in its own thread sends its next request at once: see StayAwake
                     awake = type(msg) is dict and msg.pop("stay_awake", False)
+                    op = msg.get("op") if type(msg) is dict else None
                     reply = await self.handle_message(msg)
                     try:  # a requester that stops reading our reply is gone too
                         await comm.send(reply, silence=self._reply_silence)
                         if awake and self._stay_awake is not None:
                             self._stay_awake.poke()
                     except CommClosedError:
-                        await self.undelivered(reply)
+                        await self.undelivered(op, msg, reply)
                         raise
                 finally:
                     self._in_flight -= 1
         finally:
             self.connections -= 1
 
-    async def undelivered(self, reply):
-        """Called with a reply whose requester hung up first (it gave up, or died)."""
+    async def undelivered(self, op, request, reply):
+        """Called with a request (its ``op`` taken out) whose requester hung up before
+        its reply reached it (it gave up, or died)."""
 
     async def handle_message(self, msg):
         if isinstance(msg, ProtocolError):

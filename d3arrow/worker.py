@@ -336,9 +336,10 @@ class Worker(Server):
             await self.link.tell("remove_keys", deleted, applied=True)
         return {"keys": deleted}
 
-    async def undelivered(self, reply):
+    async def undelivered(self, op, request, reply):
         """Results nobody received are nobody's: drop them rather than hold them forever."""
-        keys = [r["key"] for r in reply.get("results", ()) if r.get("status") == "OK"]
+        keys = (stored_keys(request["keys"], reply["nbytes"])
+                if op == "compute" and "nbytes" in reply else ())
         if keys:
             logger.info("the caller hung up before %d results reached it: dropping them",
                         len(keys))
@@ -378,15 +379,19 @@ class Worker(Server):
         ``args`` (and ``kwargs``) is one serialized list with an entry per key, so a batch
         of small calls costs one deserialization. Entries may hold :class:`KeyRef` s to the
         keys listed for that call in ``needed``, which are fetched first (``who_has`` may
-        say where they are). Each call gets a result entry: ``OK`` with the result's
-        ``nbytes`` and ``type``, ``missing-data`` with the keys no live worker holds, or
-        ``error``. ``seconds`` is the time spent running the function. A caller on our
-        ``host`` gets each result held in our store as a reference (``ref``), pinned for it
-        if it names its session with the store (``session``): it views the value with no
-        request.
+        say where they are).
+
+        The reply is by column, so a batch of tiny calls decodes in one go: ``nbytes``
+        lists each stored result's size (None for a call that stored none); ``failed``
+        maps the index of each such call to its ``error`` (with the remote traceback) or
+        ``missing-data`` (with the keys no live worker holds); ``small`` maps indices to
+        results that travel back with the reply: small plain values and arrays, and for a
+        caller on our ``host`` a reference to a result in our store, pinned for it if it
+        names its session with the store (``session``): it views the value with no
+        request. ``seconds`` is the time spent running the function.
         """
         if self.memory.paused:  # over the pause mark: the caller places them elsewhere
-            reply = {"status": "paused", "results": [], "seconds": 0.0}
+            reply = {"status": "paused", "seconds": 0.0}
             if self.memory.error is not None:
                 reply["cannot_spill"] = (f"worker {self.address} is over its memory limit "
                                          f"and cannot spill: {self.memory.error}")
@@ -396,7 +401,8 @@ class Worker(Server):
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # what unpickling ran was user code too
-            return {"results": [{"key": key, **error_reply(e)} for key in keys], "seconds": 0.0}
+            return {"nbytes": [None] * len(keys), "seconds": 0.0,
+                    "failed": dict.fromkeys(range(len(keys)), error_reply(e))}
         inputs = batch.inputs()
         missing = (await self.fetcher.gather(inputs, who_has or {}) if inputs is not None
                    else set())
@@ -411,34 +417,37 @@ class Worker(Server):
             done += await self._in_threads(batch, runnable, loop)
         outcomes = {i: outcome for part, _ in done for i, outcome in part}
         seconds = sum(seconds for _, seconds in done)
-        results, failed = [], 0
+        sizes, small, failed, errors = [None] * len(keys), {}, {}, 0
         for i, key in enumerate(keys):
             if i not in outcomes:
-                results.append({"key": key, "status": "missing-data",
-                                "keys": sorted(missing.intersection(batch.needs(i))),
-                                "unreachable": self.fetcher.unreachable.recent()})
+                failed[i] = {"status": "missing-data",
+                             "keys": sorted(missing.intersection(batch.needs(i))),
+                             "unreachable": self.fetcher.unreachable.recent()}
             elif outcomes[i][0] == "error":
-                failed += 1
-                results.append({"key": key, **outcomes[i][1]})
+                failed[i] = outcomes[i][1]
+                errors += 1
             else:
-                _, nbytes, type_name, small = outcomes[i]
-                result = {"key": key, "status": "OK", "nbytes": nbytes, "type": type_name}
+                _, sizes[i], value = outcomes[i]
                 # small results travel back too, saving the caller a round trip
-                if type(small) is np.ndarray:
-                    result["value"] = serialize(small)
-                elif small is not _NOT_SMALL:
-                    result["plain"] = small
+                if type(value) is np.ndarray:
+                    small[i] = serialize(value)
+                elif value is not _NOT_SMALL:
+                    small[i] = value
                 elif self._on_our_host(host):
                     ref_meta = self.values.ref_meta(key)
                     if ref_meta is not None and ref_meta.get("socket") == self.store.socket_name:
-                        result["ref"] = self._reference(ref_meta, session)
-                results.append(result)
-        self.counters.add_each(tasks=len(outcomes) - failed, tasks_failed=failed,
+                        small[i] = self._reference(ref_meta, session)
+        self.counters.add_each(tasks=len(outcomes) - errors, tasks_failed=errors,
                                compute_seconds=seconds)
         self.memory.check_soon()
         # the caller learns where they are from this reply; the center within a few ms
-        self.link.tell_soon([r["key"] for r in results if r["status"] == "OK"])
-        return {"results": results, "seconds": seconds}
+        self.link.tell_soon(stored_keys(keys, sizes))
+        reply = {"nbytes": sizes, "seconds": seconds}
+        if small:
+            reply["small"] = small
+        if failed:
+            reply["failed"] = failed
+        return reply
 
     async def _read_batch(self, function, keys, args, kwargs, needed):
         """The calls of a compute request, read once (unpickling them may raise)."""
@@ -511,8 +520,7 @@ class Worker(Server):
                 if self._hold(keys[i], value, shared=self.memory.limit is None):
                     self._spill_overflow(keys[i])
                 nbytes = self.values.nbytes(keys[i])
-                outcomes.append((i, ("OK", nbytes, type(value).__name__,
-                                     _small(value, nbytes))))
+                outcomes.append((i, ("OK", nbytes, _small(value, nbytes))))
                 del value  # spilling it must be able to free it
                 self.memory.room_from_thread(loop)
             except BaseException as e:  # a full disk (SpillError)
@@ -557,6 +565,11 @@ class _Batch:
 
 
 _NOT_SMALL = object()
+
+
+def stored_keys(keys, sizes):
+    """The keys of a compute request whose results were stored (by its reply's sizes)."""
+    return [key for key, size in zip(keys, sizes) if size is not None]
 _IN_A_THREAD = contextlib.nullcontext()
 
 

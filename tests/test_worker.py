@@ -45,8 +45,7 @@ async def test_compute_fetches_inputs_from_two_other_workers(center, workers, po
     reply = await pool.rpc(c.address).compute(
         function=serialize(operator.add),
         **calls(task("z", KeyRef("x"), KeyRef("y"), needed=["x", "y"])))
-    (result,) = reply["results"]
-    assert result["status"] == "OK" and result["nbytes"] == 8000 and result["type"] == "ndarray"
+    assert reply["nbytes"] == [8000] and "failed" not in reply
     np.testing.assert_array_equal(c.values["z"], np.full(1000, 5.0))
     # the replicas were reported to the center before c replied; its result soon after
     await pool.rpc(c.address).told()
@@ -63,7 +62,7 @@ async def test_keyrefs_nested_in_lists_and_kwargs(center, workers, pool):
     reply = await pool.rpc(b.address).compute(
         function=serialize(lambda xs, scale: sum(xs) * scale),
         **calls(task("s", [KeyRef("p"), KeyRef("q"), 3], needed=["p", "q"], scale=KeyRef("q"))))
-    assert reply["results"][0]["status"] == "OK"
+    assert reply["nbytes"][0] is not None and "failed" not in reply
     assert b.values["s"] == 12
 
 
@@ -75,7 +74,7 @@ async def test_calls_of_one_held_value_each_name_their_inputs_by_key_alone(
     reply = await pool.rpc(b.address).compute(  # no "needed": the keys say it all
         function=serialize(lambda x: x * 10), keys=["r", "s"],
         args=serialize_args([(KeyRef("p"),), (KeyRef("q"),)]))
-    assert [r["status"] for r in reply["results"]] == ["OK", "OK"]
+    assert reply["small"] == {0: 10, 1: 20} and "failed" not in reply  # back with the reply
     assert (b.values["r"], b.values["s"]) == (10, 20)  # fetched from a first
 
 
@@ -84,8 +83,9 @@ async def test_missing_input_is_reported_by_key(center, workers, pool):
     (w,) = workers
     reply = await pool.rpc(w.address).compute(
         function=serialize(len), **calls(task("r", KeyRef("ghost"), needed=["ghost"])))
-    assert reply["results"][0] == {"key": "r", "status": "missing-data", "keys": ["ghost"],
-                                   "unreachable": []}
+    assert reply["nbytes"] == [None]
+    assert reply["failed"][0] == {"status": "missing-data", "keys": ["ghost"],
+                                 "unreachable": []}
     assert "r" not in w.values
 
 
@@ -96,7 +96,8 @@ async def test_user_exception_carries_its_traceback(center, workers, pool):
 
     (w,) = workers
     reply = await pool.rpc(w.address).compute(function=serialize(broken), **calls(task("r", 1)))
-    (result,) = reply["results"]
+    assert reply["nbytes"] == [None]
+    result = reply["failed"][0]
     assert result["status"] == "error" and result["type"] == "builtins.ZeroDivisionError"
     assert "in broken" in result["traceback"]  # cloudpickle hides the file of by-value code
     error = rebuild_error(result)
@@ -111,8 +112,9 @@ async def test_function_that_does_not_unpickle_is_an_error_per_task(center, work
     bogus = serialize(len)
     bogus.payloads = [[b"not a pickle"]]
     reply = await pool.rpc(w.address).compute(function=bogus, **calls(task("a"), task("b")))
-    assert [r["status"] for r in reply["results"]] == ["error", "error"]
-    assert "UnpicklingError" in reply["results"][0]["type"]
+    assert reply["nbytes"] == [None, None]
+    assert [r["status"] for r in reply["failed"].values()] == ["error", "error"]
+    assert "UnpicklingError" in reply["failed"][0]["type"]
 
 
 @gen_cluster(n_workers=1, ncores=1)
