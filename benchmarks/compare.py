@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from .same_host import fmt as _fmt
+from .same_host import fmt as _fmt, verdict as _verdict
 
 MiB = 2**20
 
@@ -233,7 +233,7 @@ def print_table(results, config):
           f"{ser['serialize_pickle5_oob']:,.0f} out")
     print("\ntargets:")
     for t in results["targets"]:
-        print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']}")
+        print(f"  [{_verdict(t['met'])}] {t['target']}: {t['measured']}")
 
 
 def main(argv=None):
@@ -300,7 +300,7 @@ def main(argv=None):
         same_host.print_table(results["same_host"])
         results["targets"] += same_host.targets(results["same_host"])
         for t in same_host.targets(results["same_host"]):
-            print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']}")
+            print(f"  [{_verdict(t['met'])}] {t['target']}: {t['measured']}")
     print(f"\n(whole run {results['seconds']:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

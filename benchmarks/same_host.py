@@ -23,7 +23,9 @@ too, docs/benchmarks.md quotes them.
   functions of the script),
   the sums added by one more call, its value back; five runs in a row, each freeing the
   previous run's values first. d3arrow also without its shared-memory store
-  (``shm=False``); "warm" is the median of runs 2-5.
+  (``shm=False``); "warm" is the median of runs 2-5. For reference, the same work in
+  place: each of the ``multiprocessing.Pool``'s 2 processes makes, roots and sums its half
+  of the arrays, nothing moved between them (what the machine allows with no framework).
 """
 
 import json
@@ -76,6 +78,14 @@ def summed(array):
 
 def length(value):
     return len(value)
+
+
+def half_in_place(nbytes, seeds):
+    """One process's share of the pipeline, stage by stage, nothing moved: the same work
+    with no framework, what two processes reach on this machine."""
+    made = [make(nbytes, seed) for seed in seeds]
+    roots = [root(array) for array in made]
+    return [summed(array) for array in roots]
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -291,6 +301,13 @@ def run_multiprocessing(config):
             return pool.apply(total, sums)
 
         _pipeline_figures(figures, "pipeline", _pipeline_runs(pipeline, 1))  # ~20 s a run
+
+        def in_place():  # each process its half of the arrays: the reference, not a peer
+            halves = pool.starmap(half_in_place, [(p["nbytes"], range(i, p["arrays"], 2))
+                                                  for i in range(2)])
+            return total(*halves[0], *halves[1])
+
+        _pipeline_figures(figures, "pipeline_in_place", _pipeline_runs(in_place, p["runs"]))
     return figures
 
 
@@ -354,6 +371,9 @@ ROWS = [  # (label, unit, key, higher is better)
     ("  warm runs (2-5)", "s", "pipeline_warm_s", False),
     ("  d3arrow without its store (shm=False)", "s", "pipeline_storeless_s", False),
     ("  d3arrow without its store, warm runs", "s", "pipeline_storeless_warm_s", False),
+    ("  the same work in place: 2 processes, each its half, nothing moved", "s",
+     "pipeline_in_place_s", False),
+    ("  the same work in place, warm runs", "s", "pipeline_in_place_warm_s", False),
 ]
 
 
@@ -383,6 +403,11 @@ def targets(systems):
         dask.get("pipeline_s"), 1.5, faster=True)
     add("pipeline warm runs within 1.2x of d3arrow without its store",
         d3.get("pipeline_warm_s"), d3.get("pipeline_storeless_warm_s"), 1.2)
+    in_place = mp.get("pipeline_in_place_s")
+    if d3.get("pipeline_s") is not None and in_place is not None:  # the reference
+        out.append({"target": "  pipeline beside the same work in place (no target)",
+                    "measured": f"d3arrow {d3['pipeline_s']:.3g} s, in place {in_place:.3g} s: "
+                                f"{d3['pipeline_s'] / in_place:.2f}x", "met": None})
     add("map of a script's function >= 20,000 tasks/s", 20_000, d3.get("tiny_main_per_s"),
         1.0, faster=True)
     add("map over remote values no slower than over plain values",
@@ -428,6 +453,11 @@ def print_table(systems, print=print):
           "throughput ratio)")
 
 
+def verdict(met):
+    """How a target line reads: met, NOT MET, or info (a figure beside, no target)."""
+    return "info" if met is None else "met" if met else "NOT MET"
+
+
 def fmt(value):
     """A figure for a table: thousands with separators, smaller ones with two decimals."""
     if value is None:
@@ -457,7 +487,7 @@ def main(argv=None):
     print_table(systems)
     print("\ntargets:")
     for t in targets(systems):
-        print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']}")
+        print(f"  [{verdict(t['met'])}] {t['target']}: {t['measured']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": config, "systems": systems, "targets": targets(systems)}, f,
