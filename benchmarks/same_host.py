@@ -43,7 +43,7 @@ import numpy as np
 MiB = 2**20
 SYSTEMS = ["d3arrow", "ray", "multiprocessing", "dask"]
 FULL = {"big": 256 * MiB, "calls": 300, "repeat": 10, "task_repeat": 100, "tiny": 10_000,
-        "tiny_repeat": 5, "tiny_rounds": 21,
+        "tiny_repeat": 5, "tiny_rounds": 41,
         "pipeline": {"arrays": 32, "nbytes": 32 * MiB, "runs": 5}}
 QUICK = {"big": 32 * MiB, "calls": 50, "repeat": 3, "task_repeat": 3, "tiny": 1_000,
          "tiny_repeat": 1,
