@@ -135,8 +135,8 @@ class Server:
                     reply = await self.handle_message(msg)
                     try:  # a requester that stops reading our reply is gone too
                         await comm.send(reply, silence=self._reply_silence)
-                        if awake and self._stay_awake is not None:
-                            self._stay_awake.poke()
+                        if awake is not False and self._stay_awake is not None:
+                            self._stay_awake.poke(awake if type(awake) is int else -1)
                     except CommClosedError:
                         await self.undelivered(op, msg, reply)
                         raise

@@ -23,7 +23,7 @@ import weakref
 from . import security
 from .addressing import parse_address
 from .core import raise_for_error
-from .eventloop import SPIN_SECONDS
+from .eventloop import SPIN_SECONDS, current_cpu
 from .errors import AuthenticationError, CommClosedError, ProtocolError
 from .protocol import MessageReader, dumps
 from .security import NO_SECURITY, Security
@@ -93,7 +93,8 @@ class DirectLink:
         failure (its state is unknown), also an interrupt.
         """
         sent = False
-        msg["stay_awake"] = True  # we wait for the reply, then likely ask again at once
+        # we wait for the reply, then likely ask again at once: from this core
+        msg["stay_awake"] = current_cpu()
         try:
             self._sock.settimeout(silence)
             self._send(dumps(msg))
