@@ -123,3 +123,23 @@ def test_a_submitted_result_lost_with_its_worker_is_made_again():
         cluster.worker_processes[0].wait(timeout=10)
         np.testing.assert_array_equal(x.result(timeout=60), np.arange(100_000))
         assert pool.client.where(x.key) == {b}
+
+
+def odd_fails(_, x):
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    return np.full(2000, x)  # even ones: results too big to come back with the reply
+
+
+def test_tasks_that_run_together_each_get_their_own_outcome(pool):
+    """Tasks ready together run in requests of several calls (after one-call probes); a
+    reply gives each call its own result or error, however they alternate."""
+    gate = pool.submit(slow_inc, 0, seconds=0.3)
+    tasks = [pool.submit(odd_fails, gate, x) for x in range(12)]
+    d3arrow.wait(tasks, timeout=60)
+    for x, task in enumerate(tasks):
+        if x % 2:
+            assert isinstance(task.exception(), ValueError) and str(task.exception()) == f"odd {x}"
+        else:
+            assert task.exception() is None
+            np.testing.assert_array_equal(task.result(), np.full(2000, x))
