@@ -6,7 +6,7 @@ every answer for a while, until the center has dropped it if it is dead.
 """
 
 import collections
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from .core import RecentFailures
 
@@ -43,13 +43,9 @@ class Placement:
         """Forget where ``key`` lives (stale); the holders we believed in."""
         return self._where.pop(key, ())
 
-    def drop(self, key: str) -> tuple[str, ...]:
-        """Forget ``key`` altogether (deleted); the holders we believed in."""
-        self._nbytes.pop(key, None)
-        return self.forget(key)
-
-    def drop_all(self, keys: Iterable[str]) -> list[tuple[str, ...]]:
-        """:meth:`drop` each of ``keys``; the holders of each, in order."""
+    def drop_all(self, keys: Sequence[str]) -> list[tuple[str, ...]]:
+        """Forget these keys altogether (deleted); the holders we believed in, per key in
+        order."""
         nbytes, where = self._nbytes, self._where
         for key in keys:
             nbytes.pop(key, None)
