@@ -59,11 +59,14 @@ def _even_counts(n, workers, ncores, calls):
     had = {a: calls.get(a, 0) for a in workers}
     per_core = lambda a, j: (had[a] + j) / cores[a]  # noqa: E731  (with its j-th new call)
     level, below = 0.0, []  # fill the least loaded up to a common level that takes all n
+    calls_below, cores_below = n, 0
     for a in sorted(workers, key=lambda a: had[a] / cores[a]):
         if below and had[a] / cores[a] >= level:
             break
         below.append(a)
-        level = (n + sum(had[b] for b in below)) / sum(cores[b] for b in below)
+        calls_below += had[a]
+        cores_below += cores[a]
+        level = calls_below / cores_below
     level *= 1 - 1e-9  # strictly under it, however floats round: never more than n
     counts = dict.fromkeys(workers, 0)
     for a in below:
