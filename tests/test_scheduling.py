@@ -2,6 +2,7 @@
 
 import asyncio
 import collections
+import random
 
 from d3arrow.errors import KilledWorkerError
 from d3arrow.scheduling import (MAX_BATCH, Deaths, Pace, Turns, choose_worker, split_in_runs,
@@ -31,6 +32,24 @@ def test_calls_tied_to_no_worker_go_in_contiguous_runs_that_even_out_the_load():
     runs = split_in_runs(range(12), ["a", "b", "c"], {"a": 2, "b": 1, "c": 1}, {"c": 3})
     assert runs == {"a": list(range(8)), "b": [8, 9, 10, 11]}  # 4 calls a core each; c: 3
     assert split_in_runs([], ["a"], {}, {}) == {}
+
+
+def test_runs_are_the_sizes_dealing_the_calls_one_at_a_time_gives():
+    # split_in_runs counts in bulk: its sizes must be the one-at-a-time dealing's (each call
+    # to the worker then fewest per core, the first of equals), whatever the load and cores
+    rng = random.Random(3)
+    for _ in range(300):
+        workers = [f"w{i}" for i in range(rng.choice([1, 2, 3, 8, 50]))]
+        ncores = {a: rng.randint(1, 4) for a in workers if rng.random() < 0.8}
+        in_hand = {a: rng.choice([0, 0, 1, 5, 40]) for a in workers if rng.random() < 0.7}
+        n = rng.choice([0, 1, 3, 10, 99, 1000])
+        dealt = collections.Counter()
+        for _ in range(n):
+            dealt[min(workers, key=lambda a: ((in_hand.get(a, 0) + dealt[a] + 1)
+                                              / ncores.get(a, 1), workers.index(a)))] += 1
+        runs = split_in_runs(list(range(n)), workers, ncores, in_hand)
+        assert {a: len(run) for a, run in runs.items()} == +dealt
+        assert [i for a in workers for i in runs.get(a, [])] == list(range(n))  # in order
 
 
 def _queues(**lengths):
