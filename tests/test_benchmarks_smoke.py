@@ -31,3 +31,13 @@ def test_compare_quick_writes_every_figure(tmp_path):
                 "pipeline_storeless_s"):
         assert same_host[key] > 0, key
     assert "one host, as a user's script writes it" in done.stdout
+
+
+def test_paired_rounds_give_the_median_ratio_and_its_95_percent_interval():
+    from benchmarks.same_host import paired_ratio
+
+    plain = [float(i) for i in range(1, 42)]  # round i: ratio i (41 rounds)
+    median, interval = paired_ratio(plain, [1.0] * 41)
+    # the 14th and 28th smallest of 41 hold the median with >= 95% (2 P(Bin(41, 1/2) <= 13))
+    assert median == 21.0 and interval == [14.0, 28.0]
+    assert paired_ratio([2.0] * 5, [1.0] * 5) == (2.0, None)  # too few rounds to tell
