@@ -531,13 +531,7 @@ class Pool:
         loose = []  # calls that nothing ties to a worker
         where = client.placement.known_holders()
         for index in indices:
-            call = calls[index]
-            if where is not None and type(call.needs) is str:  # f(x) over a held x whose
-                holders = where.get(call.needs, ())  # one holder is here: _place's usual
-                if len(holders) == 1 and holders[0] in queues:  # case, with no call
-                    queues[holders[0]].append(index)
-                    continue
-            address = self._place(call, queues, where)
+            address = self._place(calls[index], queues, where)
             if address is None:
                 loose.append(index)
             else:
