@@ -244,7 +244,8 @@ def test_a_co_located_reader_holds_the_spilled_file_itself_without_writing_it_ag
         pressure = pool.map(make, range(6), workers=[b])  # 96 MiB more: b spills its own
         assert wait_until(lambda: pool.memory_info()[b]["memory"] <= 96 * 0.8 * MiB)
         # before: the reader held a view of the file as its own value, and wrote it again
-        assert _written(reader.pid) - before < 6 * 16 * MiB  # at most its own values
+        # (128 MiB); now at most its own six values, and its messages (wchar counts sockets)
+        assert _written(reader.pid) - before < 6 * 16 * MiB + MiB
         assert pool.memory_info()[b]["spilled_count"] >= 1  # the file, held as spilled
         del pressure
         # the file lives while either holds it: the writer's death loses nothing
