@@ -30,7 +30,7 @@ class Values:
     def put(self, key: str, value: Any, ref_meta: dict | None = None) -> None:
         """Hold ``value`` under ``key``; ``ref_meta`` says where it lies in shared memory.
         A SpilledValue (a co-located peer's file, adopted) is held as spilled."""
-        self._forget_file(key)
+        _close_file(self._data.get(key))
         if type(value) is SpilledValue:
             self._nbytes[key] = value.nbytes
             self._hold_spilled(key, value)
@@ -72,18 +72,12 @@ class Values:
             value = data.pop(key, _MISSING)
             if value is _MISSING:
                 continue
-            if type(value) is SpilledValue:
-                value.close()
+            _close_file(value)
             del nbytes[key]
             shared.pop(key, None)
             recent.pop(key, None)
             held.append(key)
         return held
-
-    def _forget_file(self, key: str) -> None:
-        held = self._data.get(key)
-        if type(held) is SpilledValue:
-            held.close()
 
     def __getitem__(self, key: str) -> Any:
         """The value; for a spilled one, a view of its file (no copy into memory)."""
@@ -143,8 +137,7 @@ class Values:
     def close(self) -> None:
         """Close every spilled file (the worker stops)."""
         for key in list(self._data):
-            self._forget_file(key)
-            self._data.pop(key, None)
+            _close_file(self._data.pop(key, None))
 
     @property
     def spilled_count(self) -> int:
@@ -159,3 +152,9 @@ class Values:
 
 
 _MISSING = object()
+
+
+def _close_file(held: Any) -> None:
+    """Close ``held`` if it is a spilled value's file (what a key held before it goes)."""
+    if type(held) is SpilledValue:
+        held.close()

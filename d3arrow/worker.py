@@ -570,6 +570,8 @@ _NOT_SMALL = object()
 def stored_keys(keys, sizes):
     """The keys of a compute request whose results were stored (by its reply's sizes)."""
     return [key for key, size in zip(keys, sizes) if size is not None]
+
+
 _IN_A_THREAD = contextlib.nullcontext()
 
 
