@@ -105,7 +105,8 @@ class Client:
             security=security, connect_timeout=min(timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT),
             on_failure=self._failed)
         self.direct = DirectLinks(  # calls from the caller's thread (see d3arrow.direct)
-            security, connect_timeout=min(timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT))
+            security, connect_timeout=min(timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT),
+            host=host_id())
         self.ncores = {}
         self.lineage = Lineage(self)
         self._inline = {}  # key -> small result that came back with its compute (or a

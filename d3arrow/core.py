@@ -114,8 +114,9 @@ class Server:
         self.connections = 0  # open to us now
         self.requests = collections.Counter()  # op -> requests handled (known ops only)
 
-    async def listen(self, host="127.0.0.1", port=0):
-        self.address = await self.listener.start(host, port)
+    async def listen(self, host="127.0.0.1", port=0, *, local=False):
+        """Listen on ``host:port`` (and with ``local`` on a Unix socket: see Listener)."""
+        self.address = await self.listener.start(host, port, local=local)
         return self.address
 
     async def handle_comm(self, comm):

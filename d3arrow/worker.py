@@ -33,7 +33,7 @@ from .protocol import allocate_buffers
 from .security import NO_SECURITY, Security
 from .serialize import PLAIN_TYPES, Serialized, is_plain, serialize, sole_keys
 from .spill import adopt_spilled
-from .store import SharedDataGone, SharedStore, load
+from .store import SharedDataGone, SharedStore, host_id, load
 from .task import KeyRef, map_leaves
 from .memory import PAUSE, TARGET, MemoryManager
 from .metrics import Counters, LoopLag
@@ -120,6 +120,10 @@ class Worker(Server):
     def _peer_failed(self, address: str) -> None:
         if address != self.center:
             self.fetcher.unreachable.add(address)
+
+    async def listen(self, host="127.0.0.1", port=0):
+        """Also on a Unix socket, for callers on our host (not with TLS: it names hosts)."""
+        return await super().listen(host, port, local=not self.security.tls)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         await self.listen(host, port)
@@ -358,7 +362,14 @@ class Worker(Server):
                 "ncores": self.ncores, "center": self.center, "nkeys": len(self.values),
                 "host": self.store.host if self.store else None,
                 "store": self.store.info() if self.store else None,
-                "memory": self.memory.info()}
+                "memory": self.memory.info(), "local": self._local_socket()}
+
+    def _local_socket(self):
+        """Where a caller on our host may connect instead (see d3arrow.direct): our Unix
+        socket's name, our process (the caller checks it is us there) and host."""
+        if self.listener.local_name is None:
+            return None
+        return {"socket": self.listener.local_name, "pid": os.getpid(), "host": host_id()}
 
     async def fetch(self, *, keys, who_has=None):
         """Hold these keys here too: fetch those we lack from their holders.

@@ -5,6 +5,8 @@ takes too long, and from many threads at once."""
 import asyncio
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -14,10 +16,13 @@ import psutil
 import pytest
 
 from d3arrow import LocalCluster, Pool
+from d3arrow.direct import DirectLink
 from d3arrow.errors import KilledWorkerError
 from d3arrow.eventloop import StayAwake, current_cpu
+from d3arrow.security import NO_SECURITY
+from d3arrow.store import host_id
 
-from conftest import freeze, wait_until
+from conftest import freeze, gen_cluster, wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
 
@@ -137,3 +142,57 @@ def test_a_worker_does_not_poll_for_a_caller_on_its_own_core():
         assert current_cpu() == core
     finally:
         os.sched_setaffinity(0, pinned)
+
+
+def test_a_caller_on_the_workers_host_talks_over_its_unix_socket():
+    """Same host, no TLS: the link moves to the worker's Unix socket (cheaper messages),
+    after the token's handshake there too; a worker killed meanwhile is noticed as over
+    TCP, and the calls go to the other."""
+    with LocalCluster(n_workers=2, ncores=1, heartbeat_interval=0.2,
+                      heartbeat_timeout=2) as cluster, Pool(cluster.center_address) as pool:
+        assert cluster.security.token is not None
+        by_address = {w: pool.apply(pid_after, [0], workers=[w]).get()
+                      for w in cluster.worker_addresses}
+        assert set(by_address.values()) == {p.pid for p in cluster.worker_processes}
+        links = pool.client.direct._local.links
+        assert {links[w]._sock.family for w in by_address} == {socket.AF_UNIX}
+        victim = cluster.worker_processes[0]
+        victim.kill()
+        victim.wait()
+        survivor = {pid: w for w, pid in by_address.items()}[cluster.worker_processes[1].pid]
+        assert {pool.apply(pid_after, [0]).get() for _ in range(4)} == {by_address[survivor]}
+
+
+@gen_cluster(n_workers=1)
+async def test_a_unix_socket_another_process_listens_on_is_not_used(center, workers, pool):
+    """An abstract socket name is anyone's to take: a link checks that the process
+    listening there is the worker that named it, or stays on TCP."""
+    (worker,) = workers
+    squatter = subprocess.Popen([sys.executable, "-c", SQUATTER], stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        name = squatter.stdout.readline().strip()
+        worker.listener.local_name = name  # the worker names a socket it does not hold
+        link = await asyncio.to_thread(DirectLink, worker.address, NO_SECURITY, 5.0,
+                                       host_id())
+        try:
+            assert link._sock.family == socket.AF_INET
+            reply = await asyncio.to_thread(link.request, {"op": "keys"})
+            assert reply["keys"] == []  # and it works over TCP
+        finally:
+            link.close()
+    finally:
+        squatter.kill()
+        squatter.wait()
+        squatter.stdout.close()
+
+
+SQUATTER = """
+import socket, time, uuid
+s = socket.socket(socket.AF_UNIX)
+name = "d3arrow-squatter-" + uuid.uuid4().hex
+s.bind("\\0" + name)
+s.listen()
+print(name, flush=True)
+time.sleep(60)
+"""

@@ -4,6 +4,7 @@ import asyncio
 import datetime
 import ipaddress
 import socket
+import ssl
 import subprocess
 import sys
 
@@ -172,6 +173,9 @@ def test_mutual_tls_cluster_works_for_its_members_only(tls_files):
         with Pool(cluster.center_address, auth_token=TOKEN, shm=False, **ours) as pool:
             x = pool.apply(lambda: np.ones(300_000), workers=[a])
             assert pool.apply(lambda v: v.sum(), [x], workers=[b]).get() == 300_000
+            # the caller's own links too: TLS, never the workers' Unix sockets
+            links = pool.client.direct._local.links.values()
+            assert {type(link._sock) for link in links} == {ssl.SSLSocket}
         # a certificate from another CA, or none at all: no connection
         for files in [theirs, {"tls_ca": ours["tls_ca"]}]:
             with pytest.raises(ConnectionError):
