@@ -4,13 +4,14 @@ import struct
 
 import msgpack
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from d3arrow.errors import ProtocolError
-from d3arrow.protocol import PREFIX, MessageReader, dumps
-from d3arrow.serialize import deserialize, serialize
+from d3arrow.protocol import INLINE_BYTES, INLINE_EXT, PREFIX, MessageReader, dumps
+from d3arrow.serialize import deserialize, serialize, serialize_args
 
 
 def wire(*messages):
@@ -109,6 +110,31 @@ def test_value_naming_missing_payloads_is_reported():
     head = msgpack.packb({"op": "x", "v": ext})
     (got,) = feed(MessageReader(), PREFIX.pack(len(head), 0) + head, 100)
     assert isinstance(got, ProtocolError) and "payloads" in str(got)
+
+
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_small_pickles_travel_inside_the_header_arrays_and_big_ones_after_it(chunk):
+    small, big = {"k": [1, 2]}, list(range(INLINE_BYTES))
+    array = np.arange(4, dtype="i8")  # small, but an array keeps its aligned buffer
+    msg = {"op": "x", "small": serialize(small), "args": serialize_args([(1, "a")]),
+           "big": serialize(big), "array": serialize(array)}
+    _, n_payloads = PREFIX.unpack_from(dumps(msg)[0])
+    assert n_payloads == 2  # big's and array's; small and args are in the header
+    (got,) = feed(MessageReader(), wire(msg), chunk)
+    assert deserialize(got["small"]) == small
+    assert type(got["small"].payloads[0]) is pa.Buffer  # as any received payload
+    assert deserialize(got["big"]) == big
+    np.testing.assert_array_equal(deserialize(got["array"]), array)
+    assert got["args"].payloads[0].to_pybytes() == serialize_args([(1, "a")]).payloads[0][0]
+
+
+def test_an_inline_value_that_is_not_bytes_is_reported():
+    ext = msgpack.ExtType(INLINE_EXT, msgpack.packb([{"kind": "pickle"}, 5]))
+    head = msgpack.packb({"op": "x", "v": ext})
+    data = PREFIX.pack(len(head), 0) + head + wire({"op": "next"})
+    first, second = feed(MessageReader(), data, 100)
+    assert isinstance(first, ProtocolError) and "inline payload is not bytes" in str(first)
+    assert second == {"op": "next"}
 
 
 def test_unknown_objects_in_headers_are_refused_with_a_hint():
