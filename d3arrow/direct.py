@@ -74,6 +74,7 @@ class DirectLink:
         if getattr(self, "_closer", None) is not None:
             self._poll.unregister(self._sock)
             self._closer()
+        sock.settimeout(0.0)  # see _send
         self._sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._poll.register(sock, select.POLLIN)
@@ -130,10 +131,28 @@ class DirectLink:
         # we wait for the reply, then likely ask again at once: from this core
         msg["stay_awake"] = current_cpu()
         try:
-            self._sock.settimeout(silence)
-            self._send(dumps(msg))
+            self._send(dumps(msg), silence)
             sent = True
             done = self._poll_for_reply()
+            if not done:  # a slow reply: sleep until it comes (the socket had no timeout)
+                done = self._wait_for_reply(deadline, watch, still_there)
+        except BaseException as e:
+            self.close()
+            if isinstance(e, OSError) and not isinstance(e, (DirectCallFailed, TimeoutError)):
+                raise DirectCallFailed(f"connection to {self.address} failed: {e}",
+                                       sent=sent) from e
+            if isinstance(e, TimeoutError) and not sent:
+                raise DirectCallFailed(f"{self.address} took no request for {silence} s",
+                                       sent=False) from None
+            raise
+        if isinstance(done[0], ProtocolError):
+            raise done[0]
+        return raise_for_error(done[0])
+
+    def _wait_for_reply(self, deadline, watch, still_there):
+        """The reply, read asleep (see :meth:`request` for the arguments)."""
+        done = []
+        try:
             while not done:
                 wait = watch if deadline is None else min(watch, deadline - time.monotonic())
                 if wait <= 0:
@@ -149,18 +168,9 @@ class DirectLink:
                 if n == 0:
                     raise DirectCallFailed(f"{self.address} closed the connection", sent=True)
                 done = self._reader.buffer_updated(n)
-        except BaseException as e:
-            self.close()
-            if isinstance(e, OSError) and not isinstance(e, (DirectCallFailed, TimeoutError)):
-                raise DirectCallFailed(f"connection to {self.address} failed: {e}",
-                                       sent=sent) from e
-            if isinstance(e, TimeoutError) and not sent:
-                raise DirectCallFailed(f"{self.address} took no request for {silence} s",
-                                       sent=False) from None
-            raise
-        if isinstance(done[0], ProtocolError):
-            raise done[0]
-        return raise_for_error(done[0])
+        finally:
+            self._sock.settimeout(0.0)
+        return done
 
     def _poll_for_reply(self):
         """The reply, if it comes within SPIN_SECONDS, read awake; else []. After polls
@@ -181,7 +191,6 @@ class DirectLink:
         """The messages that arrived whole within ``seconds``, read without sleeping (see
         d3arrow.eventloop.SPIN_SECONDS); a process waiting for this core gets it."""
         sock, reader = self._sock, self._reader
-        sock.settimeout(0.0)
         end = time.perf_counter() + seconds
         while True:
             try:
@@ -197,17 +206,29 @@ class DirectLink:
             if done:
                 return done
 
-    def _send(self, frames):
+    def _send(self, frames, silence):
+        """Write the frames; TimeoutError if the server takes none of them for ``silence``
+        seconds. (Between requests the socket has no timeout: one with a timeout polls
+        before every send, a system call more; a small request never waits for room.)"""
         views = [memoryview(f).cast("B") for f in frames]  # lengths in bytes
         if self._tls:
             if sum(map(len, views)) <= JOIN_BYTES:
                 views = [b"".join(views)]
-            for view in views:
-                self._sock.sendall(view)
+            self._sock.settimeout(silence)
+            try:
+                for view in views:
+                    self._sock.sendall(view)
+            finally:
+                self._sock.settimeout(0.0)
             return
         first = 0
         while first < len(views):  # one system call for a small request, however many frames
-            sent = self._sock.sendmsg(views[first:first + IOV_MAX])
+            try:
+                sent = self._sock.sendmsg(views[first:first + IOV_MAX])
+            except BlockingIOError:  # the server's buffer is full: wait for room
+                if not select.select([], [self._sock], [], silence)[1]:
+                    raise TimeoutError(f"{self.address} took none of our bytes") from None
+                continue
             while first < len(views) and sent >= len(views[first]):
                 sent -= len(views[first])
                 first += 1
