@@ -204,26 +204,31 @@ class MessageReader:
         pos, end = 0, len(data)
         while end - pos >= PREFIX.size:
             header_len, n = PREFIX.unpack_from(data, pos)
-            self._check_prefix(header_len, n, data[pos:pos + PREFIX.size])
+            if not 0 < header_len <= self._max_header or n > MAX_PAYLOADS:
+                self._check_prefix(header_len, n, data[pos:pos + PREFIX.size])
             head = pos + PREFIX.size
             body = head + 8 * n + header_len
             if body > end:
                 break
-            lengths = struct.unpack_from(f"<{n}Q", data, head)
-            total = sum(lengths)
-            if body + total > end:
-                break
-            self._check_total(total)
+            lengths = struct.unpack_from(f"<{n}Q", data, head) if n else ()
+            if n:
+                total = sum(lengths)
+                if body + total > end:
+                    break
+                self._check_total(total)
             try:
                 header, values = loads_header(data[head + 8 * n:body], n)
             except ProtocolError as e:
                 header, values = e, []
-            buffers = self._allocate(values, lengths)
-            for buffer, length in zip(buffers, lengths):
-                if length:
-                    memoryview(buffer).cast("B")[:] = data[body:body + length]
-                    body += length
-            _attach(values, buffers)
+            if n:  # (most control messages have no payloads: nothing to allocate)
+                buffers = self._allocate(values, lengths)
+                for buffer, length in zip(buffers, lengths):
+                    if length:
+                        memoryview(buffer).cast("B")[:] = data[body:body + length]
+                        body += length
+                _attach(values, buffers)
+            elif values:  # values of no payloads
+                _attach(values, [])
             done.append(header)
             pos = body
         return pos
