@@ -58,11 +58,11 @@ class _Encoder(threading.local):
         if isinstance(obj, Serialized):
             inline = _inline_bytes(obj)
             if inline is not None:
-                return msgpack.ExtType(INLINE_EXT, self.ext.pack([obj.meta, inline]))
+                return _ext(INLINE_EXT, self.ext.pack([obj.meta, inline]))
             payloads = self.payloads
             ext = self.ext.pack([obj.meta, len(payloads), len(obj.payloads)])
             payloads.extend(obj.payloads)
-            return msgpack.ExtType(SERIALIZED_EXT, ext)
+            return _ext(SERIALIZED_EXT, ext)
         if isinstance(obj, (set, frozenset, tuple)):
             return list(obj)
         raise TypeError(
@@ -71,6 +71,11 @@ class _Encoder(threading.local):
 
 
 _encoder = _Encoder()
+
+
+def _ext(code, data):
+    """``msgpack.ExtType(code, data)`` without its argument checks (0.37 -> 0.15 us)."""
+    return tuple.__new__(msgpack.ExtType, (code, data))
 
 
 def _inline_bytes(value):

@@ -16,6 +16,7 @@ payloads. Each payload is sent as a list of pieces and received as one contiguou
 
 import pickle
 import sys
+import threading
 
 import cloudpickle
 import msgpack
@@ -47,7 +48,10 @@ class Serialized:
 
     @property
     def nbytes(self):
-        return sum(payload_nbytes(p) for p in self.payloads)
+        payloads = self.payloads
+        if len(payloads) == 1 and type(payloads[0]) is pa.Buffer:  # (as most arrive)
+            return payloads[0].size
+        return sum(payload_nbytes(p) for p in payloads)
 
     def __repr__(self):
         return f"<Serialized {self.meta.get('kind')} {self.nbytes} bytes>"
@@ -102,7 +106,7 @@ def serialize_args(args_per_call):
                 places.append((i, j))
             elif not is_plain(arg):
                 return serialize([_picklable(args) for args in args_per_call])
-    packed = msgpack.packb([args_per_call, places], default=_key_of, use_bin_type=True)
+    packed = _packers.args.pack([args_per_call, places])
     return Serialized({"kind": "args"}, [[packed]])
 
 
@@ -118,6 +122,17 @@ def _key_of(ref):
     if not isinstance(ref, KeyRef):  # checked above: cannot happen
         raise TypeError(f"cannot pack {type(ref).__name__}")
     return ref.key
+
+
+class _Packers(threading.local):
+    """This thread's packer of call arguments, made once (``msgpack.packb`` makes one at
+    every call: 0.64 against 0.21 us for one call's)."""
+
+    def __init__(self):
+        self.args = msgpack.Packer(default=_key_of, use_bin_type=True)
+
+
+_packers = _Packers()
 
 
 def sole_keys(serialized):
