@@ -82,10 +82,12 @@ class DirectLink:
 
     def _go_local(self, host, security_, connect_timeout):
         try:
-            local = self.request({"op": "identity"}).get("local")
-        except DirectCallFailed as e:  # the connection failed: as if never made
-            raise DirectCallFailed(str(e), sent=False) from e
-        except Exception:  # an older server, say: TCP it is
+            local = self.request({"op": "identity"},
+                                 deadline=time.monotonic() + connect_timeout).get("local")
+        except (DirectCallFailed, TimeoutError) as e:  # failed, or frozen: as if never made
+            self.close()
+            raise DirectCallFailed(f"{self.address} did not answer: {e}", sent=False) from e
+        except Exception:  # an error reply (an older server, say): TCP it is
             return
         if not (type(local) is dict and local.get("host") == host
                 and type(local.get("socket")) is str and type(local.get("pid")) is int):

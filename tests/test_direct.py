@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from d3arrow import LocalCluster, Pool
-from d3arrow.direct import DirectLink
+from d3arrow.direct import DirectCallFailed, DirectLink
 from d3arrow.errors import KilledWorkerError
 from d3arrow.eventloop import StayAwake, current_cpu
 from d3arrow.security import NO_SECURITY
@@ -196,3 +196,23 @@ s.listen()
 print(name, flush=True)
 time.sleep(60)
 """
+
+
+def test_a_link_to_a_frozen_worker_fails_in_time_and_the_apply_moves():
+    """Opening a link asks the worker where its Unix socket is: a frozen worker (no token:
+    no handshake to time out first) fails the link within its connect timeout, and the
+    call runs on the other worker once the center drops the frozen one."""
+    with LocalCluster(n_workers=2, ncores=1, auth_token=False, heartbeat_interval=0.2,
+                      heartbeat_timeout=1.5) as cluster:
+        frozen, alive = cluster.worker_processes  # (in the order of worker_addresses)
+        freeze(frozen.pid)
+        try:
+            started = time.monotonic()
+            with pytest.raises(DirectCallFailed) as failed:
+                DirectLink(cluster.worker_addresses[0], NO_SECURITY, 1.0, host_id())
+            assert not failed.value.sent
+            assert time.monotonic() - started < 5
+            with Pool(cluster.center_address, auth_token=False) as pool:
+                assert {pool.apply(pid_after, [0]).get() for _ in range(3)} == {alive.pid}
+        finally:
+            frozen.send_signal(signal.SIGCONT)
