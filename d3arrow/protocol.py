@@ -215,8 +215,8 @@ class MessageReader:
             body = head + 8 * n + header_len
             if body > end:
                 break
-            lengths = struct.unpack_from(f"<{n}Q", data, head) if n else ()
             if n:
+                lengths = struct.unpack_from(f"<{n}Q", data, head)
                 total = sum(lengths)
                 if body + total > end:
                     break
@@ -232,7 +232,7 @@ class MessageReader:
                         memoryview(buffer).cast("B")[:] = data[body:body + length]
                         body += length
                 _attach(values, buffers)
-            elif values:  # values of no payloads
+            elif values:  # (plain values: no payloads)
                 _attach(values, [])
             done.append(header)
             pos = body
