@@ -88,6 +88,7 @@ class Arena:
         # the highest allocation end in this window of TRIM_DELAY seconds, and the last one
         self._peak, self._last_peak, self._window_at = 0, 0, 0.0
         self._growing = False  # the last allocation reached beyond the recent peaks
+        self._grown_from = None  # the recent peak when the store began growing beyond it
         self._reserve_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._blocks = {}  # id -> weakref to the allocation
@@ -209,7 +210,10 @@ class Arena:
                 self._free[i] = (offset + need, length - need)
             self._used += need
             # beyond anything of the last TRIM_DELAY seconds: faulting in must keep ahead
-            self._growing = offset + need > max(self._peak, self._last_peak)
+            recent = max(self._peak, self._last_peak)
+            self._growing = offset + need > recent
+            if self._growing and self._grown_from is None:
+                self._grown_from = recent
             self._high = max(self._high, offset + need)
             self._note_peak()
         try:
@@ -259,6 +263,7 @@ class Arena:
             elif offset + size == self.capacity:  # the top is free: memory may go back
                 self._high = offset
                 self._growing = False  # (whatever grew the store lately was freed)
+                self._grown_from = None
                 if self._reserved > self._keep_reserved() + CHUNK and self.fd >= 0:
                     self._prefault_wanted.set()  # the prefault thread trims
 
@@ -267,17 +272,20 @@ class Arena:
         seconds (a pipeline that frees its values and makes the next ones at once keeps its
         pages faulted in, rather than giving them back and faulting them in again) and some
         room ahead: a quarter of that when trimming (``growing`` None); when faulting in
-        ahead, a chunk, or while ``growing`` as much as the store grew beyond the last
-        window's peak, up to that quarter (a store filling up is kept ahead; a pipeline
-        whose later runs reach a value or two higher gets a chunk, not another quarter)."""
+        ahead, a chunk, or while ``growing`` as much as the store grew beyond what it had
+        reached before (the last window's peak, or the recent one when this growth began),
+        up to that quarter (a store filling up is kept ahead; a pipeline whose later runs
+        reach a value or two higher gets a chunk, not another quarter)."""
         high = self._high
         self._note_peak()
         high = max(high, self._peak, self._last_peak)
         quarter = min(PREFAULT_AHEAD, max(CHUNK, high // 4))
         if growing is None:
             ahead = quarter
-        elif growing:
-            ahead = min(quarter, max(CHUNK, high - self._last_peak))
+        elif growing:  # (within the first window there is no last one: a pipeline's third
+            # run one value higher than its first got a quarter ahead, not a chunk)
+            before = max(self._last_peak, self._grown_from or 0)
+            ahead = min(quarter, max(CHUNK, high - before))
         else:
             ahead = CHUNK
         return min(self.capacity, _round_up(high + ahead, CHUNK))
