@@ -62,17 +62,21 @@ class Function:
                 and self.streak >= self.trusted_after
                 and self.longest * ncalls <= max(QUICK_BATCH_SECONDS, QUICK_SECONDS))
 
-    def record(self, seconds):
-        """One call took ``seconds``; False if that was too long to stay on the loop.
+    def record(self, seconds, *, on_loop=False):
+        """One call took ``seconds`` (``on_loop``: on the event loop); False if that was too
+        long to stay on the loop.
 
         A slow call sends the function to the threads until it has made twice as many
         quick calls in a row as last time: a hiccup (the machine busy, a collection) costs
         a few calls in threads, while a function that is sometimes slow comes back ever
-        more rarely. A call over SLOW_FOR_GOOD times the quick limit is no hiccup: the
-        function stays in the threads for good, so at most one long call of a function
-        ever holds up the loop (its first), as before hiccups were forgiven."""
+        more rarely. A call that held up the loop for over SLOW_FOR_GOOD times the quick
+        limit is no hiccup: the function stays in the threads for good, so at most one
+        long call of a function ever holds up the loop. One that long in a compute thread
+        held nothing up (a first call doing one-time work, a machine that was busy): it
+        counts as any slow call, or one such call would cost every later call of a quick
+        function two thread hops (apply 53 -> 145 us a call)."""
         if seconds > QUICK_SECONDS:
-            if seconds > QUICK_SECONDS * SLOW_FOR_GOOD:  # really slow, not a hiccup
+            if on_loop and seconds > QUICK_SECONDS * SLOW_FOR_GOOD:  # no hiccup
                 self.needs_thread = True
             if self.streak >= self.trusted_after:  # it had been trusted: trust it less
                 self.trusted_after = max(self.trusted_after * 2, RETRUST_AFTER)

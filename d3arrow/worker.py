@@ -524,7 +524,7 @@ class Worker(Server):
                 func.needs_thread = True
                 return outcomes, time.perf_counter() - start, indices[position:]
             except BaseException as e:  # SystemExit too: an error of this call, not ours
-                func.record(time.perf_counter() - began)
+                func.record(time.perf_counter() - began, on_loop=on_the_loop)
                 outcomes.append((i, ("error", error_reply(e))))
                 continue
             try:
@@ -536,7 +536,8 @@ class Worker(Server):
                 self.memory.room_from_thread(loop)
             except BaseException as e:  # a full disk (SpillError)
                 outcomes.append((i, ("error", error_reply(e))))
-            quick = func.record(time.perf_counter() - began)  # storing it counts too
+            # storing it counts too
+            quick = func.record(time.perf_counter() - began, on_loop=on_the_loop)
             if on_the_loop and not quick:  # the rest go to a compute thread
                 return outcomes, time.perf_counter() - start, indices[position + 1:]
         return outcomes, time.perf_counter() - start, []

@@ -33,6 +33,13 @@ def thread_after(seconds=0.0):
     return threading.current_thread().name
 
 
+def thread_then(seconds=0.0):
+    """As thread_of: one more function, whose first call is the slow one."""
+    if seconds:
+        time.sleep(seconds)
+    return threading.current_thread().name
+
+
 def sometimes_a_client(center):
     """Quick, unless given a center: then it stores and reads a value through a Pool of its
     own on that cluster (which needs the worker's loop, not its busy compute thread)."""
@@ -119,6 +126,16 @@ def test_a_call_far_over_the_quick_limit_sends_a_function_to_the_threads_for_goo
     pool.apply(thread_after, [0.05 * SLOW_FOR_GOOD + 0.1]).get()  # no hiccup: really slow
     threads = {pool.apply(thread_after, [0.0]).get() for _ in range(2 * RETRUST_AFTER)}
     assert threads == {"d3arrow-compute_0"}  # never trusted with the loop again
+
+
+def test_a_first_call_far_over_the_limit_in_a_thread_does_not_keep_it_there(one_worker):
+    """A first call runs in a compute thread: slow there (one-time work, a busy machine),
+    it held up nothing, and the function's quick calls come to the loop as any."""
+    _, pool = one_worker
+    assert pool.apply(thread_then, [0.05 * SLOW_FOR_GOOD + 0.1]).get().startswith(
+        "d3arrow-compute")
+    threads = [pool.apply(thread_then, [0.0]).get() for _ in range(QUICK_AFTER + 2)]
+    assert threads[QUICK_AFTER:] == ["MainThread"] * 2
 
 
 def test_a_client_inside_a_quick_function_is_run_again_in_a_thread(one_worker):
