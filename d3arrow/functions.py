@@ -74,7 +74,7 @@ class Function:
         long call of a function ever holds up the loop. One that long in a compute thread
         held nothing up (a first call doing one-time work, a machine that was busy): it
         counts as any slow call, or one such call would cost every later call of a quick
-        function two thread hops (apply 53 -> 145 us a call)."""
+        function two thread hops (an apply 55 us a call -> 230)."""
         if seconds > QUICK_SECONDS:
             if on_loop and seconds > QUICK_SECONDS * SLOW_FOR_GOOD:  # no hiccup
                 self.needs_thread = True
