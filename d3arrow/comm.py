@@ -440,9 +440,13 @@ class Listener:
         self.address = format_address(host, server.sockets[0].getsockname()[1])
         if local:  # (abstract: nothing on disk, gone with the process)
             name = f"d3arrow-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            self._servers.append(await loop.create_unix_server(self._new_protocol,
-                                                               "\0" + name))
-            self.local_name = name
+            try:
+                self._servers.append(await loop.create_unix_server(self._new_protocol,
+                                                                   "\0" + name))
+                self.local_name = name
+            except OSError as e:  # callers on this host keep to TCP: slower, no worse
+                logger.warning("no Unix socket beside %s (%s): local callers use TCP",
+                               self.address, e)
         return self.address
 
     def _new_protocol(self):

@@ -4,6 +4,7 @@
 """
 
 import asyncio
+import os
 import socket
 
 import numpy as np
@@ -79,6 +80,35 @@ def test_connect_to_a_closed_port_is_a_clear_error():
         with pytest.raises(CommClosedError, match=f"cannot connect to 127.0.0.1:{port}"):
             await connect(f"127.0.0.1:{port}")
     run(main())
+
+
+def test_a_server_whose_unix_socket_name_is_taken_still_serves_over_tcp(monkeypatch):
+    """The Unix socket is for callers on the host that want it: if its name is taken, the
+    server starts without it (callers stay on TCP) rather than not at all."""
+    class Taken:
+        hex = "taken-name-0123"
+    monkeypatch.setattr("d3arrow.comm.uuid.uuid4", lambda: Taken)
+    squatter = socket.socket(socket.AF_UNIX)
+    squatter.bind("\0d3arrow-%d-taken-name-0" % os.getpid())  # the name it would take
+
+    async def echo(comm):
+        await comm.send(await comm.recv())
+
+    async def main():
+        listener = Listener(echo)
+        address = await listener.start("127.0.0.1", 0, local=True)
+        try:
+            assert listener.local_name is None
+            comm = await connect(address)
+            await comm.send({"op": "ping"})
+            assert await comm.recv() == {"op": "ping"}
+            comm.abort()
+        finally:
+            await listener.stop()
+    try:
+        run(main())
+    finally:
+        squatter.close()
 
 
 def test_garbage_framing_closes_only_that_connection():
