@@ -185,16 +185,20 @@ class _OnOneCore:
         self.pinned = False
 
     def __enter__(self):
+        self.before = {}
         if self.core < 0 or not self.threads:
             return self
-        self.before = {t: os.sched_getaffinity(t) for t in self.threads}
         for t in self.threads:
-            os.sched_setaffinity(t, {self.core})
+            try:
+                self.before[t] = os.sched_getaffinity(t)
+                os.sched_setaffinity(t, {self.core})
+            except OSError:  # (a thread that ended meanwhile)
+                pass
         self.pinned = True
         return self
 
     def __exit__(self, *exc):
-        for t, cores in getattr(self, "before", {}).items():
+        for t, cores in self.before.items():
             try:
                 os.sched_setaffinity(t, cores)
             except OSError:  # (a thread that ended meanwhile)
