@@ -401,12 +401,15 @@ async def connect(address, *, timeout=CONNECT_TIMEOUT, allocate=allocate_buffers
                 lambda: _FramedProtocol(allocate=allocate, token=security.token), host, port,
                 ssl=security.client_ssl_context())
             await protocol.ready
-    except (OSError, TimeoutError, CommClosedError) as e:
-        if protocol is not None:
+    except BaseException as e:  # also cancelled (the client closing) mid-handshake
+        if protocol is not None:  # (else its transport stays open: the loop cannot close)
             protocol.transport.abort()
         if isinstance(e, AuthenticationError):
             raise AuthenticationError(f"{address}: {e}") from None
-        raise CommClosedError(f"cannot connect to {address}: {e or type(e).__name__}") from e
+        if isinstance(e, (OSError, TimeoutError, CommClosedError)):
+            raise CommClosedError(f"cannot connect to {address}: {e or type(e).__name__}"
+                                  ) from e
+        raise
     return protocol.comm
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from d3arrow.comm import Listener, connect
 from d3arrow.errors import CommClosedError
-from d3arrow.eventloop import run
+from d3arrow.eventloop import new_event_loop, run
+from d3arrow.security import Security
 from d3arrow.serialize import deserialize, serialize
 
 
@@ -109,6 +110,27 @@ def test_a_server_whose_unix_socket_name_is_taken_still_serves_over_tcp(monkeypa
         run(main())
     finally:
         squatter.close()
+
+
+def test_a_connect_cancelled_during_its_handshake_leaves_nothing_open():
+    """A peer that accepts and never answers (frozen): the client closing cancels the
+    connect mid-handshake, and the loop must still close (an open transport: EBUSY)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    loop = new_event_loop()
+    try:
+        async def main():
+            task = asyncio.ensure_future(connect(
+                "127.0.0.1:%d" % silent.getsockname()[1], security=Security(token="t" * 32)))
+            await asyncio.sleep(0.2)  # connected, waiting for the handshake's answer
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        loop.run_until_complete(main())
+    finally:
+        silent.close()
+        loop.close()  # raised OSError (EBUSY) with the transport left open
 
 
 def test_garbage_framing_closes_only_that_connection():
