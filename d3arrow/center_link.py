@@ -5,9 +5,11 @@ order they were made; their answers are read in order in the background. Most ar
 at once: an update made before a worker's reply to a caller reaches the center first, with
 no round trip in between. Results of computations are the exception (``tell_soon``): the
 caller that asked for them hears where they are from the reply itself, so the center hears
-of them within ``UPDATE_BATCH_SECONDS``, many in one update. A message to the center costs
-about as much CPU as a small computation (two processes woken), and a stream of small
-calls would otherwise pay it once per call.
+of them within ``UPDATE_BATCH_SECONDS``, many in one update, and never of those freed
+before then (a caller's ``apply(f).get()`` in a loop frees each result a few ms later).
+A message to the center costs about as much CPU as a small computation (two processes
+woken), and a stream of small calls would otherwise pay it once per call; on a busy
+machine that is the CPU their round trips wait for.
 Heartbeats go over pooled connections, back off while the center is away, and bring back
 the keys of vanished clients the worker should free.
 """
@@ -28,7 +30,9 @@ from .values import Values
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_FACTOR = 4  # while the center is unreachable, retry at most 4 heartbeats apart
-UPDATE_BATCH_SECONDS = 0.002  # results made meanwhile are told to the center together
+# results made meanwhile are told to the center together; longer than a client takes to
+# free what it dropped (d3arrow.references.RELEASE_DELAY), so short-lived ones never are
+UPDATE_BATCH_SECONDS = 0.05
 
 
 class CenterLink:
@@ -145,18 +149,17 @@ class CenterLink:
     async def tell(self, op: str, keys, *, applied: bool = False) -> None:
         """Tell the center of keys added here (``add_keys``) or removed (``remove_keys``).
 
-        It hears of them in call order, after the results :meth:`tell_soon` still holds.
-        With ``applied``, wait until it has applied this one.
+        It hears of them in call order; added keys together with the results
+        :meth:`tell_soon` still holds. A removal leaves those where they are: the ones it
+        removes are no longer held when the batch goes, so the center never hears of
+        them. With ``applied``, wait until it has applied this one.
         """
-        if self._soon:
+        if self._soon and op == "add_keys":
             soon, self._soon = self._soon, []
             if self._soon_timer is not None:
                 self._soon_timer.cancel()
                 self._soon_timer = None
-            if op == "add_keys":
-                keys = [*soon, *keys]
-            else:
-                await self._update("add_keys", soon)
+            keys = [*soon, *keys]
         await self._update(op, keys, applied=applied)
 
     async def told(self) -> None:

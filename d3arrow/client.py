@@ -737,7 +737,8 @@ class Client:
         try:
             if self.cluster is None:  # an owned cluster is about to go away with its values
                 await self._delete(to_free)
-                try:  # the center frees what we could not find
+                try:  # the center frees what we could not find: once it knows of it all
+                    await self._center_told()
                     await self._rpc(self.center).unregister_client(client=self.owner)
                 except (CommClosedError, OSError) as e:
                     logger.info("could not tell center %s this client closed: %s",

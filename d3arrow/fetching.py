@@ -20,10 +20,10 @@ from .values import Values
 
 logger = logging.getLogger(__name__)
 
-# a key nobody we know of holds: asked of the center this many times, the second after a
-# few of the batches in which workers tell it of their results (UPDATE_BATCH_SECONDS)
+# a key nobody we know of holds: asked of the center this many times, the second after
+# two of the batches in which workers tell it of their results (UPDATE_BATCH_SECONDS)
 CENTER_ASKS = 2
-ASK_AGAIN_SECONDS = 5 * UPDATE_BATCH_SECONDS
+ASK_AGAIN_SECONDS = 2 * UPDATE_BATCH_SECONDS
 
 
 class PeerFetcher:

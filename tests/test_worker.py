@@ -6,6 +6,8 @@ import operator
 import numpy as np
 
 from conftest import gen_cluster
+from d3arrow.center_link import UPDATE_BATCH_SECONDS
+from d3arrow.references import RELEASE_DELAY
 from d3arrow.core import rebuild_error
 from d3arrow.serialize import deserialize, serialize, serialize_args
 from d3arrow.task import KeyRef
@@ -35,6 +37,24 @@ async def test_set_get_delete_report_to_the_center(center, workers, pool):
     reply = await rpc.get_data(keys=["x", "y"])
     assert reply["status"] == "missing-data" and reply["keys"] == ["x"]
     assert list(reply["data"]) == ["y"]
+
+
+@gen_cluster(n_workers=1)
+async def test_a_result_freed_before_its_batch_never_reaches_the_center(center, workers, pool):
+    """Results reach the center in batches; one freed meanwhile (a caller's apply(f).get()
+    in a loop frees each result a few ms later) is never told, and leaves no stale holder."""
+    (w,) = workers
+    rpc, crpc = pool.rpc(w.address), pool.rpc(center.address)
+    told = center.requests["add_keys"]
+    await rpc.compute(function=serialize(operator.add), **calls(task("freed", 1, 2)))
+    await asyncio.sleep(RELEASE_DELAY)  # as a client freeing what was dropped
+    await rpc.delete_data(keys=["freed"])
+    await rpc.compute(function=serialize(operator.add), **calls(task("kept", 3, 4)))
+    async with asyncio.timeout(5):  # the kept one is told with no one asking for it
+        while (await crpc.who_has(keys=["kept"]))["who_has"]["kept"] != [w.address]:
+            await asyncio.sleep(UPDATE_BATCH_SECONDS / 5)
+    assert center.requests["add_keys"] == told + 1
+    assert (await crpc.who_has(keys=["freed"]))["who_has"] == {"freed": []}
 
 
 @gen_cluster(n_workers=3)
