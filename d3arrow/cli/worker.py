@@ -1,6 +1,7 @@
 """d3arrow-worker CENTER: run a worker that registers with the center at CENTER (host:port)."""
 
 import argparse
+import gc
 import sys
 
 from ..metadata import center_address, shown
@@ -75,6 +76,10 @@ async def _serve(args, center, security):
         await worker.close(report=False)
         return 1
     print(f"Register with center at {shown(center)}", flush=True)
+    # what starting made (modules, the loop, the store) lives as long as the process: full
+    # collections need not walk it again (one took 17-40 ms, holding up the loop and any
+    # call on it, which it made look slow: see Function.record)
+    gc.freeze()
     return await serve_until_stopped(worker, args)
 
 
