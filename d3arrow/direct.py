@@ -177,12 +177,16 @@ class DirectLink:
     def _poll_for_reply(self):
         """The reply, if it comes within SPIN_SECONDS, read awake; else []. After polls
         that saw nothing (a slow function), the next 1, 3, 7, ... 63 requests do not poll:
-        a hiccup costs one request's polling, a slow function almost none."""
+        a hiccup costs one request's polling, a slow function almost none. A poll that
+        overran counts as one that saw nothing: another process had our core (each
+        sched_yield gives it a whole time slice: 4 ms a round trip instead of 0.08),
+        where asleep we are woken as soon as the reply comes."""
         if self._skip:
             self._skip -= 1
             return []
+        start = time.perf_counter()
         done = self._receive_soon(SPIN_SECONDS)
-        if done:
+        if done and time.perf_counter() - start < 2 * SPIN_SECONDS:
             self._missed = 0
         else:
             self._missed = min(self._missed + 1, 6)

@@ -144,6 +144,31 @@ def test_a_worker_does_not_poll_for_a_caller_on_its_own_core():
         os.sched_setaffinity(0, pinned)
 
 
+def test_a_caller_whose_core_another_process_takes_waits_asleep():
+    """Polling, each sched_yield gives a busy process on our core its whole time slice
+    (a round trip took 4 ms instead of 0.08): a poll that overran counts as one that saw
+    nothing, and the next calls wait asleep, woken as soon as their answer comes."""
+    pinned = os.sched_getaffinity(0)
+    core = min(pinned)
+    with LocalCluster(n_workers=1, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        (address,) = cluster.worker_addresses
+        for _ in range(10):  # quick calls: the link polls for their answers
+            pool.apply(pid_after, [0]).get()
+        link = pool.client.direct.link(address)
+        assert link._missed == 0
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            os.sched_setaffinity(hog.pid, {core})
+            os.sched_setaffinity(0, {core})
+            pids = {pool.apply(pid_after, [0]).get() for _ in range(5)}
+            assert pids == {cluster.worker_processes[0].pid}
+            assert link._missed > 0
+        finally:
+            os.sched_setaffinity(0, pinned)
+            hog.kill()
+            hog.wait()
+
+
 def test_a_caller_on_the_workers_host_talks_over_its_unix_socket():
     """Same host, no TLS: the link moves to the worker's Unix socket (cheaper messages),
     after the token's handshake there too; a worker killed meanwhile is noticed as over
