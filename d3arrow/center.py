@@ -313,7 +313,8 @@ class Center(Server):
         """``{key: [address]}`` of ``keys`` (all, by default). ``believed``
         (``{address: [key]}``: where the caller thinks each key lies, alone) adds the
         keys that lie elsewhere instead or as well, and only those: a client freeing
-        the results it placed hears of the few copies peers made, not of every key."""
+        the results it placed hears of the few copies peers made, not of every key (nor
+        of the results not told to us yet: we know of no copy of those)."""
         if keys is None:
             keys = self._who_has if believed is None else ()
         else:
@@ -324,7 +325,8 @@ class Center(Server):
             known = self._who_has
             for address, believed_keys in believed.items():
                 for key in believed_keys:
-                    if known.get(key) != address:  # (one holder is kept as its address)
+                    holders = known.get(key)
+                    if holders is not None and holders != address:  # (one: its address)
                         who_has[key] = list(self._holders(key))
         return {"who_has": who_has}
 

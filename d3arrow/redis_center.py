@@ -302,7 +302,7 @@ class RedisCenter:
             believed_in = {key: address for address, ks in believed.items() for key in ks}
             held = (await self.who_has(keys=list(believed_in)))["who_has"]
             return {"who_has": {**asked, **{k: h for k, h in held.items()
-                                           if h != [believed_in[k]]}}}
+                                           if h and h != [believed_in[k]]}}}
         if keys is None:
             keys = [k.removeprefix(PREFIX + "who_has:")
                     for k in await self._call(self._scan(PREFIX + "who_has:*"))]

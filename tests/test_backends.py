@@ -134,6 +134,25 @@ def test_a_dropped_value_goes_from_the_peers_that_copied_it_too(metadata):
             assert key not in pool.client.sync(pool.client._rpc(address).keys)["keys"]
 
 
+def test_freeing_asks_the_metadata_only_of_copies_it_knows(metadata):
+    """A client freeing the results it placed asks which of them lie elsewhere too: the
+    copies peers made come back, not the results the workers have not told of yet
+    (they do so in batches): a client freeing a stream of them gets a short answer."""
+    with LocalCluster(n_workers=2, ncores=1, **metadata) as cluster, \
+            Pool(cluster.center_address) as pool:
+        a, b = cluster.worker_addresses
+        x = pool.apply(_big, [1], workers=[a])
+        assert pool.apply(len, [x], workers=[b]).get() == 50_000  # b fetched a copy
+        assert wait_until(lambda: set(pool.client.who_has([x.key])[x.key]) == {a, b})
+        fresh = pool.apply(_big, [2], workers=[a])  # not told yet
+        async def ask():
+            return await pool.client._rpc(pool.client.center).who_has(
+                keys=[], believed={a: [x.key, fresh.key]})
+
+        reply = pool.client.sync(ask)
+        assert reply["who_has"] == {x.key: [a, b]} or reply["who_has"] == {x.key: [b, a]}
+
+
 def test_a_result_lost_with_its_worker_is_made_again(metadata):
     with LocalCluster(n_workers=2, ncores=1, heartbeat_interval=0.2, heartbeat_timeout=1.5,
                       **metadata) as cluster, Pool(cluster.center_address) as pool:
