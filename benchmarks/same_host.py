@@ -190,11 +190,12 @@ class _OnOneCore:
             return self
         for t in self.threads:
             try:
-                self.before[t] = os.sched_getaffinity(t)
+                cores = os.sched_getaffinity(t)
                 os.sched_setaffinity(t, {self.core})
-            except OSError:  # (a thread that ended meanwhile)
+                self.before[t] = cores  # (only those pinned are put back, and counted)
+            except OSError:  # (a thread that ended meanwhile, or pinning refused)
                 pass
-        self.pinned = True
+        self.pinned = bool(self.before)
         return self
 
     def __exit__(self, *exc):
