@@ -537,6 +537,8 @@ class Client:
         for key, placed in unsure.items():  # and the copies the center knows of
             for address in placed:
                 holders.setdefault(address, {})[key] = None
+        if not all(unsure.values()):  # some we know no holder of (a free cut short by
+            await self._center_told()  # close, say): the center must know of all ours
         try:  # (of the keys we placed, only those held elsewhere too come back)
             who_has = (await self._rpc(self.center).who_has(keys=list(unsure), believed=believed)
                        )["who_has"]

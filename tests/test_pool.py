@@ -207,6 +207,20 @@ def test_values_dropped_just_before_close_are_freed_too(cluster, pause):
             assert not any(other.client.who_has(keys).values())
 
 
+def test_delete_finds_values_whose_holder_the_client_forgot(pool):
+    # a free cut short by close forgot where its values were before deleting them, and
+    # the center had not heard of them yet (workers tell it in batches): the client's
+    # close then left them on the workers until the center's next heartbeat freed them
+    mine = pool.map(lambda x: np.zeros(100) + x, range(4))
+    keys = {r.key for r in mine}
+    for key in keys:
+        pool.client.placement.forget(key)
+    pool.delete(mine)
+    client = pool.client
+    held = {w: client.sync(client._rpc(w).keys)["keys"] for w in client.ncores}
+    assert not keys & set().union(*held.values()), held
+
+
 def test_values_in_use_are_not_freed(pool):
     kept = pool.scatter([10, 20])
     derived = pool.map(lambda x: x + 1, kept)
