@@ -219,12 +219,15 @@ class Client:
         await self._center_told()
         return (await self._rpc(self.center).has_what(workers=workers))["has_what"]
 
-    async def _center_told(self):
+    async def _center_told(self, *, reachable_only=False):
         """Until the center knows of the results workers gave us lately: they tell it in
         batches, a few ms later (see center_link). Asked of the center next, it answers
-        as of every result we have."""
+        as of every result we have. ``reachable_only``: not of those that failed us lately
+        (they may be frozen: a wait of WATCH_SECONDS * 2 for nothing)."""
         now = time.monotonic()
         recent = [a for a, at in list(self._results_from.items()) if now - at < TELL_SECONDS]
+        if reachable_only:
+            recent = self.placement.reachable(recent)
         replies = await asyncio.gather(*(  # a frozen worker holds nobody up for long
             self.pool.request(a, {"op": "told"}, timeout=WATCH_SECONDS * 2) for a in recent),
             return_exceptions=True)
@@ -538,7 +541,9 @@ class Client:
             for address in placed:
                 holders.setdefault(address, {})[key] = None
         if not all(unsure.values()):  # some we know no holder of (a free cut short by
-            await self._center_told()  # close, say): the center must know of all ours
+            # close, say): the center must know of all ours (a holder that failed us would
+            # not be asked to delete anyway)
+            await self._center_told(reachable_only=True)
         try:  # (of the keys we placed, only those held elsewhere too come back)
             who_has = (await self._rpc(self.center).who_has(keys=list(unsure), believed=believed)
                        )["who_has"]

@@ -114,6 +114,22 @@ def test_a_computation_on_a_hung_worker_moves_on_once_the_center_drops_it(cluste
             hung.send_signal(signal.SIGCONT)
 
 
+def test_a_delete_waits_on_no_frozen_worker_that_failed_us(cluster):
+    # the value's one holder froze and failed us, so the client knows no holder of it: the
+    # delete makes sure the center heard of our results, asking no worker that failed us
+    a, _ = cluster.worker_addresses
+    with Pool(cluster.center_address) as pool:
+        on_a = pool.apply(lambda: _big(1), workers=[a])
+        hung = cluster.worker_processes[0]
+        freeze(hung.pid)
+        try:
+            pool.client.placement.failed(a)  # as when a request to it failed
+            pool.delete([on_a], timeout=1.0)  # asking it would take 2 s
+            assert pool.apply(abs, [-3]).get() == 3
+        finally:
+            hung.send_signal(signal.SIGCONT)
+
+
 def test_a_call_with_a_timeout_gives_up_and_the_pool_goes_on(cluster):
     with Pool(cluster.center_address) as pool:
         start = time.monotonic()
