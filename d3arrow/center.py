@@ -34,7 +34,8 @@ class Center(Server):
     _last_seen : {address: float}, ``time.monotonic()`` of the last message from the worker
     _clients : {owner: float}, clients alive and when they were last heard of
     _owned : {owner: int}, how many keys workers hold of each client's
-    _released : owners whose values the workers were told to free (not told twice)
+    _released : owners whose values the workers were told to free (not told twice; keys
+                told of later are freed as they come)
     _orphaned : {owner: float}, since when an owner holding keys has had no live client
     _published : {name: key}, values kept beyond the life of their client
     _to_release : {address: {key}}, orphans each worker hears of with its next heartbeat
@@ -296,6 +297,8 @@ class Center(Server):
                 owner = owner_of(key)
                 if owner is not None:
                     owned[owner] = owned.get(owner, 0) + 1
+                    if owner in self._released:  # told late: its client is gone already
+                        self._to_release.setdefault(address, set()).add(key)
             elif type(holders) is str:
                 if holders != address:
                     who_has[key] = {holders, address}

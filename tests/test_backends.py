@@ -263,3 +263,32 @@ def test_a_worker_joins_a_redis_cluster_from_the_command_line(redis_server):
         worker.terminate()
         worker.wait(timeout=10)
         worker.stdout.close()
+
+
+
+def test_a_value_told_after_its_client_closed_is_freed_too(metadata):
+    """Workers tell the metadata of results in batches, a few ms late: one frozen in
+    between tells of its result only once it runs again, after its client closed (which
+    waited for it only briefly). That value is freed as the client's others were."""
+    with LocalCluster(n_workers=1, ncores=1, heartbeat_interval=1, **metadata) as cluster, \
+            Pool(cluster.center_address) as watcher:
+        (worker,) = cluster.worker_addresses
+        frozen = cluster.worker_processes[0]
+        pool = Pool(cluster.center_address)
+        try:
+            told = pool.apply(_big, [1])
+            assert wait_until(lambda: watcher.client.who_has([told.key])[told.key] == [worker])
+            late = pool.apply(_big, [2])
+            frozen.send_signal(signal.SIGSTOP)  # (most likely) before it tells of ``late``
+            keys = [told.key, late.key]
+            pool.close()
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+            pool.close()
+
+        def held():
+            return watcher.client.sync(watcher.client._rpc(worker).keys)["keys"]
+
+        assert wait_until(lambda: not set(keys) & set(held())
+                          and not any(watcher.client.who_has(keys).values()), timeout=40), (
+            held(), watcher.client.who_has(keys))
