@@ -159,9 +159,9 @@ class Client:
         if address != self.center:
             self.placement.failed(address)
 
-    def _rpc(self, address):
+    def _rpc(self, address, *, timeout=None):
         """Ops of a worker, or of the center (a d3arrow center or Redis: see metadata)."""
-        return center_rpc(self.pool, address, timeout=self.timeout)
+        return center_rpc(self.pool, address, timeout=timeout or self.timeout)
 
     async def _check_center(self):
         """Fail at once, naming what answered, when the address is not a d3arrow center."""
@@ -523,7 +523,10 @@ class Client:
             del self._names[name]
         return self.sync(self._delete, keys, timeout=timeout)
 
-    async def _delete(self, keys):
+    async def _delete(self, keys, *, silence=None):
+        """``silence``: how long a holder may say nothing before we leave its copies to
+        the center, which frees a closed client's values (a frozen worker's included, once
+        it runs again)."""
         keys = list(dict.fromkeys(keys))  # each once, in order: see References._released
         if not keys:
             return
@@ -557,7 +560,7 @@ class Client:
         self._drop_inline(keys)
         addresses = self.placement.reachable(holders)  # the unreachable took theirs along
         replies = await asyncio.gather(*(
-            self._rpc(address).delete_data(keys=list(holders[address]))
+            self._rpc(address, timeout=silence).delete_data(keys=list(holders[address]))
             for address in addresses), return_exceptions=True)
         for address, reply in zip(addresses, replies):
             if isinstance(reply, BaseException):
@@ -743,9 +746,9 @@ class Client:
         await self._tasks.close()
         try:
             if self.cluster is None:  # an owned cluster is about to go away with its values
-                await self._delete(to_free)
+                await self._delete(to_free, silence=WATCH_SECONDS * 2)
                 try:  # the center frees what we could not find: once it knows of it all
-                    await self._center_told()
+                    await self._center_told(reachable_only=True)  # (or hears of it late)
                     await self._rpc(self.center).unregister_client(client=self.owner)
                 except (CommClosedError, OSError) as e:
                     logger.info("could not tell center %s this client closed: %s",

@@ -292,7 +292,10 @@ class ConnectionPool:
         self._on_failure = on_failure  # told of every address whose transport failed us
         self.closed = False
 
-    async def acquire(self, address):
+    async def acquire(self, address, *, timeout=None):
+        """An idle connection to ``address``, or a new one; ``timeout`` bounds the new
+        one's handshake below the pool's connect timeout (a frozen peer's kernel accepts
+        the connection, and then the peer says nothing)."""
         idle = self._idle[address]
         while idle:
             comm = idle.pop()
@@ -301,7 +304,9 @@ class ConnectionPool:
                 return comm
         if self.closed:
             raise CommClosedError("connection pool is closed")
-        comm = await connect(address, timeout=self._connect_timeout, allocate=self._allocate,
+        if timeout is None or timeout > self._connect_timeout:
+            timeout = self._connect_timeout
+        comm = await connect(address, timeout=timeout, allocate=self._allocate,
                              security=self._security)
         self._busy[comm] = address
         return comm
@@ -324,7 +329,7 @@ class ConnectionPool:
         the peer reports raise as their own type.
         """
         try:
-            comm = await self.acquire(address)
+            comm = await self.acquire(address, timeout=timeout)
         except CommClosedError:
             self._failed(address)
             raise
