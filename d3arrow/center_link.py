@@ -33,6 +33,9 @@ MAX_BACKOFF_FACTOR = 4  # while the center is unreachable, retry at most 4 heart
 # results made meanwhile are told to the center together; longer than a client takes to
 # free what it dropped (d3arrow.references.RELEASE_DELAY), so short-lived ones never are
 UPDATE_BATCH_SECONDS = 0.05
+# a key the center knows no holder of may be a result told in the next batch: whoever
+# looks for it asks again after two batches
+ASK_AGAIN_SECONDS = 2 * UPDATE_BATCH_SECONDS
 
 
 class CenterLink:

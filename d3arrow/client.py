@@ -25,6 +25,7 @@ from .addressing import normalize_address
 from .calls import as_keys
 from .cluster import LocalCluster, token_for
 from .comm import CONNECT_TIMEOUT
+from .center_link import ASK_AGAIN_SECONDS
 from .core import DEFAULT_TIMEOUT, ConnectionPool, Tasks, rebuild_error, time_limit
 from .direct import DirectLinks
 from .errors import (CommClosedError, KilledWorkerError, MissingDataError, NotACenterError,
@@ -449,9 +450,10 @@ class Client:
             missing = keys - values.keys()
             if not missing:
                 return values
-            if attempt == 0:  # our knowledge was stale: ask the center once
-                for key in missing:
-                    self.placement.forget(key)
+            if attempt == 0:  # our knowledge was stale, or the center's: ask it once more
+                stale = [key for key in missing if self.placement.forget(key)]
+                if len(stale) < len(missing):  # it knew no holder: another client's fresh
+                    await asyncio.sleep(ASK_AGAIN_SECONDS)  # result, not told it yet?
                 self.placement.learn(await self.ask_who_has(missing))
         raise MissingDataError(sorted(missing))
 

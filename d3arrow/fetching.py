@@ -13,7 +13,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 
-from .center_link import UPDATE_BATCH_SECONDS, CenterLink
+from .center_link import ASK_AGAIN_SECONDS, CenterLink
 from .core import ConnectionPool, RecentFailures, Tasks
 from .transfer import get_data
 from .values import Values
@@ -21,9 +21,8 @@ from .values import Values
 logger = logging.getLogger(__name__)
 
 # a key nobody we know of holds: asked of the center this many times, the second after
-# two of the batches in which workers tell it of their results (UPDATE_BATCH_SECONDS)
+# ASK_AGAIN_SECONDS
 CENTER_ASKS = 2
-ASK_AGAIN_SECONDS = 2 * UPDATE_BATCH_SECONDS
 
 
 class PeerFetcher:

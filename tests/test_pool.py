@@ -221,6 +221,17 @@ def test_delete_finds_values_whose_holder_the_client_forgot(pool):
     assert not keys & set().union(*held.values()), held
 
 
+def test_another_client_finds_a_result_by_its_key_at_once(cluster, pool):
+    # workers tell the center of results in batches: a key handed to another client as
+    # soon as it was made is not known there yet, and was reported held by no worker
+    with Pool(cluster.center_address) as other:
+        for i in range(5):
+            made = pool.apply(lambda i: np.arange(3) * i, [i])
+            np.testing.assert_array_equal(other.gather(made.key), np.arange(3) * i)
+        with pytest.raises(MissingDataError, match="no worker holds"):
+            other.gather("f" * 16 + "-1")  # a key nobody made
+
+
 def test_values_in_use_are_not_freed(pool):
     kept = pool.scatter([10, 20])
     derived = pool.map(lambda x: x + 1, kept)
