@@ -120,6 +120,7 @@ class Client:
         self._loop = LoopThread()
         self.refs = References(self._loop.call_soon, self._delete)
         self.closed = False
+        self.closing = False  # close() has begun: a connection failing is ours, not a worker's
         try:
             self.sync(self._check_center)
         except BaseException:
@@ -146,6 +147,10 @@ class Client:
             return self._loop.run(coro)
         except RemoteExit as e:
             raise e.exc  # its __cause__ is the remote traceback
+        except CommClosedError as e:
+            if self.closing:  # closed from another thread meanwhile
+                raise RuntimeError("this client was closed while it ran this") from e
+            raise
 
     def submit(self, coro_function, *args, **kwargs):
         if self.closed:
@@ -727,6 +732,7 @@ class Client:
         """Free the values this client made, close connections, stop an owned cluster."""
         if self.closed:
             return
+        self.closing = True
         try:
             self._loop.run(self._close() if free else self._close_connections(),
                            timeout=self.timeout)

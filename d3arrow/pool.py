@@ -614,6 +614,8 @@ class Pool:
                     queues[address].extendleft(reversed(batch))
                     continue
                 except CommClosedError as e:  # the client leaves it out from now on
+                    if self.client.closing:  # not the worker's doing: nothing to retry
+                        raise RuntimeError("this client was closed while it ran this") from e
                     retry = batch
                     if sent:  # it died (or froze) with these calls in hand
                         for index, error in deaths.record(batch, target).items():

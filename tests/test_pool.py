@@ -232,6 +232,29 @@ def test_another_client_finds_a_result_by_its_key_at_once(cluster, pool):
             other.gather("f" * 16 + "-1")  # a key nobody made
 
 
+def test_a_map_of_a_pool_closed_meanwhile_says_so(cluster, caplog):
+    # closing cuts the map's connections: that is no worker's failure to retry around
+    pool = Pool(cluster.center_address)
+    outcome = []
+
+    def run():
+        try:
+            pool.map(lambda x: (time.sleep(0.3), x)[1], range(40))
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:  # until calls are in hand on the workers
+        assert wait_until(lambda: sum(pool._running.values()) > 0, interval=0.01)
+    finally:
+        pool.close()
+        thread.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+    assert "closed" in str(outcome[0])
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+
+
 def test_values_in_use_are_not_freed(pool):
     kept = pool.scatter([10, 20])
     derived = pool.map(lambda x: x + 1, kept)
