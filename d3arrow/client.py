@@ -12,6 +12,7 @@ collected, as dask frees futures.
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -23,9 +24,9 @@ from typing import Any
 
 from .addressing import normalize_address
 from .calls import as_keys
+from .center_link import ASK_AGAIN_SECONDS
 from .cluster import LocalCluster, token_for
 from .comm import CONNECT_TIMEOUT
-from .center_link import ASK_AGAIN_SECONDS
 from .core import DEFAULT_TIMEOUT, ConnectionPool, Tasks, rebuild_error, time_limit
 from .direct import DirectLinks
 from .errors import (CommClosedError, KilledWorkerError, MissingDataError, NotACenterError,
@@ -147,8 +148,9 @@ class Client:
             return self._loop.run(coro)
         except RemoteExit as e:
             raise e.exc  # its __cause__ is the remote traceback
-        except CommClosedError as e:
-            if self.closing:  # closed from another thread meanwhile
+        except (CommClosedError, asyncio.CancelledError, concurrent.futures.CancelledError) as e:
+            if self.closing:  # closed from another thread meanwhile: its connections cut,
+                # or what still ran on its loop cancelled
                 raise RuntimeError("this client was closed while it ran this") from e
             raise
 

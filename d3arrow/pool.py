@@ -615,7 +615,7 @@ class Pool:
                     continue
                 except CommClosedError as e:  # the client leaves it out from now on
                     if self.client.closing:  # not the worker's doing: nothing to retry
-                        raise RuntimeError("this client was closed while it ran this") from e
+                        raise  # (Client.sync says the client was closed)
                     retry = batch
                     if sent:  # it died (or froze) with these calls in hand
                         for index, error in deaths.record(batch, target).items():
