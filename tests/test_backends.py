@@ -265,7 +265,6 @@ def test_a_worker_joins_a_redis_cluster_from_the_command_line(redis_server):
         worker.stdout.close()
 
 
-
 def test_a_value_told_after_its_client_closed_is_freed_too(metadata):
     """Workers tell the metadata of results in batches, a few ms late: one frozen in
     between tells of its result only once it runs again, after its client closed (which
