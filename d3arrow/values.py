@@ -22,6 +22,7 @@ class Values:
         self._data: dict[str, Any] = {}
         self._nbytes: dict[str, int] = {}
         self._shared: dict[str, dict] = {}
+        self._spilled: dict[str, int] = {}  # key -> nbytes of the values held in files
         self._recent: collections.OrderedDict = collections.OrderedDict()  # LRU first
         # whether reading a value makes it recent: only spilling by a memory limit asks
         # (moving a node of a big linked list costs a read cache misses for nothing)
@@ -36,6 +37,7 @@ class Values:
             self._hold_spilled(key, value)
             return
         self._nbytes[key] = size_of(value)
+        self._spilled.pop(key, None)
         if ref_meta is None:
             self._shared.pop(key, None)
         else:
@@ -57,6 +59,7 @@ class Values:
 
     def _hold_spilled(self, key: str, spilled: SpilledValue) -> None:
         self._data[key] = spilled
+        self._spilled[key] = self._nbytes.get(key, spilled.nbytes)
         self._shared.pop(key, None)  # its file is how a reader on this host sees it now
         self._recent.pop(key, None)  # out of memory: not a candidate for spilling
 
@@ -66,13 +69,15 @@ class Values:
 
     def discard_all(self, keys: Iterable[str]) -> list[str]:
         """Forget these keys (a client freeing a map's results); those that were held."""
-        data, nbytes, shared, recent = self._data, self._nbytes, self._shared, self._recent
+        data, nbytes, shared, recent, spilled = (self._data, self._nbytes, self._shared,
+                                                 self._recent, self._spilled)
         held = []
         for key in keys:
             value = data.pop(key, _MISSING)
             if value is _MISSING:
                 continue
             _close_file(value)
+            spilled.pop(key, None)
             del nbytes[key]
             shared.pop(key, None)
             recent.pop(key, None)
@@ -138,17 +143,18 @@ class Values:
         """Close every spilled file (the worker stops)."""
         for key in list(self._data):
             _close_file(self._data.pop(key, None))
+        self._spilled.clear()
 
     @property
     def spilled_count(self) -> int:
-        return len(self._data) - len(self._recent)
+        return len(self._spilled)
 
     @property
     def spilled_bytes(self) -> int:
-        """Bytes of the values held in spilled files (summed when asked: values are spilled
-        from compute threads as well as the loop, so no running total is kept)."""
-        return sum(self._nbytes.get(key, 0) for key, held in list(self._data.items())
-                   if type(held) is SpilledValue)
+        """Bytes of the values held in spilled files: summed over those alone, when asked
+        (values are spilled from compute threads as well as the loop: each keeps its own
+        entry, no shared running total to race on)."""
+        return sum(self._spilled.values())
 
 
 _MISSING = object()

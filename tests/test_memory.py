@@ -217,8 +217,12 @@ def test_a_value_spilled_from_several_threads_is_written_once_and_stays_itself(t
         assert is_made(values[f"x{i}"], i)
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(values.raw("x0"))
+    assert values.spilled_bytes == 8 * 16 * MiB
     dropped = values.raw("x1")
     values.discard("x1")
+    assert values.spilled_count == 7 and values.spilled_bytes == 7 * 16 * MiB
+    values.put("x2", make(2))  # in memory again
+    assert values.spilled_count == 6 and values.spilled_bytes == 6 * 16 * MiB
     with pytest.raises(SpillError, match="dropped"):
         dropped.load()
     dropped.close()  # closing twice closes nothing of anyone else's
