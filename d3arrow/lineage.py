@@ -86,26 +86,28 @@ class Lineage:
         a result made again keeps the one it had."""
         recipe = Recipe(function)
         recipes = self._recipes
+        needs_of, inputs, kept = recipe.needs, recipe.inputs, recipes.setdefault
 
         def add(call):
-            key, args, needs = call.key, call.args, call.needs
+            key, needs = call.key, call.needs
             if type(needs) is str:  # f(x) over a RemoteData (x's key): a map's
-                recipe.needs[key] = needs
-                recipe.inputs[needs] = args[0]._recipe
-                return recipes.setdefault(key, recipe)
+                needs_of[key] = needs
+                inputs[needs] = call.args[0]._recipe
+                return kept(key, recipe)
+            args = call.args
             if needs:
-                recipe.needs[key] = needs
+                needs_of[key] = needs
                 for ref in call.inputs:
-                    recipe.inputs[ref.key] = ref._recipe
+                    inputs[ref.key] = ref._recipe
                 for need in needs:  # named by KeyRef only
-                    if need not in recipe.inputs:
-                        recipe.inputs[need] = recipes.get(need)
+                    if need not in inputs:
+                        inputs[need] = recipes.get(need)
                 if call.inputs:  # flat arguments hold RemoteData, which keep values alive
                     args = _by_key(args)
             recipe.args[key] = args
             if call.kwargs:
                 recipe.kwargs[key] = call.kwargs
-            return recipes.setdefault(key, recipe)
+            return kept(key, recipe)
 
         return add
 
