@@ -39,7 +39,7 @@ from .metadata import center_address, center_rpc, close_center_rpc, shown
 from .placement import Placement
 from .references import RemoteData, References, wait_for
 from .security import TOKEN_ENV, Security
-from .serialize import Serialized, serialize, serialize_args
+from .serialize import Serialized, serialize, serialize_args, serialize_keys
 from .store import (SharedDataGone, has_session, host_id, load, note_store_of, release_pin,
                     session_token)
 from .transfer import get_data
@@ -595,21 +595,28 @@ class Client:
     def compute_request(self, address, function, calls):
         """The message asking ``address`` to run ``function`` once per call (from any
         thread: see d3arrow.direct)."""
-        msg = {"op": "compute", "function": function, "keys": [call.key for call in calls],
-               "args": serialize_args([call.args for call in calls])}
+        msg = {"op": "compute", "function": function, "keys": [call.key for call in calls]}
         if self.host:  # results in a co-located store come back as references to view
             msg["host"] = self.host
             session = session_token(address)
             if session is not None:  # pinned for us: viewing them costs no round trip
                 msg["session"] = session
-        if any(call.kwargs for call in calls):
-            msg["kwargs"] = serialize([call.kwargs for call in calls])
-        if msg["args"].meta["kind"] == "keys" and "kwargs" not in msg:  # f(x) over held
-            msg["who_has"] = self.placement.hints(address, [c.args[0].key for c in calls])
-            return msg  # (their args name what they need: their x)
-        needed = [call.needs for call in calls]
-        if any(needed):
-            needed = [as_keys(call.needs) for call in calls]
+        needs = [call.needs for call in calls]
+        inputs = None  # f(x) over held values, every call: x's key per call
+        if set(map(type, needs)) == {str}:  # over RemoteData (a map's): needs say it all,
+            inputs = needs  # the RemoteData are not touched
+            msg["args"] = serialize_keys(inputs)
+        else:
+            msg["args"] = serialize_args([call.args for call in calls])
+            if any(call.kwargs for call in calls):
+                msg["kwargs"] = serialize([call.kwargs for call in calls])
+            elif msg["args"].meta["kind"] == "keys":  # over KeyRefs (a graph's)
+                inputs = [call.args[0].key for call in calls]
+        if inputs is not None:  # their args name what they need: their x
+            msg["who_has"] = self.placement.hints(address, inputs)
+            return msg
+        if any(needs):
+            needed = [as_keys(call_needs) for call_needs in needs]
             msg["who_has"] = self.placement.hints(
                 address, [key for keys in needed for key in keys])
             msg["needed"] = needed

@@ -98,7 +98,7 @@ def serialize_args(args_per_call):
             break
         keys.append(args[0].key)
     else:
-        return Serialized({"kind": "keys"}, [[msgpack.packb(keys, use_bin_type=True)]])
+        return serialize_keys(keys)
     places = []  # (call, argument) of each KeyRef
     for i, args in enumerate(args_per_call):
         for j, arg in enumerate(args):
@@ -108,6 +108,12 @@ def serialize_args(args_per_call):
                 return serialize([_picklable(args) for args in args_per_call])
     packed = _packers.args.pack([args_per_call, places])
     return Serialized({"kind": "args"}, [[packed]])
+
+
+def serialize_keys(keys):
+    """The arguments of a batch of f(x) calls over values the workers hold, as x's key per
+    call (kind ``keys``: read back by :func:`sole_keys`)."""
+    return Serialized({"kind": "keys"}, [[msgpack.packb(keys, use_bin_type=True)]])
 
 
 def _picklable(args):
