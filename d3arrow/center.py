@@ -11,7 +11,7 @@ import time
 from .checks import check_believed, check_keys, check_owner, check_publish, check_registration
 from .core import HEARTBEAT_INTERVAL, Server, Tasks
 from .dashboard import Dashboard
-from .keys import owner_of
+from .keys import keys_by_owner, owner_of
 from .metrics import Rates, totals_of
 from .security import NO_SECURITY
 
@@ -213,9 +213,11 @@ class Center(Server):
 
     def _discard(self, address, keys):
         held = self._has_what.get(address, {})
+        who_has = self._who_has
+        gone = []  # keys no worker holds any more
         for key in keys:
             held.pop(key, None)
-            holders = self._who_has.get(key)
+            holders = who_has.get(key)
             if holders is None:
                 continue
             if type(holders) is str:
@@ -225,13 +227,14 @@ class Center(Server):
                 holders.discard(address)
                 if holders:
                     if len(holders) == 1:
-                        (self._who_has[key],) = holders
+                        (who_has[key],) = holders
                     continue
-            del self._who_has[key]  # no holder left
-            owner = owner_of(key)
+            del who_has[key]
+            gone.append(key)
+        for owner, its_keys in keys_by_owner(gone).items():
             if owner is not None and owner in self._owned:
-                self._owned[owner] -= 1
-                if not self._owned[owner]:
+                self._owned[owner] -= len(its_keys)
+                if self._owned[owner] <= 0:
                     del self._owned[owner]
                     self._released.discard(owner)
 
@@ -289,21 +292,23 @@ class Center(Server):
         address = self._addresses[address]  # one string per worker, however many keys
         who_has, owned = self._who_has, self._owned
         sizes = nbytes or {}
+        new = []  # keys no worker held before
         for key in keys:
             held[key] = sizes.get(key, -1)
             holders = who_has.get(key)
             if holders is None:
                 who_has[key] = address
-                owner = owner_of(key)
-                if owner is not None:
-                    owned[owner] = owned.get(owner, 0) + 1
-                    if owner in self._released:  # told late: its client is gone already
-                        self._to_release.setdefault(address, set()).add(key)
+                new.append(key)
             elif type(holders) is str:
                 if holders != address:
                     who_has[key] = {holders, address}
             else:
                 holders.add(address)
+        for owner, its_keys in keys_by_owner(new).items():
+            if owner is not None:
+                owned[owner] = owned.get(owner, 0) + len(its_keys)
+                if owner in self._released:  # told late: its client is gone already
+                    self._to_release.setdefault(address, set()).update(its_keys)
         return {"status": "OK"}
 
     def remove_keys(self, *, address, keys):

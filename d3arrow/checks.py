@@ -1,6 +1,8 @@
 """What the center's ops accept, refused with the reason before anything is kept, whoever
 answers them: a d3arrow center or Redis (see :mod:`d3arrow.metadata`)."""
 
+from itertools import repeat
+
 from .addressing import normalize_address
 from .keys import owner_of
 
@@ -20,11 +22,13 @@ def check_owner(owner):
 
 
 def check_keys(keys, nbytes=None):
-    """Lists of strings only (and sizes as integers)."""
-    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
+    """Lists of strings only (and sizes as integers). Each key is looked at in C: the
+    center reads every result's key (a map of 10,000 sends 10,000)."""
+    if not isinstance(keys, (list, tuple)) or not all(map(isinstance, keys, repeat(str))):
         raise ValueError(f"expected a list of strings, got {short(keys)}")
-    if nbytes is not None and not (isinstance(nbytes, dict) and all(
-            isinstance(k, str) and type(v) is int for k, v in nbytes.items())):
+    if nbytes is not None and not (
+            isinstance(nbytes, dict) and all(map(isinstance, nbytes, repeat(str)))
+            and set(map(type, nbytes.values())) <= {int}):
         raise ValueError(f"nbytes must map keys to integers, got {short(nbytes)}")
 
 

@@ -49,6 +49,20 @@ def owner_of(key):
     return owner
 
 
+def keys_by_owner(keys):
+    """``{owner or None: [key]}`` of ``keys``. Keys come in runs of one owner's (a batch of
+    results): after the first of a run, each costs a prefix test, not a look-up."""
+    groups = {}
+    head = group = None
+    for key in keys:
+        if head is None or not key.startswith(head):
+            owner = owner_of(key)
+            head = None if owner is None else key[:OWNER_CHARS + 1]
+            group = groups.setdefault(owner, [])
+        group.append(key)
+    return groups
+
+
 _owners = {}  # key's head -> its owner or None: the center reads one per key it is told of
 _OWNERS_KEPT = 4096
 _UNREAD = object()

@@ -86,3 +86,34 @@ async def test_heartbeats_slow_down_as_the_cluster_grows(center, workers, pool):
     assert 4 <= center.requests["heartbeat"] - before <= 10  # ~8, not ~80
     ncores = (await pool.rpc(center.address).ncores())["ncores"]
     assert sorted(ncores) == sorted(w.address for w in workers)  # none dropped
+
+
+@gen_cluster(n_workers=1, heartbeat_interval=0.05)
+async def test_a_gone_clients_values_are_freed_whatever_they_were_told_among(
+        center, workers, pool):
+    # a worker's batch mixes owners (results of two clients, a named value, a key written
+    # by hand): the center counts each owner's keys, and frees those of the one that left
+    from d3arrow.keys import KeyMaker, new_owner
+
+    (worker,) = workers
+    rpc = pool.rpc(center.address)
+    a, b = KeyMaker(new_owner()), KeyMaker(new_owner())
+    for maker in (a, b):
+        await rpc.register_client(client=maker.owner)
+    a_keys = [a.new(), a.new(), a.named("kept-by-name"), a.new()]
+    b_keys = [b.new(), b.new()]
+    mixed = [a_keys[0], b_keys[0], a_keys[1], "by-hand", a_keys[2], b_keys[1], a_keys[3]]
+    for key in mixed:
+        worker.values.put(key, 1)
+    await rpc.add_keys(address=worker.address, keys=mixed)
+    await rpc.unregister_client(client=a.owner)
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if not any((await rpc.who_has(keys=a_keys))["who_has"].values()):
+            break
+    who_has = (await rpc.who_has(keys=mixed))["who_has"]
+    assert {key for key, holders in who_has.items() if holders} == {*b_keys, "by-hand"}
+    assert sorted(worker.values) == sorted([*b_keys, "by-hand"])
+    assert center._owned == {b.owner: 2}  # the counts that decide what is freed later
+    await rpc.remove_keys(address=worker.address, keys=b_keys)
+    assert center._owned == {}
