@@ -578,23 +578,30 @@ class Client:
 
     # -- computing -----------------------------------------------------------------------------
 
-    async def compute(self, address, function, calls, *, on_sent=None):
+    async def compute(self, address, function, calls, *, on_sent=None, placed=False):
         """Run ``function`` (Serialized) on ``address`` once per :class:`Call`.
 
         Returns ``(outcomes, seconds)``: per call a RemoteData or the exception to raise for
         it, and the seconds the worker spent running the function. ``on_sent()`` is called
-        once the request is written. Raises CommClosedError if the worker failed us,
-        WorkerPausedError if it took none of them (over its memory limit).
+        once the request is written. ``placed``: see :meth:`compute_request`. Raises
+        CommClosedError if the worker failed us, WorkerPausedError if it took none of them
+        (over its memory limit).
         """
-        msg = self.compute_request(address, function, calls)
+        msg = self.compute_request(address, function, calls, placed=placed)
         if self._watching is None or self._watching.done():
             self._watching = self._tasks.spawn(self._watch_workers(), "watching busy workers")
         reply = await self.pool.request(address, msg, on_sent=on_sent)
         return self.compute_outcomes(address, function, calls, reply)
 
-    def compute_request(self, address, function, calls):
+    def compute_request(self, address, function, calls, *, placed=False):
         """The message asking ``address`` to run ``function`` once per call (from any
-        thread: see d3arrow.direct)."""
+        thread: see d3arrow.direct).
+
+        It says where the inputs of calls over held values are, unless they were
+        ``placed`` on ``address`` for their inputs: then looking each up again (a dict of
+        every key we placed, mostly out of the cache by now) is wasted on all but a call
+        whose holder was not allowed or not live, and that worker asks the center.
+        """
         msg = {"op": "compute", "function": function, "keys": [call.key for call in calls]}
         if self.host:  # results in a co-located store come back as references to view
             msg["host"] = self.host
@@ -613,7 +620,8 @@ class Client:
             elif msg["args"].meta["kind"] == "keys":  # over KeyRefs (a graph's)
                 inputs = [call.args[0].key for call in calls]
         if inputs is not None:  # their args name what they need: their x
-            msg["who_has"] = self.placement.hints(address, inputs)
+            if not placed:
+                msg["who_has"] = self.placement.hints(address, inputs)
             return msg
         if any(needs):
             needed = [as_keys(call_needs) for call_needs in needs]

@@ -589,6 +589,7 @@ class Pool:
                 await asyncio.sleep(PAUSED_RETRY_SECONDS)
                 every_worker_paused = False
             async with self._turns.turn(address, limit, priority):
+                own = bool(queues[address])  # (else it steals: inputs held elsewhere)
                 batch = take_batch(address, queues, self.client.ncores, pace.batch_size())
                 if not batch:
                     return
@@ -601,7 +602,7 @@ class Pool:
                 try:
                     results, seconds = await self.client.compute(
                         target, function, [calls[i] for i in batch],
-                        on_sent=lambda: sent.append(True))
+                        on_sent=lambda: sent.append(True), placed=own and target == address)
                     pace.record(len(batch), seconds)
                 except WorkerPausedError as e:  # over its memory limit: the calls go elsewhere
                     self._paused.add(target)

@@ -86,6 +86,16 @@ def test_a_map_over_held_and_plain_values_alike_fetches_the_held_ones(pool, clus
     assert {a for r in results for a in holders(pool, [r])[r.key]} == {b}
 
 
+def test_a_map_over_values_held_by_a_worker_it_may_not_use_fetches_them(pool, cluster):
+    # placed on b for want of an allowed holder, the calls come without hints: b asks
+    # the center where their inputs are
+    a, b = cluster.worker_addresses
+    held = pool.map(lambda n: np.full(3, n), range(50), workers=[a])
+    results = pool.map(lambda v: int(v.sum()), held, workers=[b])
+    assert pool.gather(results) == [3 * n for n in range(50)]
+    assert {a for r in results for a in holders(pool, [r])[r.key]} == {b}
+
+
 def test_apply_runs_where_most_input_bytes_live(pool, cluster):
     a, b = cluster.worker_addresses
     (big,) = pool.scatter([np.ones(1_000_000)], workers=[b])
