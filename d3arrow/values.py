@@ -96,6 +96,19 @@ class Values:
                 pass
         return held
 
+    def all_at_once(self, keys: list[str]) -> list | None:
+        """``[self[key] for key in keys]`` in one go (a batch of calls over held values
+        reads its inputs), or None where a read is more than a look-up: reads count (a
+        memory limit), or one is spilled or gone. Then each is read as its call runs."""
+        if self._reads_count:
+            return None
+        data = self._data
+        try:
+            held = [data[key] for key in keys]
+        except KeyError:  # deleted meanwhile: its call fails alone
+            return None
+        return None if SpilledValue in map(type, held) else held
+
     def __contains__(self, key: object) -> bool:
         return key in self._data
 

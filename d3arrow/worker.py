@@ -508,11 +508,12 @@ class Worker(Server):
         func, calls, call_kwargs, needed, keys, sole = (
             batch.func, batch.calls, batch.kwargs, batch.needed, batch.keys, batch.sole)
         outcomes = []
+        inputs = values.all_at_once([calls[i] for i in indices]) if sole else None
         for position, i in enumerate(indices):
             began = time.perf_counter()
             try:
                 if sole:  # over a value we hold: its key is the call
-                    value = func.func(values[calls[i]])
+                    value = func.func(values[calls[i]] if inputs is None else inputs[position])
                 else:
                     args, kwargs = calls[i], call_kwargs[i] or {}
                     if needed and needed[i]:  # (else it names no value: nothing to put in)
