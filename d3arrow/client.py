@@ -600,7 +600,7 @@ class Client:
         It says where the inputs of calls over held values are, unless they were
         ``placed`` on ``address`` for their inputs: then looking each up again (a dict of
         every key we placed, mostly out of the cache by now) is wasted on all but a call
-        whose holder was not allowed or not live, and that worker asks the center.
+        whose holder we did not know of, and that worker asks the center.
         """
         msg = {"op": "compute", "function": function, "keys": [call.key for call in calls]}
         if self.host:  # results in a co-located store come back as references to view

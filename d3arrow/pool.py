@@ -589,7 +589,9 @@ class Pool:
                 await asyncio.sleep(PAUSED_RETRY_SECONDS)
                 every_worker_paused = False
             async with self._turns.turn(address, limit, priority):
-                own = bool(queues[address])  # (else it steals: inputs held elsewhere)
+                # from its own queue, with every worker allowed: placed where its inputs
+                # are, the worker needs no hints (else it steals, or holders were left out)
+                placed = bool(queues[address]) and len(queues) == len(self.client.ncores)
                 batch = take_batch(address, queues, self.client.ncores, pace.batch_size())
                 if not batch:
                     return
@@ -602,7 +604,7 @@ class Pool:
                 try:
                     results, seconds = await self.client.compute(
                         target, function, [calls[i] for i in batch],
-                        on_sent=lambda: sent.append(True), placed=own and target == address)
+                        on_sent=lambda: sent.append(True), placed=placed and target == address)
                     pace.record(len(batch), seconds)
                 except WorkerPausedError as e:  # over its memory limit: the calls go elsewhere
                     self._paused.add(target)
