@@ -86,6 +86,11 @@ class CenterLink:
         """Register as ``address`` (with ``ncores``, ``name``) and start heartbeating."""
         self.address, self._identity = address, identity
         await self._register()
+        if not is_redis(self.center):  # opened now, not with the first update: a center
+            try:  # frozen by then would hold up whatever waits for that update (a fetch)
+                await self._open_updates_link()
+            except (OSError, TimeoutError, CommClosedError) as e:
+                logger.info("no link for updates to center %s yet: %s", self.shown_center, e)
         self.heartbeats = self._tasks.spawn(self._heartbeat(), "heartbeats to the center")
 
     async def close(self, *, unregister: bool = True) -> None:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import freeze, wait_until
-from d3arrow import MissingDataError, Pool, RemoteData
+from d3arrow import LocalCluster, MissingDataError, Pool, RemoteData
 from d3arrow.addressing import address_tuple
 
 
@@ -87,22 +87,22 @@ def test_a_map_over_held_and_plain_values_alike_fetches_the_held_ones(pool, clus
     assert {a for r in results for a in holders(pool, [r])[r.key]} == {b}
 
 
-def test_a_map_over_values_held_by_a_worker_it_may_not_use_fetches_them(pool, cluster):
+def test_a_map_over_values_held_by_a_worker_it_may_not_use_fetches_them():
     # placed on b for want of an allowed holder: the calls come with hints, and b fetches
-    # from a without asking the center, here frozen
-    a, b = cluster.worker_addresses
-    held = pool.map(lambda n: np.full(3, n), range(50), workers=[a])
-    told = pool.map(abs, range(4), workers=[b])  # b's link for updates is open
-    assert all(holders(pool, told).values())
-    center = cluster.center_process
-    freeze(center.pid)
-    try:
-        results = pool.map(lambda v: int(v.sum()), held, workers=[b], timeout=30)
-        values = pool.gather(results, timeout=30)
-    finally:
-        center.send_signal(signal.SIGCONT)
-    assert values == [3 * n for n in range(50)]
-    assert {a for r in results for a in holders(pool, [r])[r.key]} == {b}
+    # from a and tells the center of its copies without waiting for it, here frozen (b
+    # has told it of nothing before: its link for updates was opened when it registered)
+    with LocalCluster(n_workers=2, ncores=1) as cluster, Pool(cluster.center_address) as pool:
+        a, b = cluster.worker_addresses
+        held = pool.map(lambda n: np.full(3, n), range(50), workers=[a])
+        center = cluster.center_process
+        freeze(center.pid)
+        try:
+            results = pool.map(lambda v: int(v.sum()), held, workers=[b], timeout=30)
+            values = pool.gather(results, timeout=30)
+        finally:
+            center.send_signal(signal.SIGCONT)
+        assert values == [3 * n for n in range(50)]
+        assert {a for r in results for a in holders(pool, [r])[r.key]} == {b}
 
 
 def test_apply_runs_where_most_input_bytes_live(pool, cluster):
